@@ -1,0 +1,301 @@
+"""Encoder bundles: how an image (and its caption or prompt) becomes one vector.
+
+A bundle is a directory with `encoder.json` and safetensors weights:
+
+- `image_tower`: an open_clip model (its image tower) or a timm model, with the
+  preprocessing it was trained with (size, mean, std);
+- `text_tower` (optional): an open_clip model (its text tower);
+- `head` (optional): the distilled MLP of FastGDA (methods.md §2);
+- `temperature`: the softmax temperature that turns scores into shares.
+
+The feature of an image is [image embedding ⊕ text embedding], each L2-normalised,
+passed through the head when there is one, then L2-normalised, so cosine
+similarity is a dot product. A missing text contributes zeros (the image alone
+decides); callers record that it was missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from .errors import AuditError, BundleError
+
+FORMAT = "auditor.encoder/1"
+CONFIG_NAME = "encoder.json"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AuditError("--device cuda: torch sees no CUDA device here; use --device cpu or --device auto")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise AuditError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+class ProjectionHead(torch.nn.Module):
+    """FastGDA's shared MLP: [LayerNorm] → (Linear → ReLU → Dropout)* → Linear, plus a learned score scale and bias."""
+
+    def __init__(self, in_dim: int, hidden_dims: list[int], out_dim: int, layernorm: bool = True, dropout: float = 0.1):
+        super().__init__()
+        layers: list[torch.nn.Module] = [torch.nn.LayerNorm(in_dim)] if layernorm else []
+        width = in_dim
+        for hidden in hidden_dims:
+            layers += [torch.nn.Linear(width, hidden), torch.nn.ReLU(), torch.nn.Dropout(dropout)]
+            width = hidden
+        layers.append(torch.nn.Linear(width, out_dim))
+        self.mlp = torch.nn.Sequential(*layers)
+        # Score = scale * cosine + bias: logits for the teacher-rank BCE.
+        self.scale = torch.nn.Parameter(torch.tensor(10.0))
+        self.bias = torch.nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.mlp(x), dim=-1)
+
+    @staticmethod
+    def from_config(cfg: dict) -> "ProjectionHead":
+        return ProjectionHead(cfg["in_dim"], list(cfg["hidden_dims"]), cfg["out_dim"], cfg.get("layernorm", True), cfg.get("dropout", 0.1))
+
+
+def _hash_bundle(directory: Path, config: dict) -> str:
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name in sorted(_weight_files(config)):
+        with open(directory / name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _weight_files(config: dict) -> set[str]:
+    parts = [config.get("image_tower"), config.get("text_tower"), config.get("head")]
+    return {part["weights"] for part in parts if part and part.get("weights")}
+
+
+def _load_weights(directory: Path, part: dict, role: str) -> dict[str, torch.Tensor]:
+    path = directory / part["weights"]
+    if not path.is_file():
+        raise BundleError(f"encoder bundle {directory}: {role} weights file {part['weights']} is missing")
+    return load_file(str(path))
+
+
+def _build_open_clip(part: dict):
+    import open_clip
+
+    try:
+        return open_clip.model.CLIP(**part["model_config"])
+    except (TypeError, KeyError) as exc:
+        raise BundleError(f"open_clip model_config of {part.get('model_name', '?')} is invalid: {exc}") from None
+
+
+def _load_state(module: torch.nn.Module, state: dict, directory: Path, part: dict, role: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise BundleError(
+            f"encoder bundle {directory}: {part['weights']} does not match the {role} config ({first})"
+        ) from None
+
+
+@dataclass
+class Preprocess:
+    """Resize the short side, centre-crop, normalise: what the image tower was trained with."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        size = self.image_size
+        resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[self.interpolation]
+        w, h = image.size
+        scale = size / min(w, h)
+        if (w, h) != (size, size):
+            image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
+            w, h = image.size
+            left, top = (w - size) // 2, (h - size) // 2
+            image = image.crop((left, top, left + size, top + size))
+        arr = np.asarray(image, dtype=np.float32) / 255.0
+        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+class Encoder:
+    """A loaded encoder bundle on one device."""
+
+    def __init__(self, directory: Path, config: dict, device: torch.device):
+        self.directory = directory
+        self.config = config
+        self.device = device
+        self.id = _hash_bundle(directory, config)
+        self.name = config.get("name", directory.name)
+        self.temperature = float(config.get("temperature", 0.05))
+
+        image_cfg = config["image_tower"]
+        self.preprocess = Preprocess(
+            int(image_cfg["image_size"]), tuple(image_cfg["mean"]), tuple(image_cfg["std"]), image_cfg.get("interpolation", "bicubic")
+        )
+        cache: dict[str, torch.nn.Module] = {}
+        self._image_model = self._tower(image_cfg, "image_tower", cache)
+        text_cfg = config.get("text_tower")
+        self._text_model = self._tower(text_cfg, "text_tower", cache) if text_cfg else None
+        if text_cfg:
+            from open_clip.tokenizer import SimpleTokenizer
+
+            self._tokenizer = SimpleTokenizer(context_length=int(text_cfg.get("context_length", 77)))
+        # Prompts repeat across generations; embedding each distinct text once saves the text tower's time.
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self.image_dim = self._probe_image_dim()
+        self.text_dim = self._probe_text_dim() if self._text_model is not None else 0
+        self.head = None
+        if config.get("head"):
+            head_cfg = config["head"]
+            if head_cfg["in_dim"] != self.image_dim + self.text_dim:
+                raise BundleError(
+                    f"encoder bundle {directory}: head.in_dim {head_cfg['in_dim']} != image+text dims {self.image_dim + self.text_dim}"
+                )
+            self.head = ProjectionHead.from_config(head_cfg)
+            _load_state(self.head, _load_weights(directory, head_cfg, "head"), directory, head_cfg, "head")
+            self.head.to(device).eval()
+        self.dim = config["head"]["out_dim"] if self.head is not None else self.image_dim + self.text_dim
+
+    def _tower(self, part: dict, role: str, cache: dict) -> torch.nn.Module:
+        key = json.dumps(part.get("model_config") or part.get("model_name"), sort_keys=True) + part["weights"]
+        if key in cache:
+            return cache[key]
+        library = part.get("library")
+        if library == "open_clip":
+            model = _build_open_clip(part)
+        elif library == "timm":
+            import timm
+
+            try:
+                model = timm.create_model(part["model_name"], pretrained=False, num_classes=0, **part.get("kwargs", {}))
+            except RuntimeError as exc:
+                raise BundleError(f"timm model {part['model_name']!r}: {exc}") from None
+        else:
+            raise BundleError(f"encoder bundle {self.directory}: {role}.library must be 'open_clip' or 'timm', not {library!r}")
+        _load_state(model, _load_weights(self.directory, part, role), self.directory, part, role)
+        model.to(self.device).eval()
+        cache[key] = model
+        return model
+
+    def _image_forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.config["image_tower"]["library"] == "open_clip":
+            return self._image_model.encode_image(pixels)
+        return self._image_model(pixels)
+
+    def _probe_image_dim(self) -> int:
+        size = self.preprocess.image_size
+        with torch.inference_mode():
+            return int(self._image_forward(torch.zeros(1, 3, size, size, device=self.device)).shape[-1])
+
+    def _probe_text_dim(self) -> int:
+        with torch.inference_mode():
+            return int(self._text_model.encode_text(self._tokenizer([""]).to(self.device)).shape[-1])
+
+    @torch.inference_mode()
+    def embed_images(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings of preprocessed pixels (N, 3, S, S)."""
+        pixels = torch.as_tensor(pixels).to(self.device, non_blocking=True)
+        return torch.nn.functional.normalize(self._image_forward(pixels).float(), dim=-1)
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: list[str | None]) -> torch.Tensor:
+        """L2-normalised text embeddings; a None text is a zero vector (and no tower at all means width 0)."""
+        out = torch.zeros(len(texts), self.text_dim, device=self.device)
+        if self._text_model is None:
+            return out
+        new = sorted({text for text in texts if text and text not in self._text_cache})
+        if new:
+            if len(self._text_cache) + len(new) > 50_000:
+                self._text_cache.clear()
+            tokens = self._tokenizer(new).to(self.device)
+            embedded = torch.nn.functional.normalize(self._text_model.encode_text(tokens).float(), dim=-1)
+            self._text_cache.update(zip(new, embedded))
+        for i, text in enumerate(texts):
+            if text:
+                out[i] = self._text_cache[text]
+        return out
+
+    @torch.inference_mode()
+    def combine(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """The searchable feature from the two embeddings (head applied when the bundle has one)."""
+        joint = torch.cat([image_emb, text_emb], dim=-1)
+        if self.head is not None:
+            return self.head(joint)
+        return torch.nn.functional.normalize(joint, dim=-1)
+
+    def features(self, pixels, texts: list[str | None]) -> np.ndarray:
+        return self.combine(self.embed_images(pixels), self.embed_texts(texts)).cpu().numpy().astype(np.float32)
+
+
+def read_config(directory: str | Path) -> tuple[Path, dict]:
+    directory = Path(directory).expanduser()
+    config_path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise BundleError(f"encoder bundle {directory} does not exist; pass the directory that holds {CONFIG_NAME}")
+    if not config_path.is_file():
+        raise BundleError(f"encoder bundle {directory}: {CONFIG_NAME} is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"encoder bundle {directory}: {CONFIG_NAME} is not valid JSON ({exc})") from None
+    if config.get("format") != FORMAT:
+        raise BundleError(f"encoder bundle {directory}: {CONFIG_NAME} format is {config.get('format')!r}, expected {FORMAT!r}")
+    if "image_tower" not in config:
+        raise BundleError(f"encoder bundle {directory}: {CONFIG_NAME} has no image_tower")
+    return directory.resolve(), config
+
+
+def load(directory: str | Path, device: str | torch.device = "cpu") -> Encoder:
+    """Load a bundle from local files only."""
+    directory, config = read_config(directory)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    return Encoder(directory, config, device)
+
+
+def save(directory: str | Path, config: dict, weights: dict[str, dict[str, torch.Tensor]]) -> str:
+    """Write a bundle (config + {file name: state dict}) and return its encoder id."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"format": FORMAT, **config}
+    for name, state in weights.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / name))
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return _hash_bundle(directory, config)
+
+
+def open_clip_bundle_config(name: str, model_config: dict, *, image_size: int, mean, std, temperature: float = 0.05) -> dict:
+    """The config of a bundle whose both towers come from one open_clip model saved as backbone.safetensors."""
+    tower = {"library": "open_clip", "model_name": name, "model_config": model_config, "weights": "backbone.safetensors"}
+    return {
+        "name": name,
+        "image_tower": {**tower, "image_size": image_size, "mean": list(mean), "std": list(std), "interpolation": "bicubic"},
+        "text_tower": {**tower, "context_length": model_config.get("text_cfg", {}).get("context_length", 77)},
+        "head": None,
+        "temperature": temperature,
+    }
+
+
+def softmax_shares(scores: np.ndarray, temperature: float) -> np.ndarray:
+    """p_i ∝ exp((s_i − s_max)/τ) along the last axis (AbC's soft attribution)."""
+    z = (scores - scores.max(axis=-1, keepdims=True)) / max(temperature, 1e-12)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+__all__ = [
+    "Encoder", "ProjectionHead", "Preprocess", "load", "save", "read_config",
+    "open_clip_bundle_config", "resolve_device", "softmax_shares",
+]

@@ -1,0 +1,291 @@
+"""Ingest: find image files, read them safely, and recover the prompt they were made with.
+
+Every failure becomes an `IngestError` with a short code and a reason a person can
+act on; callers record it and go on (bad input never stops a batch).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import io
+import json
+import os
+import struct
+import warnings
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp"}
+EXIF_USER_COMMENT = 0x9286
+EXIF_IFD = 0x8769
+
+
+class IngestError(Exception):
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def display_path(path: str | bytes | os.PathLike) -> str:
+    """A path as valid UTF-8 text for the store: undecodable bytes become \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def discover(root: str | os.PathLike) -> list[str]:
+    """Image files under root (recursive, sorted). Directory symlinks are not followed, so loops cannot trap the walk;
+    file symlinks are returned (a broken one is reported when read)."""
+    root = os.fspath(root)
+    if os.path.isfile(root):
+        return [root]
+    if not os.path.isdir(root):
+        raise FileNotFoundError(root)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(os.path.join(dirpath, name))
+    return sorted(found, key=os.fsencode)
+
+
+@dataclass
+class Limits:
+    max_pixels: int = 50_000_000
+    max_file_bytes: int = 256 * 1024 * 1024
+
+
+def read_bytes(path: str, limits: Limits) -> bytes:
+    if os.path.islink(path) and not os.path.exists(path):
+        raise IngestError("broken_symlink", "symlink points to a file that does not exist")
+    try:
+        size = os.stat(path).st_size
+        if os.path.isdir(path):
+            raise IngestError("not_a_file", "a directory named like an image")
+        if size == 0:
+            raise IngestError("empty_file", "file is empty (0 bytes)")
+        if size > limits.max_file_bytes:
+            raise IngestError("too_large", f"file is {size} bytes, over the {limits.max_file_bytes}-byte limit (scan.max_file_bytes)")
+        with open(path, "rb") as fh:
+            return fh.read()
+    except PermissionError:
+        raise IngestError("unreadable", "permission denied") from None
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP: a symlink that points at itself
+            raise IngestError("broken_symlink", "symlink loop") from None
+        raise IngestError("unreadable", f"cannot read: {exc.strerror or exc}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode (palette, alpha, CMYK, 16-bit, float) as 8-bit RGB; transparency is composited on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        grey = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def decode(data: bytes, limits: Limits) -> tuple[Image.Image, dict]:
+    """Decode the first frame as RGB (EXIF orientation applied); returns the image and its text metadata."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > limits.max_pixels:
+                raise IngestError(
+                    "too_many_pixels", f"{width}x{height} is over the {limits.max_pixels}-pixel limit (scan.max_pixels); possible decompression bomb"
+                )
+            info = dict(image.info)
+            exif = image.getexif()
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb = to_rgb(image)
+    except IngestError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise IngestError("too_many_pixels", f"decompression bomb refused: {exc}") from None
+    except UnidentifiedImageError:
+        raise IngestError("not_an_image", "not a readable image (unknown or wrong format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        raise IngestError("corrupt", f"corrupt or truncated image: {exc}") from None
+    comment = exif.get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT) if exif else None
+    if comment is not None:
+        info["exif_user_comment"] = comment
+    return rgb, info
+
+
+def parse_a1111(text: str) -> str:
+    """The positive prompt of an AUTOMATIC1111 `parameters` text: everything before the negative prompt / settings lines."""
+    lines = text.strip("\n").split("\n")
+    if lines and lines[-1].startswith("Steps:"):
+        lines = lines[:-1]
+    prompt = []
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            break
+        prompt.append(line)
+    return "\n".join(prompt).strip()
+
+
+def parse_comfyui(text: str) -> str | None:
+    """The positive prompt of a ComfyUI `prompt` graph: the text node wired to a sampler's `positive` input."""
+    try:
+        graph = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(graph, dict):
+        return None
+    nodes = {str(k): v for k, v in graph.items() if isinstance(v, dict)}
+
+    def text_of(node_id, depth=0):
+        node = nodes.get(str(node_id))
+        if not node or depth > 8:
+            return None
+        inputs = node.get("inputs", {})
+        for key in ("text", "text_g", "prompt"):
+            if isinstance(inputs.get(key), str):
+                return inputs[key]
+        # Follow a conditioning chain (e.g. ConditioningCombine) to its first text.
+        for value in inputs.values():
+            if isinstance(value, list) and value and str(value[0]) in nodes:
+                found = text_of(value[0], depth + 1)
+                if found:
+                    return found
+        return None
+
+    for node in nodes.values():
+        positive = node.get("inputs", {}).get("positive")
+        if "Sampler" in str(node.get("class_type", "")) and isinstance(positive, list) and positive:
+            found = text_of(positive[0])
+            if found:
+                return found
+    for node in nodes.values():
+        if node.get("class_type") == "CLIPTextEncode" and isinstance(node.get("inputs", {}).get("text"), str):
+            return node["inputs"]["text"]
+    return None
+
+
+def _exif_comment(raw) -> str | None:
+    if isinstance(raw, str):
+        return raw
+    if isinstance(raw, bytes) and len(raw) >= 8:
+        header, body = raw[:8], raw[8:]
+        if header.startswith(b"UNICODE"):
+            for encoding in ("utf-16-be", "utf-16-le"):
+                try:
+                    return body.decode(encoding)
+                except UnicodeDecodeError:
+                    continue
+        return body.decode("utf-8", "replace")
+    return None
+
+
+def read_sidecar(path: str) -> tuple[str | None, str]:
+    """Prompt from `<name>.txt` or `<name>.json` next to the image."""
+    stem = os.path.splitext(path)[0]
+    for ext, source in ((".txt", "sidecar_txt"), (".json", "sidecar_json")):
+        side = stem + ext
+        if not os.path.isfile(side):
+            continue
+        try:
+            text = Path(side).read_bytes().decode("utf-8", "replace")
+        except OSError:
+            continue
+        if ext == ".txt":
+            prompt = parse_a1111(text) if "\nSteps:" in text else text.strip()
+            if prompt:
+                return prompt, source
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(data, dict):
+                for key in ("prompt", "parameters", "caption"):
+                    if isinstance(data.get(key), str) and data[key].strip():
+                        value = data[key]
+                        return (parse_a1111(value) if key == "parameters" else value.strip()), source
+    return None, "none"
+
+
+def read_prompt(path: str, info: dict) -> tuple[str | None, str]:
+    """(prompt, source): PNG/WebP text chunks first, then EXIF UserComment, then sidecar files; else (None, 'none')."""
+    params = info.get("parameters")
+    if isinstance(params, str) and parse_a1111(params):
+        return parse_a1111(params), "a1111"
+    comfy = info.get("prompt")
+    if isinstance(comfy, str):
+        found = parse_comfyui(comfy)
+        if found:
+            return found, "comfyui"
+    comment = _exif_comment(info.get("exif_user_comment"))
+    if comment and parse_a1111(comment):
+        return parse_a1111(comment), "exif"
+    return read_sidecar(path)
+
+
+@dataclass
+class Item:
+    """One file after ingest: either an image ready for the encoder, or an error, or a skip."""
+
+    path: str  # display path (valid UTF-8)
+    sha256: str | None = None
+    pixels: np.ndarray | None = None
+    width: int = 0
+    height: int = 0
+    text: str | None = None
+    text_source: str = "none"
+    skipped: bool = False
+    error: IngestError | None = None
+
+
+def load_item(
+    path: str,
+    limits: Limits,
+    transform: Callable[[Image.Image], np.ndarray],
+    skip: Callable[[str], bool] = lambda sha: False,
+    text_of: Callable[[str, dict], tuple[str | None, str]] = read_prompt,
+) -> Item:
+    item = Item(display_path(path))
+    try:
+        data = read_bytes(path, limits)
+        item.sha256 = hashlib.sha256(data).hexdigest()
+        if skip(item.sha256):
+            item.skipped = True
+            return item
+        image, info = decode(data, limits)
+        item.width, item.height = image.size
+        item.text, item.text_source = text_of(path, info)
+        item.pixels = transform(image)
+    except IngestError as exc:
+        item.error = exc
+    except Exception as exc:  # a decoder bug must not stop the batch; record it
+        item.error = IngestError("decode_failed", f"{type(exc).__name__}: {exc}")
+    return item
+
+
+def load_all(paths: Iterable[str], threads: int, load: Callable[[str], Item]) -> Iterator[Item]:
+    """Decode in a thread pool, in order, with bounded read-ahead so decoding overlaps embedding."""
+    window = max(2, threads * 4)
+    with cf.ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="audit-load") as pool:
+        pending: deque[cf.Future] = deque()
+        for path in paths:
+            pending.append(pool.submit(load, path))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

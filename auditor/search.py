@@ -1,0 +1,180 @@
+"""Search: the training vectors in a LanceDB table, and nearest-neighbour lookup over them.
+
+One table per encoder (`training_<encoder id>`), so switching encoders never mixes
+vector spaces and earlier tables stay readable. Below `index.ann_threshold` rows the
+search is exact (a matrix product over all vectors, the highest precision); from it on
+LanceDB's ANN index (IVF_PQ by default) is built, kept current with `optimize`, and used
+with a refine step that re-ranks by exact distance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+
+from .errors import AuditError
+
+
+def table_name(encoder_id: str) -> str:
+    return f"training_{encoder_id}"
+
+
+def _schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [("id", pa.int64()), ("contributor_id", pa.string()), ("vector", pa.list_(pa.float32(), dim))]
+    )
+
+
+def _divisor_near(dim: int, target: int) -> int:
+    return max(d for d in range(1, dim + 1) if dim % d == 0 and d <= max(1, target))
+
+
+@dataclass
+class IndexSettings:
+    ann_threshold: int = 100_000
+    index_type: str = "IVF_PQ"
+    num_partitions: int = 0
+    num_sub_vectors: int = 0
+    nprobes: int = 20
+    refine_factor: int = 10
+
+    @classmethod
+    def from_config(cls, section: dict) -> "IndexSettings":
+        return cls(**{k: section[k] for k in cls.__dataclass_fields__ if k in section})
+
+
+class VectorTable:
+    """The training vectors of one encoder."""
+
+    def __init__(self, uri: str, encoder_id: str, dim: int, settings: IndexSettings):
+        self.uri = uri
+        self.name = table_name(encoder_id)
+        self.dim = dim
+        self.settings = settings
+        try:
+            self.db = lancedb.connect(uri)
+        except Exception as exc:
+            raise AuditError(f"cannot open LanceDB at {uri}: {exc}") from None
+        try:
+            self.table = self.db.open_table(self.name)
+        except (ValueError, FileNotFoundError):
+            self.table = self.db.create_table(self.name, schema=_schema(dim))
+        stored = self.table.schema.field("vector").type.list_size
+        if stored != dim:
+            raise AuditError(f"LanceDB table {self.name} holds {stored}-d vectors but the encoder makes {dim}-d; the bundle changed without a new id")
+
+    def count(self) -> int:
+        return self.table.count_rows()
+
+    @property
+    def version(self) -> int:
+        return int(self.table.version)
+
+    def ids(self) -> np.ndarray:
+        if self.count() == 0:
+            return np.zeros(0, np.int64)
+        return self.table.to_lance().to_table(columns=["id"])["id"].to_numpy()
+
+    def add(self, ids: np.ndarray, contributor_ids: list[str | None], vectors: np.ndarray) -> None:
+        data = pa.table(
+            {
+                "id": pa.array(ids, pa.int64()),
+                "contributor_id": pa.array(contributor_ids, pa.string()),
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).ravel()), self.dim),
+            },
+            schema=_schema(self.dim),
+        )
+        self.table.add(data)
+
+    def delete_ids_above(self, max_id: int) -> None:
+        """Drop vectors whose DuckDB row never committed (a crash between the two writes)."""
+        self.table.delete(f"id > {int(max_id)}")
+
+    def ann_index(self) -> str | None:
+        for index in self.table.list_indices():
+            if "vector" in index.columns:
+                return index.index_type
+        return None
+
+    def maintain(self) -> str | None:
+        """Build the ANN index when the table is big enough; fold appended rows into it otherwise."""
+        rows = self.count()
+        current = self.ann_index()
+        if rows < self.settings.ann_threshold:
+            return current
+        if current is None:
+            partitions = self.settings.num_partitions or max(1, int(math.sqrt(rows)))
+            sub_vectors = self.settings.num_sub_vectors or _divisor_near(self.dim, self.dim // 8)
+            self.table.create_index(
+                metric="cosine",
+                vector_column_name="vector",
+                index_type=self.settings.index_type,
+                num_partitions=partitions,
+                num_sub_vectors=sub_vectors,
+            )
+        else:
+            self.table.optimize()
+        return self.ann_index()
+
+    def searcher(self, exact: bool | None = None) -> "Searcher":
+        if self.count() == 0:
+            raise AuditError("the training index is empty for this encoder; run `audit index TRAINING_DIR` first")
+        use_ann = (self.ann_index() is not None) if exact is None else not exact
+        return AnnSearcher(self) if use_ann else ExactSearcher(self)
+
+
+class Searcher:
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, cosine scores), both (n, k), best first."""
+        raise NotImplementedError
+
+
+class ExactSearcher(Searcher):
+    def __init__(self, table: VectorTable):
+        data = table.table.to_lance().to_table(columns=["id", "vector"])
+        self.ids = data["id"].to_numpy()
+        self.vectors = data["vector"].combine_chunks().flatten().to_numpy().reshape(-1, table.dim)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, len(self.ids))
+        scores = queries.astype(np.float32) @ self.vectors.T
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        return self.ids[np.take_along_axis(top, order, axis=1)], np.take_along_axis(top_scores, order, axis=1)
+
+
+class AnnSearcher(Searcher):
+    def __init__(self, table: VectorTable):
+        self.table = table
+        self.rows = table.count()
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, self.rows)
+        settings = self.table.settings
+        result = (
+            self.table.table.search(queries.astype(np.float32))
+            .distance_type("cosine")
+            .nprobes(settings.nprobes)
+            .refine_factor(settings.refine_factor)
+            .limit(k)
+            .select(["id", "_distance"])
+            .to_arrow()
+        )
+        n = len(queries)
+        ids = np.full((n, k), -1, np.int64)
+        scores = np.full((n, k), -np.inf, np.float32)
+        qi = result["query_index"].to_numpy() if n > 1 or "query_index" in result.column_names else np.zeros(result.num_rows, int)
+        found_ids = result["id"].to_numpy()
+        found_scores = 1.0 - result["_distance"].to_numpy()
+        fill = np.zeros(n, int)
+        for q, i, s in zip(qi, found_ids, found_scores):
+            if fill[q] < k:
+                ids[q, fill[q]], scores[q, fill[q]] = i, s
+                fill[q] += 1
+        order = np.argsort(-scores, axis=1, kind="stable")
+        return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)

@@ -1,0 +1,246 @@
+"""`audit index`: register the training set and its contributors, and embed it into the vector table.
+
+Crash safety: vectors are written to LanceDB before their DuckDB rows commit, and
+every run first drops vectors whose ids DuckDB never committed, so a kill at any
+moment leaves both stores agreeing after the next run.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from . import embed, ingest
+from .errors import AuditError
+from .progress import Progress, Silent
+from .search import IndexSettings, VectorTable
+from .store import Store, record_encoder, record_vector_table, utcnow
+from .workspace import Workspace
+
+log = logging.getLogger("auditor")
+
+MANIFEST_NAME = "contributors.csv"
+
+
+@dataclass
+class Entry:
+    path: str
+    contributor_id: str | None
+    contributor_name: str | None = None
+    caption: str | None = None
+    license: str | None = None
+    known_id: int | None = None  # set when re-embedding an already registered image
+
+
+def read_manifest(manifest: str | os.PathLike) -> list[Entry]:
+    """Rows of a contributors manifest: path, contributor_id [, contributor_name, caption, license]; paths relative to the file."""
+    manifest = Path(manifest).resolve()
+    try:
+        with open(manifest, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"path", "contributor_id"} - set(reader.fieldnames or [])
+            if missing:
+                raise AuditError(f"{manifest}: missing column(s) {', '.join(sorted(missing))}; the manifest needs at least path,contributor_id")
+            rows = list(reader)
+    except FileNotFoundError:
+        raise AuditError(f"manifest {manifest} does not exist") from None
+    except UnicodeDecodeError:
+        raise AuditError(f"manifest {manifest} is not UTF-8 text; save it as UTF-8 CSV") from None
+    base = manifest.parent
+    return [
+        Entry(
+            path=str(base / row["path"]),
+            contributor_id=(row.get("contributor_id") or "").strip() or None,
+            contributor_name=(row.get("contributor_name") or "").strip() or None,
+            caption=(row.get("caption") or "").strip() or None,
+            license=(row.get("license") or "").strip() or None,
+        )
+        for row in rows
+        if row.get("path")
+    ]
+
+
+def discover_entries(root: str | os.PathLike) -> list[Entry]:
+    """Without a manifest: every image under root; the contributor is its top-level folder's name."""
+    root = Path(root)
+    entries = []
+    for path in ingest.discover(root):
+        parts = Path(path).relative_to(root).parts
+        entries.append(Entry(path=path, contributor_id=parts[0] if len(parts) > 1 else None))
+    return entries
+
+
+def upsert_contributors(store: Store, entries: list[Entry]) -> int:
+    people: dict[str, Entry] = {}
+    for entry in entries:
+        if entry.contributor_id:
+            seen = people.setdefault(entry.contributor_id, entry)
+            if not seen.contributor_name and entry.contributor_name:
+                people[entry.contributor_id] = entry
+    if not people:
+        return 0
+    data = pa.table(
+        {
+            "id": list(people),
+            "name": [e.contributor_name for e in people.values()],
+            "license": [e.license for e in people.values()],
+        }
+    )
+    store.con.register("_people", data)
+    try:
+        store.con.execute(
+            "INSERT INTO contributors (id, name, license) SELECT id, name, license FROM _people"
+            " ON CONFLICT (id) DO UPDATE SET name = coalesce(excluded.name, contributors.name),"
+            " license = coalesce(excluded.license, contributors.license)"
+        )
+    finally:
+        store.con.unregister("_people")
+    return len(people)
+
+
+@dataclass
+class IndexResult:
+    encoder_id: str
+    added: int = 0
+    re_embedded: int = 0
+    unchanged: int = 0
+    errors: int = 0
+    rows: int = 0
+    ann_index: str | None = None
+    seconds: float = 0.0
+    error_samples: list[tuple[str, str]] = field(default_factory=list)
+
+
+def index_training(
+    ws: Workspace,
+    training_dir: str | os.PathLike,
+    manifest: str | os.PathLike | None = None,
+    *,
+    device: str | None = None,
+    batch_size: int | None = None,
+    progress: Progress | None = None,
+) -> IndexResult:
+    """Register and embed a training set. Re-running adds only images whose sha256 is new."""
+    started = time.perf_counter()
+    progress = progress or Silent()
+    training_dir = Path(training_dir).resolve()
+    if not training_dir.is_dir():
+        raise AuditError(f"training folder {training_dir} does not exist")
+    if manifest is None and (training_dir / MANIFEST_NAME).is_file():
+        manifest = training_dir / MANIFEST_NAME
+    entries = read_manifest(manifest) if manifest else discover_entries(training_dir)
+    batch_size = batch_size or int(ws.config["encoder"]["batch_size"])
+    limits = ingest.Limits(int(ws.config["scan"]["max_pixels"]), int(ws.config["scan"]["max_file_bytes"]))
+
+    with ws.writing(), Store(ws.db_path) as store:
+        encoder = embed.load(ws.encoder_dir(), device or ws.config["encoder"]["device"])
+        table = VectorTable(ws.lancedb_uri, encoder.id, encoder.dim, IndexSettings.from_config(ws.config["index"]))
+        result = IndexResult(encoder.id)
+        with store.transaction():
+            record_encoder(store, encoder.id, encoder.name, str(encoder.directory), encoder.dim, encoder.config)
+            upsert_contributors(store, entries)
+        table.delete_ids_above(store.value("SELECT coalesce(max(id), 0) FROM training_images"))
+
+        embedded = set(table.ids().tolist())
+        registered = {sha: i for sha, i in store.rows("SELECT sha256, id FROM training_images")}
+        # Registered images this encoder has not embedded yet (e.g. after switching encoders).
+        for i, path, contributor, caption in store.rows(
+            "SELECT id, path, contributor_id, caption FROM training_images ORDER BY id"
+        ):
+            if i not in embedded:
+                entries.append(Entry(path=path, contributor_id=contributor, caption=caption, known_id=i))
+        by_path = {e.path: e for e in entries}
+
+        def caption_of(path: str, info: dict) -> tuple[str | None, str]:
+            entry = by_path[path]
+            if entry.caption:
+                return entry.caption, "manifest"
+            return ingest.read_sidecar(path)
+
+        seen: set[str] = set()
+
+        def skip(sha: str) -> bool:
+            return sha in registered and registered[sha] in embedded
+
+        def load(path: str) -> ingest.Item:
+            return ingest.load_item(path, limits, encoder.preprocess, skip, caption_of)
+
+        progress.start("indexing", len(by_path))
+        next_id = store.next_id("training_images")
+        batch: list[tuple[Entry, ingest.Item]] = []
+
+        def flush() -> None:
+            nonlocal next_id
+            if not batch:
+                return
+            ids = []
+            new_rows = []
+            for entry, item in batch:
+                if item.sha256 in registered:
+                    ids.append(registered[item.sha256])
+                    result.re_embedded += 1
+                else:
+                    ids.append(next_id)
+                    new_rows.append((next_id, entry, item))
+                    next_id += 1
+            vectors = encoder.features(np.stack([item.pixels for _, item in batch]), [item.text for _, item in batch])
+            table.add(np.asarray(ids), [entry.contributor_id for entry, _ in batch], vectors)
+            with store.transaction():
+                store.insert_arrow("training_images", _training_rows(new_rows))
+            for i, entry, item in new_rows:
+                registered[item.sha256] = i
+            embedded.update(ids)
+            result.added += len(new_rows)
+            log.info("indexed batch of %d (%d new)", len(batch), len(new_rows))
+            batch.clear()
+
+        errors = []
+        for entry_path, item in zip(by_path, ingest.load_all(by_path, int(ws.config["scan"]["loader_threads"]), load)):
+            progress.advance()
+            if item.error:
+                errors.append((item.path, item.error.code, item.error.reason))
+                continue
+            if item.skipped or item.sha256 in seen:
+                result.unchanged += 1
+                continue
+            seen.add(item.sha256)
+            batch.append((by_path[entry_path], item))
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+        result.errors = len(errors)
+        result.error_samples = [(p, r) for p, _, r in errors[:5]]
+        with store.transaction():
+            store.insert_arrow(
+                "index_errors",
+                pa.table({"path": [e[0] for e in errors], "code": [e[1] for e in errors], "reason": [e[2] for e in errors]}),
+            )
+            result.ann_index = table.maintain()
+            result.rows = table.count()
+            record_vector_table(store, encoder.id, ws.lancedb_uri, table.name, result.rows, table.version, result.ann_index)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _training_rows(rows: list[tuple[int, Entry, ingest.Item]]) -> pa.Table:
+    now = utcnow()
+    return pa.table(
+        {
+            "id": pa.array([i for i, _, _ in rows], pa.int64()),
+            "path": [item.path for _, _, item in rows],
+            "sha256": [item.sha256 for _, _, item in rows],
+            "contributor_id": [entry.contributor_id for _, entry, _ in rows],
+            "caption": [item.text for _, _, item in rows],
+            "caption_source": [item.text_source for _, _, item in rows],
+            "width": pa.array([item.width for _, _, item in rows], pa.int32()),
+            "height": pa.array([item.height for _, _, item in rows], pa.int32()),
+            "indexed_at": pa.array([now] * len(rows), pa.timestamp("us")),
+        }
+    )

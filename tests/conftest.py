@@ -1,0 +1,48 @@
+import os
+import shutil
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from auditor import workspace  # noqa: E402
+
+from . import small_world  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory):
+    return small_world.build_encoder(tmp_path_factory.mktemp("encoder") / "bundle")
+
+
+@pytest.fixture(scope="session")
+def training_dir(tmp_path_factory):
+    return small_world.build_training(tmp_path_factory.mktemp("world") / "training")
+
+
+@pytest.fixture(scope="session")
+def outputs_dir(tmp_path_factory):
+    return small_world.build_outputs(tmp_path_factory.mktemp("world") / "outputs")
+
+
+@pytest.fixture
+def ws(tmp_path, tiny_encoder):
+    return workspace.init(tmp_path / "ws", encoder=tiny_encoder)
+
+
+@pytest.fixture(scope="session")
+def indexed_template(tmp_path_factory, tiny_encoder, training_dir):
+    """A workspace with the small world indexed once; tests copy it instead of re-indexing."""
+    from auditor.training import index_training
+
+    ws = workspace.init(tmp_path_factory.mktemp("indexed") / "ws", encoder=tiny_encoder)
+    index_training(ws, training_dir)
+    return ws
+
+
+@pytest.fixture
+def indexed_ws(tmp_path, indexed_template):
+    target = tmp_path / "ws"
+    shutil.copytree(indexed_template.root, target, symlinks=True)
+    return workspace.load(target)
