@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from . import sql as sql_api
 from . import workspace as workspace_api
@@ -158,19 +159,23 @@ def sql_command(
         sys.stdout.write(text)
 
 
+def _fail(message: str) -> None:
+    # One line, never wrapped, never read as markup: user text can contain anything.
+    console.print(Text("error: ", style="bold red") + Text(" ".join(message.split())), soft_wrap=True, highlight=False)
+    sys.exit(1)
+
+
 def main() -> None:
     try:
         app()
     except AuditError as exc:
         if state.debug:
             raise
-        console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
-        sys.exit(1)
+        _fail(str(exc))
     except KeyboardInterrupt:
         console.print("interrupted; committed batches are kept, rerun to finish")
         sys.exit(130)
     except Exception as exc:  # the one-line promise holds for bugs too
         if state.debug:
             raise
-        console.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", highlight=False)
-        sys.exit(1)
+        _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
