@@ -80,11 +80,8 @@ def _weight_files(config: dict) -> set[str]:
     return {part["weights"] for part in parts if part and part.get("weights")}
 
 
-def _load_weights(directory: Path, part: dict, role: str) -> dict[str, torch.Tensor]:
-    path = directory / part["weights"]
-    if not path.is_file():
-        raise BundleError(f"encoder bundle {directory}: {role} weights file {part['weights']} is missing")
-    return load_file(str(path))
+def _load_weights(directory: Path, part: dict) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / part["weights"]))
 
 
 def _build_open_clip(part: dict):
@@ -165,7 +162,7 @@ class Encoder:
                     f"encoder bundle {directory}: head.in_dim {head_cfg['in_dim']} != image+text dims {self.image_dim + self.text_dim}"
                 )
             self.head = ProjectionHead.from_config(head_cfg)
-            _load_state(self.head, _load_weights(directory, head_cfg, "head"), directory, head_cfg, "head")
+            _load_state(self.head, _load_weights(directory, head_cfg), directory, head_cfg, "head")
             self.head.to(device).eval()
         self.dim = config["head"]["out_dim"] if self.head is not None else self.image_dim + self.text_dim
 
@@ -185,7 +182,7 @@ class Encoder:
                 raise BundleError(f"timm model {part['model_name']!r}: {exc}") from None
         else:
             raise BundleError(f"encoder bundle {self.directory}: {role}.library must be 'open_clip' or 'timm', not {library!r}")
-        _load_state(model, _load_weights(self.directory, part, role), self.directory, part, role)
+        _load_state(model, _load_weights(self.directory, part), self.directory, part, role)
         model.to(self.device).eval()
         cache[key] = model
         return model
@@ -255,6 +252,10 @@ def read_config(directory: str | Path) -> tuple[Path, dict]:
         raise BundleError(f"encoder bundle {directory}: {CONFIG_NAME} format is {config.get('format')!r}, expected {FORMAT!r}")
     if "image_tower" not in config:
         raise BundleError(f"encoder bundle {directory}: {CONFIG_NAME} has no image_tower")
+    for role in ("image_tower", "text_tower", "head"):
+        part = config.get(role)
+        if part and not (directory / part.get("weights", "")).is_file():
+            raise BundleError(f"encoder bundle {directory}: {role} weights file {part.get('weights')} is missing")
     return directory.resolve(), config
 
 

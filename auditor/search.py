@@ -3,8 +3,15 @@
 One table per encoder (`training_<encoder id>`), so switching encoders never mixes
 vector spaces and earlier tables stay readable. Below `index.ann_threshold` rows the
 search is exact (a matrix product over all vectors, the highest precision); from it on
-LanceDB's ANN index (IVF_PQ by default) is built, kept current with `optimize`, and used
-with a refine step that re-ranks by exact distance.
+LanceDB's ANN index (IVF_PQ by default) is built and used with a refine step that
+re-ranks by exact distance.
+
+Appended rows: LanceDB searches rows the index does not cover exactly, so appends are
+found at once. We measured (lancedb 0.40 / lance 14) that `optimize()`'s incremental
+merge of new rows into an IVF_PQ index dropped recall@50 from 0.996 to 0.70 on
+clustered data, while a rebuilt index kept 0.993; so appended rows stay in the exact
+delta (files compacted) until they exceed `index.rebuild_fraction` of the indexed
+rows, and then the index is rebuilt.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ class IndexSettings:
     num_sub_vectors: int = 0
     nprobes: int = 20
     refine_factor: int = 10
+    rebuild_fraction: float = 0.2
 
     @classmethod
     def from_config(cls, section: dict) -> "IndexSettings":
@@ -101,24 +109,35 @@ class VectorTable:
         return None
 
     def maintain(self) -> str | None:
-        """Build the ANN index when the table is big enough; fold appended rows into it otherwise."""
+        """Build the ANN index once the table is big enough; rebuild it when appended rows outgrow the exact delta."""
         rows = self.count()
         current = self.ann_index()
         if rows < self.settings.ann_threshold:
             return current
-        if current is None:
-            partitions = self.settings.num_partitions or max(1, int(math.sqrt(rows)))
-            sub_vectors = self.settings.num_sub_vectors or _divisor_near(self.dim, self.dim // 8)
-            self.table.create_index(
-                metric="cosine",
-                vector_column_name="vector",
-                index_type=self.settings.index_type,
-                num_partitions=partitions,
-                num_sub_vectors=sub_vectors,
-            )
-        else:
-            self.table.optimize()
+        if current is not None:
+            stats = self.table.index_stats(self._index_name())
+            if stats.num_unindexed_rows <= self.settings.rebuild_fraction * stats.num_indexed_rows:
+                self.table.to_lance().optimize.compact_files()
+                return current
+        self._build_index(rows)
         return self.ann_index()
+
+    def _index_name(self) -> str:
+        return next(index.name for index in self.table.list_indices() if "vector" in index.columns)
+
+    def _build_index(self, rows: int) -> None:
+        from lancedb.index import IvfPq
+
+        if self.settings.index_type != "IVF_PQ":
+            raise AuditError(f"index.index_type {self.settings.index_type!r} is not supported; use IVF_PQ")
+        # Lance trains at most rows/256 partitions; asking for more only warns.
+        partitions = self.settings.num_partitions or max(1, min(int(math.sqrt(rows)), rows // 256))
+        sub_vectors = self.settings.num_sub_vectors or _divisor_near(self.dim, self.dim // 8)
+        self.table.create_index(
+            "vector",
+            config=IvfPq(distance_type="cosine", num_partitions=partitions, num_sub_vectors=sub_vectors),
+            replace=True,
+        )
 
     def searcher(self, exact: bool | None = None) -> "Searcher":
         if self.count() == 0:

@@ -48,6 +48,9 @@ DEFAULT_CONFIG: dict = {
         "num_sub_vectors": 0,  # 0: dim / 8 (rounded to a divisor of dim)
         "nprobes": 20,
         "refine_factor": 10,
+        # Appended rows are searched exactly until they exceed this fraction of
+        # the indexed rows; then the ANN index is rebuilt (see auditor/search.py).
+        "rebuild_fraction": 0.2,
     },
     "scan": {
         "top_k": 50,

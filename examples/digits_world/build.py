@@ -170,7 +170,8 @@ def load_split(out: Path, split: str) -> tuple[list[dict], np.ndarray]:
 
 def to_model_range(images: np.ndarray) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [-1, 1], the range the VAE works in."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    # contiguous: a permuted (channels-last) batch makes the convolutions several times slower
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1.0
 
 
 def cosine_lr(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -514,7 +515,7 @@ def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
 
 def encoder_inputs(images: np.ndarray, mean: list, std: list) -> torch.Tensor:
     """uint8 NHWC -> the backbone's normalised input (already 32x32: no resize needed)."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().float() / 255.0
     mean, std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
     return (x - mean[:, None, None]) / std[:, None, None]
 
