@@ -1,0 +1,29 @@
+# The README's two commands: `make demo` and `make test`. Both set everything up
+# on a fresh machine (virtual environment, pinned torch pair, the package).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test docs clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/python examples/demo.py --workdir build/demo
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+docs: install
+	$(BIN)/python -m auditor.cli_reference > docs/cli.md
+
+clean:
+	rm -rf build $(VENV)
