@@ -136,6 +136,42 @@ def scan(
     out.print(table)
 
 
+@app.command()
+def confirm(
+    top: Optional[int] = typer.Option(None, "--top", help="Confirm the N generations most in need (highest top-1 share, not yet confirmed with this model and settings)."),
+    where: Optional[str] = typer.Option(None, "--where", help="SQL condition over `generations g` selecting what to confirm."),
+    generation: Optional[int] = typer.Option(None, "--generation", help="Confirm this generation id."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Diffusers pipeline folder (default: [paths] model in audit.toml)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+    candidates: Optional[int] = typer.Option(None, help="Fast-path top-K scored by the teacher."),
+    controls: Optional[int] = typer.Option(None, help="Random training images outside the top-K scored as controls."),
+    steps: Optional[int] = typer.Option(None, help="Unlearning steps."),
+    step_size: Optional[float] = typer.Option(None, help="Unlearning step size (eta)."),
+    draws: Optional[int] = typer.Option(None, help="(timestep, noise) draws averaged in the unlearning gradient."),
+    timesteps: Optional[int] = typer.Option(None, help="Evenly spaced timesteps of the scoring loss."),
+):
+    """Run the unlearning teacher (AbU) on flagged generations and store its verdict beside the fast one."""
+    from .confirm import confirm as confirm_api
+
+    ws = _ws()
+    with _progress() as bar:
+        result = confirm_api(
+            ws, top=top, where=where, generation=generation, model=model, device=device, progress=RichProgress(bar),
+            announce=lambda message: console.print(message, highlight=False, soft_wrap=True),
+            candidates=candidates, controls=controls, steps=steps, step_size=step_size, draws=draws, timesteps=timesteps,
+        )
+    if result.run_id is None:
+        return
+    per = result.seconds / max(1, result.generations)
+    out.print(
+        f"confirm run {result.run_id}: {result.generations} generation(s), {result.confirmed} confirmed, "
+        f"{len(result.failed)} failed; {per:.1f} s each; noise floor {result.noise_floor:.3g}, "
+        f"signal/noise {result.signal_to_noise:.1f} (see confirmations)"
+    )
+    for gen_id, reason in result.failed:
+        out.print(f"  generation {gen_id} not confirmed: {reason}", markup=False)
+
+
 @app.command("sql")
 def sql_command(
     query: str = typer.Argument(..., help="One SQL statement over the audit store (see schemas/README.md)."),

@@ -17,13 +17,13 @@ rows, and then the index is rebuilt.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import lancedb
 import numpy as np
 import pyarrow as pa
 
 from .errors import AuditError
+from .settings import IndexSettings
 
 
 def table_name(encoder_id: str) -> str:
@@ -38,21 +38,6 @@ def _schema(dim: int) -> pa.Schema:
 
 def _divisor_near(dim: int, target: int) -> int:
     return max(d for d in range(1, dim + 1) if dim % d == 0 and d <= max(1, target))
-
-
-@dataclass
-class IndexSettings:
-    ann_threshold: int = 100_000
-    index_type: str = "IVF_PQ"
-    num_partitions: int = 0
-    num_sub_vectors: int = 0
-    nprobes: int = 20
-    refine_factor: int = 10
-    rebuild_fraction: float = 0.2
-
-    @classmethod
-    def from_config(cls, section: dict) -> "IndexSettings":
-        return cls(**{k: section[k] for k in cls.__dataclass_fields__ if k in section})
 
 
 class VectorTable:
@@ -86,6 +71,14 @@ class VectorTable:
         if self.count() == 0:
             return np.zeros(0, np.int64)
         return self.table.to_lance().to_table(columns=["id"])["id"].to_numpy()
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of the given ids, in that order."""
+        if len(ids) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        data = self.table.to_lance().to_table(columns=["id", "vector"], filter=f"id IN ({','.join(str(int(i)) for i in ids)})")
+        found = dict(zip(data["id"].to_numpy().tolist(), data["vector"].combine_chunks().flatten().to_numpy().reshape(-1, self.dim)))
+        return np.stack([found[int(i)] for i in ids])
 
     def add(self, ids: np.ndarray, contributor_ids: list[str | None], vectors: np.ndarray) -> None:
         data = pa.table(

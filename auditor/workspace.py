@@ -11,13 +11,14 @@ import copy
 import fcntl
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
 import tomli_w
 
 from .errors import AuditError, WorkspaceBusy, WorkspaceNotFound
+from .settings import AbuSettings, IndexSettings
 
 AUDIT_DIR = ".audit"
 CONFIG_NAME = "audit.toml"
@@ -39,19 +40,10 @@ DEFAULT_CONFIG: dict = {
         "device": "auto",
         "batch_size": 64,
     },
-    "index": {
-        # Below this many training vectors, search is exact (brute force);
-        # from it on, LanceDB's ANN index is built and used.
-        "ann_threshold": 100_000,
-        "index_type": "IVF_PQ",
-        "num_partitions": 0,  # 0: sqrt(rows)
-        "num_sub_vectors": 0,  # 0: dim / 8 (rounded to a divisor of dim)
-        "nprobes": 20,
-        "refine_factor": 10,
-        # Appended rows are searched exactly until they exceed this fraction of
-        # the indexed rows; then the ANN index is rebuilt (see auditor/search.py).
-        "rebuild_fraction": 0.2,
-    },
+    "index": asdict(IndexSettings()),
+    # `audit confirm` (the AbU teacher): see auditor/teacher.py.
+    # flip = auto: the model folder's auditor_training.json says; else assume SD's random flips.
+    "confirm": {"method": "abu", "flip": "auto", **asdict(AbuSettings())},
     "scan": {
         "top_k": 50,
         "max_pixels": 50_000_000,

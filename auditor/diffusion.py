@@ -1,0 +1,161 @@
+"""The diffusion model as the teachers see it: a Stable-Diffusion-layout diffusers folder, in its own space.
+
+Latents come from the pipeline's VAE (× its scaling factor), prompt embeddings from its
+own text encoder, the noise schedule and objective (epsilon / v / sample prediction)
+from its scheduler config. Everything runs in fp32: the teachers' signals are
+differences of losses, and bf16 loses them (methods.md §7).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import AuditError
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+TRAINING_FACTS = "auditor_training.json"  # optional: how the model was trained (e.g. flip augmentation)
+
+
+def model_hash(folder: Path, cache_dir: Path | None = None) -> str:
+    """Content hash of every file of the pipeline's components; cached by (path, size, mtime) since SD weights are GBs."""
+    files = sorted(p for c in COMPONENTS for p in (folder / c).rglob("*") if p.is_file())
+    stamp = json.dumps([(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    cache_file = cache_dir / "model_hashes.json" if cache_dir else None
+    known = json.loads(cache_file.read_text()) if cache_file and cache_file.is_file() else {}
+    key = hashlib.sha256(f"{folder.resolve()}|{stamp}".encode()).hexdigest()
+    if key in known:
+        return known[key]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(folder)).encode())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    value = digest.hexdigest()[:16]
+    if cache_file:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        known[key] = value
+        cache_file.write_text(json.dumps(known))
+    return value
+
+
+def kv_parameters(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The cross-attention key/value projections: the only weights AbU updates."""
+    return {
+        name: p for name, p in unet.named_parameters() if "attn2" in name and (".to_k." in name or ".to_v." in name)
+    }
+
+
+@dataclass
+class DiffusionModel:
+    folder: Path
+    hash: str
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    device: torch.device
+    flip_augmentation: bool
+
+    @property
+    def resolution(self) -> int:
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return int(self.unet.config.sample_size) * scale
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """RGB image → (3, R, R) in [-1, 1]: resize the short side and centre-crop, as SD training does."""
+        size = self.resolution
+        w, h = image.size
+        scale = size / min(w, h)
+        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+        arr = np.asarray(image, np.float32) / 127.5 - 1.0
+        return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+    @torch.no_grad()
+    def latents(self, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """VAE posterior means × scaling factor (deterministic, so cached latents are reproducible)."""
+        out = []
+        for start in range(0, len(pixels), batch_size):
+            chunk = pixels[start : start + batch_size].to(self.device)
+            out.append(self.vae.encode(chunk).latent_dist.mean * self.vae.config.scaling_factor)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def text_embeddings(self, prompts: list[str | None]) -> torch.Tensor:
+        """The pipeline's own conditioning: last hidden state of its text encoder; a missing prompt is the empty one."""
+        tokens = self.tokenizer(
+            [p or "" for p in prompts],
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(tokens)[0]
+
+    def denoising_loss(self, latents, text_emb, timesteps, noise) -> torch.Tensor:
+        """Per-sample training loss (mean squared error against the scheduler's target), shape (B,)."""
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        pred = self.unet(noisy, timesteps, encoder_hidden_states=text_emb).sample
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            target = noise
+        elif kind == "v_prediction":
+            target = self.scheduler.get_velocity(latents, noise, timesteps)
+        elif kind == "sample":
+            target = latents
+        else:
+            raise AuditError(f"scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction, sample)")
+        return ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.ndim)))
+
+
+def load(folder: str | os.PathLike, device: torch.device, cache_dir: Path | None = None, flip: str = "auto") -> DiffusionModel:
+    """Load unet, vae, text encoder, tokenizer and scheduler from a local Stable Diffusion folder (no hub access)."""
+    folder = Path(folder).expanduser().resolve()
+    if not folder.is_dir():
+        raise AuditError(f"model folder {folder} does not exist; set [paths] model in audit.toml or pass --model")
+    missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+    if missing:
+        raise AuditError(
+            f"model folder {folder} lacks {', '.join(missing)}; expected a diffusers Stable Diffusion folder (unet, vae, text_encoder, tokenizer, scheduler)"
+        )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32)
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        # The training noise schedule: DDPM's add_noise / get_velocity over the folder's betas.
+        scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+    except (OSError, ValueError) as exc:
+        raise AuditError(f"cannot load the diffusers pipeline in {folder}: {str(exc).splitlines()[0]}") from None
+    for module in (unet, vae, text_encoder):
+        module.to(device).eval().requires_grad_(False)
+    if not kv_parameters(unet):
+        raise AuditError(f"the UNet in {folder} has no cross-attention (attn2.to_k / attn2.to_v); AbU needs a text-conditioned UNet")
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    facts_path = folder / TRAINING_FACTS
+    facts = json.loads(facts_path.read_text()) if facts_path.is_file() else {}
+    if flip == "auto":
+        # Without a record of how the model was trained, assume SD's usual random flips (methods.md §1).
+        flip_aug = bool(facts.get("flip_augmentation", True))
+    else:
+        flip_aug = flip in ("on", "true", "yes", True)
+    return DiffusionModel(folder, model_hash(folder, cache_dir), unet, vae, text_encoder, tokenizer, scheduler, device, flip_aug)

@@ -1,0 +1,34 @@
+"""Ranking agreement measures shared by `confirm` and `eval`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def average_precision(ranking: np.ndarray, positives: set) -> float:
+    """AP of a ranking (best first) against a set of positives; a positive the ranking never reaches counts as missed."""
+    if not positives:
+        return float("nan")
+    hits, total = 0, 0.0
+    for position, item in enumerate(ranking.tolist(), start=1):
+        if item in positives:
+            hits += 1
+            total += hits / position
+    return total / len(positives)
+
+
+def map_at_k(ids: np.ndarray, student: np.ndarray, teacher: np.ndarray, k: int) -> float:
+    """FastGDA's mAP@k for one query: positives = the teacher's top-k, ranked by the student's scores (methods.md §2)."""
+    positives = set(ids[np.argsort(-teacher, kind="stable")[:k]].tolist())
+    return average_precision(ids[np.argsort(-student, kind="stable")], positives)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 2:
+        return float("nan")
+    ra = np.argsort(np.argsort(a, kind="stable"), kind="stable").astype(float)
+    rb = np.argsort(np.argsort(b, kind="stable"), kind="stable").astype(float)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    denom = np.sqrt((ra**2).sum() * (rb**2).sum())
+    return float((ra * rb).sum() / denom) if denom else float("nan")

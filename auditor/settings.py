@@ -1,0 +1,65 @@
+"""Settings of the stages that have many: their defaults are the workspace defaults (audit.toml)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+
+def _pick(cls, section: dict, overrides: dict):
+    values = {k: section[k] for k in cls.__dataclass_fields__ if k in section}
+    values.update({k: v for k, v in overrides.items() if v is not None and k in cls.__dataclass_fields__})
+    return cls(**values)
+
+
+@dataclass
+class IndexSettings:
+    # Below this many training vectors search is exact; from it on an ANN index is built and used.
+    ann_threshold: int = 100_000
+    index_type: str = "IVF_PQ"
+    num_partitions: int = 0  # 0: sqrt(rows), capped at rows / 256
+    num_sub_vectors: int = 0  # 0: dim / 8, rounded to a divisor of dim
+    nprobes: int = 20
+    refine_factor: int = 10
+    # Appended rows are searched exactly until they exceed this fraction of the indexed rows.
+    rebuild_fraction: float = 0.2
+
+    @classmethod
+    def from_config(cls, section: dict, **overrides) -> "IndexSettings":
+        return _pick(cls, section, overrides)
+
+
+@dataclass
+class AbuSettings:
+    """The unlearning teacher's knobs (methods.md §1); every one is recorded with each confirm run."""
+
+    steps: int = 1
+    step_size: float = 0.01
+    draws: int = 64
+    timesteps: int = 20
+    candidates: int = 300
+    controls: int = 50
+    fisher_samples: int = 200
+    damping: float = 0.1
+    bias_correction: bool = True
+    reference_samples: int = 64
+    k: int = 10
+    confirm_threshold: float = 0.3
+    batch_size: int = 256
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, section: dict, **overrides) -> "AbuSettings":
+        return _pick(cls, section, overrides)
+
+    def scoring_key(self, model_hash: str) -> str:
+        """What the cached 'before' losses depend on: the model and the scoring draws, not the step."""
+        return hashlib.sha256(f"{model_hash}|{self.timesteps}|{self.seed}".encode()).hexdigest()[:16]
+
+    def reference_key(self, model_hash: str) -> str:
+        fields = (self.steps, self.step_size, self.draws, self.timesteps, self.fisher_samples, self.damping, self.reference_samples, self.seed)
+        return hashlib.sha256(f"{model_hash}|{fields}".encode()).hexdigest()[:16]
+
+    def hash(self, *parts: str) -> str:
+        return hashlib.sha256((json.dumps(asdict(self), sort_keys=True) + "|".join(parts)).encode()).hexdigest()[:16]
