@@ -46,3 +46,25 @@ def indexed_ws(tmp_path, indexed_template):
     target = tmp_path / "ws"
     shutil.copytree(indexed_template.root, target, symlinks=True)
     return workspace.load(target)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    from . import tiny_sd
+
+    return tiny_sd.build(tmp_path_factory.mktemp("sd") / "pipeline")
+
+
+@pytest.fixture
+def scanned_ws(indexed_ws, outputs_dir, tiny_pipeline):
+    """The small world indexed and scanned, with the tiny diffusion model configured."""
+    from auditor.scan import scan
+
+    indexed_ws.config["paths"]["model"] = str(tiny_pipeline)
+    # Small teacher settings: the tests check behaviour, not attribution quality.
+    indexed_ws.config["confirm"].update(
+        candidates=20, controls=8, draws=8, timesteps=4, fisher_samples=16, reference_samples=8, k=5
+    )
+    indexed_ws.save()
+    scan(indexed_ws, outputs_dir, top_k=5)
+    return indexed_ws
