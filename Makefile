@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test docs clean
+.PHONY: install browser demo test docs clean
 
 install: $(STAMP)
 
@@ -19,7 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python examples/demo.py --workdir build/demo
 
-test: install
+# Chromium for the report's browser test (tests/test_report.py).
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: install browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 docs: install

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Optional
 
@@ -172,6 +174,83 @@ def confirm(
         out.print(f"  generation {gen_id} not confirmed: {reason}", markup=False)
 
 
+distill_app = typer.Typer(help="Distil the teacher into the encoder (FastGDA): collect rankings, train the head.", no_args_is_help=True)
+app.add_typer(distill_app, name="distill")
+
+
+@distill_app.command("collect")
+def distill_collect(
+    queries: Optional[int] = typer.Option(None, help="Query images to generate (default from audit.toml [distill])."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompt set, one per line (default: the training captions)."),
+    folder: Optional[Path] = typer.Option(None, help="Use these images as queries instead of generating them."),
+    candidates: Optional[int] = typer.Option(None, help="Nearest training images (untuned backbone) the teacher ranks per query."),
+    model: Optional[Path] = typer.Option(None, help="Diffusers pipeline folder (default: [paths] model)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+):
+    """Generate query images and store the teacher's ranking of each one's candidates (resumable)."""
+    from .distill import collect
+
+    ws = _ws()
+    with _progress() as bar:
+        result = collect(ws, prompts_file=prompts, folder=folder, model=model, device=device, progress=RichProgress(bar),
+                         announce=lambda m: console.print(m, highlight=False, soft_wrap=True), queries=queries, candidates=candidates)
+    out.print(f"{result.collected} ranked now; {result.train} train + {result.test} test queries collected of {result.planned}; {result.seconds:.0f} s")
+
+
+@distill_app.command("train")
+def distill_train(
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Directory for the new encoder bundle."),
+    epochs: Optional[int] = typer.Option(None, help="Maximum epochs (early stopping on validation mAP)."),
+    use: bool = typer.Option(False, "--use", help="Switch the workspace to the new encoder and re-index."),
+):
+    """Train the distilled head on the collected rankings and write a new encoder bundle (the old one is untouched)."""
+    from .distill import train
+
+    ws = _ws()
+    result = train(ws, out=out_dir, epochs=epochs,
+                   progress_row=lambda r: console.print(f"epoch {r['epoch']}: loss {r['loss']:.4f}, val mAP {r['val_map']:.3f}", highlight=False))
+    out.print(
+        f"encoder {result.encoder_id} written to {result.path}: val mAP@k {result.best_val_map:.3f} (epoch {result.epochs}), "
+        f"temperature {result.temperature:.4g} (NLL {result.calibration_nll:.3f}, ECE {result.calibration_ece:.4f}); "
+        f"{result.train_queries} train / {result.val_queries} validation queries; {result.seconds:.0f} s"
+    )
+    if use:
+        use_encoder(result.path)
+
+
+@app.command("use-encoder")
+def use_encoder(
+    bundle: Path = typer.Argument(..., help="Encoder bundle directory."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+):
+    """Switch the workspace to another encoder and embed the registered training set with it (earlier attributions stay, under their encoder id)."""
+    from .training import reindex
+
+    ws = _ws()
+    with _progress() as bar:
+        result = reindex(ws, bundle, device=device, progress=RichProgress(bar))
+    out.print(f"workspace now uses encoder {result.encoder_id}: {result.re_embedded} training images embedded, table has {result.rows} vectors")
+
+
+@app.command("eval")
+def eval_command(
+    encoder: Optional[list[Path]] = typer.Option(None, "--encoder", help="Encoder bundle(s) to evaluate (default: the workspace's)."),
+    k: Optional[list[int]] = typer.Option(None, "--k", help="k of mAP@k (repeatable; default 5 10 20 50)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Write eval.json and eval.md here."),
+):
+    """mAP@k against the teacher on held-out queries: distilled vs untuned image, text and image ⊕ text."""
+    from .evaluate import evaluate, to_json, to_markdown
+
+    ws = _ws()
+    results, n = evaluate(ws, encoders=encoder, ks=tuple(k) if k else (5, 10, 20, 50))
+    markdown = to_markdown(results, n)
+    out.print(markdown, markup=False, highlight=False)
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "eval.md").write_text(markdown)
+        (out_dir / "eval.json").write_text(to_json(results, n))
+
+
 @app.command("sql")
 def sql_command(
     query: str = typer.Argument(..., help="One SQL statement over the audit store (see schemas/README.md)."),
@@ -193,6 +272,47 @@ def sql_command(
     text = sql_api.render(frame, fmt, out_file)
     if text is not None:
         sys.stdout.write(text)
+
+
+def _amount(text: str) -> Decimal:
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        raise typer.BadParameter(f"{text!r} is not an amount like 1000 or 1000.00") from None
+
+
+@app.command()
+def report(
+    period: Optional[str] = typer.Option(None, help="Calendar month YYYY-MM: the generations registered in it (UTC)."),
+    date_from: Optional[datetime] = typer.Option(None, "--from", formats=["%Y-%m-%d"], help="First day of the period (inclusive)."),
+    date_to: Optional[datetime] = typer.Option(None, "--to", formats=["%Y-%m-%d"], help="Last day of the period (inclusive)."),
+    pool: Decimal = typer.Option(..., parser=_amount, help="The amount divided among the contributors."),
+    currency: str = typer.Option("EUR", help="ISO 4217 code; amounts are exact to its minor unit."),
+    policy: str = typer.Option("per-output", help="per-output (by attributed credit) or training-set (by images indexed)."),
+    confirmed_weight: float = typer.Option(2.0, help="Weight of a teacher-confirmed attribution within its generation (others: 1)."),
+    min_payout: Decimal = typer.Option("0", parser=_amount, help="Smaller amounts are paid 0 and shared among the others."),
+    encoder: Optional[str] = typer.Option(None, help="encoder_id whose attributions count (default: the latest scan's)."),
+    out_dir: Path = typer.Option(Path("report"), "--out", "-o", help="Report folder; an earlier report there is replaced."),
+):
+    """Write compensation statements: OUT/index.html, OUT/contributors/<id>.html, payouts.csv and payouts.parquet."""
+    from .report import build_report
+
+    result = build_report(
+        _ws(), out_dir, period=period, date_from=date_from and date_from.date(), date_to=date_to and date_to.date(),
+        pool=pool, currency=currency, policy=policy, confirmed_weight=confirmed_weight, min_payout=min_payout,
+        encoder_id=encoder,
+    )
+    table = Table(title=f"report {result.period}", show_header=False)
+    for label, value in (
+        ("basis", result.policy),
+        ("generations credited", f"{result.credited_generations} of {result.generations}"),
+        ("contributors paid", f"{int(result.payouts['paid'].sum())} of {result.payouts.height}"),
+        ("pool", f"{result.currency} {result.pool:,}"),
+        ("paid out", f"{result.currency} {result.total_paid:,}"),
+    ):
+        table.add_row(label, value)
+    out.print(table)
+    out.print(f"report: {result.index}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _fail(message: str) -> None:

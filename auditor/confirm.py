@@ -79,7 +79,7 @@ def _read_image(path: str, limits: ingest.Limits):
     return image
 
 
-class _Context:
+class TeacherSession:
     """Everything one confirm run loads once: models, Fisher, caches, training metadata."""
 
     def __init__(self, ws: Workspace, store: Store, model_path: Path, device: torch.device, settings: AbuSettings, flip: str):
@@ -232,7 +232,7 @@ def confirm(
     started = time.perf_counter()
 
     with ws.writing(), Store(ws.db_path) as store:
-        ctx = _Context(ws, store, model_path, torch_device, settings, str(section.get("flip", "auto")))
+        ctx = TeacherSession(ws, store, model_path, torch_device, settings, str(section.get("flip", "auto")))
         settings_hash = settings.hash(ctx.model.hash, "abu", ctx.encoder.id, str(ctx.model.flip_augmentation))
         selected = _select(store, ctx.encoder.id, settings_hash, top, where, generation)
         result = ConfirmResult(None)
@@ -294,12 +294,13 @@ def confirm(
     return result
 
 
-def _query(ctx: _Context, image, prompt) -> tuple[torch.Tensor, torch.Tensor]:
+def unlearn(ctx: TeacherSession, image, prompt, seed: int) -> dict:
+    """The weight change that forgets this (image, prompt): latents and prompt embedding in the model's own space."""
     latent = ctx.model.latents(ctx.model.pixels(image)[None])[0]
-    return latent, ctx.model.text_embeddings([prompt])[0]
+    return ctx.unlearner.unlearn(latent, ctx.model.text_embeddings([prompt])[0], ctx.settings.seed + seed)
 
 
-def _candidates(ctx: _Context, gen_id: int, image, prompt) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _candidates(ctx: TeacherSession, gen_id: int, image, prompt) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(ids, fast scores, fast ranks, is_control): the fast top-K plus a seeded random control sample of the rest."""
     s = ctx.settings
     feature = ctx.encoder.features(ctx.encoder.preprocess(image)[None], [prompt])
@@ -315,7 +316,7 @@ def _candidates(ctx: _Context, gen_id: int, image, prompt) -> tuple[np.ndarray, 
     return ids, fast, ranks, np.concatenate([np.zeros(len(top_ids), bool), np.ones(len(controls), bool)])
 
 
-def _influence(ctx: _Context, ids, delta, seed: int | None = None, before: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def influence(ctx: TeacherSession, ids, delta, seed: int | None = None, before: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(raw, corrected) influence per candidate: max over image and flip of the loss change under delta."""
     before = ctx.before_losses(ids) if before is None else before
     with ctx.unlearner.applied(delta):
@@ -340,24 +341,23 @@ class _Scored:
     delta: dict
 
 
-def _score(ctx: _Context, gen_id: int, image, prompt) -> _Scored:
+def _score(ctx: TeacherSession, gen_id: int, image, prompt) -> _Scored:
     """Unlearn the generation and score its candidates."""
     ids, fast, ranks, is_control = _candidates(ctx, gen_id, image, prompt)
-    latent, text = _query(ctx, image, prompt)
-    delta = ctx.unlearner.unlearn(latent, text, ctx.settings.seed + gen_id)
-    raw, influence = _influence(ctx, ids, delta)
-    return _Scored(ids, fast, ranks, is_control, raw, influence, delta)
+    delta = unlearn(ctx, image, prompt, gen_id)
+    raw, scores = influence(ctx, ids, delta)
+    return _Scored(ids, fast, ranks, is_control, raw, scores, delta)
 
 
-def _noise_floor(ctx: _Context, scored: _Scored) -> float:
+def _noise_floor(ctx: TeacherSession, scored: _Scored) -> float:
     """Monte-Carlo noise of the influence: the same unlearning scored again with independent noise.
     floor = std(Δ_a − Δ_b)/√2 over the candidates."""
     other = ctx.settings.seed + 10_007
-    raw_b, _ = _influence(ctx, scored.ids, scored.delta, seed=other, before=ctx.losses(scored.ids, other))
+    raw_b, _ = influence(ctx, scored.ids, scored.delta, seed=other, before=ctx.losses(scored.ids, other))
     return float(np.std(scored.raw - raw_b) / np.sqrt(2))
 
 
-def _agreement(ctx: _Context, gen_id: int, scored: _Scored, noise_floor: float) -> tuple[dict, dict]:
+def _agreement(ctx: TeacherSession, gen_id: int, scored: _Scored, noise_floor: float) -> tuple[dict, dict]:
     s = ctx.settings
     ids, fast, influence, is_control = scored.ids, scored.fast, scored.influence, scored.is_control
     order = np.argsort(-influence, kind="stable")
@@ -387,7 +387,7 @@ def _agreement(ctx: _Context, gen_id: int, scored: _Scored, noise_floor: float) 
     return verdict, scores
 
 
-def _estimate(ctx: _Context, n_generations: int) -> float:
+def _estimate(ctx: TeacherSession, n_generations: int) -> float:
     """Seconds for the run, from timing one scoring batch on this device (printed before the work starts)."""
     s = ctx.settings
     probe = ctx.train_ids[: min(8, len(ctx.train_ids))]

@@ -226,15 +226,15 @@ class Encoder:
         return out
 
     @torch.inference_mode()
-    def combine(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """The searchable feature from the two embeddings (head applied when the bundle has one)."""
+    def combine(self, image_emb: torch.Tensor, text_emb: torch.Tensor, head: bool = True) -> torch.Tensor:
+        """The searchable feature from the two embeddings (the head applied when the bundle has one and head=True)."""
         joint = torch.cat([image_emb, text_emb], dim=-1)
-        if self.head is not None:
+        if head and self.head is not None:
             return self.head(joint)
         return torch.nn.functional.normalize(joint, dim=-1)
 
-    def features(self, pixels, texts: list[str | None]) -> np.ndarray:
-        return self.combine(self.embed_images(pixels), self.embed_texts(texts)).cpu().numpy().astype(np.float32)
+    def features(self, pixels, texts: list[str | None], head: bool = True) -> np.ndarray:
+        return self.combine(self.embed_images(pixels), self.embed_texts(texts), head).cpu().numpy().astype(np.float32)
 
 
 def read_config(directory: str | Path) -> tuple[Path, dict]:

@@ -63,3 +63,32 @@ class AbuSettings:
 
     def hash(self, *parts: str) -> str:
         return hashlib.sha256((json.dumps(asdict(self), sort_keys=True) + "|".join(parts)).encode()).hexdigest()[:16]
+
+
+@dataclass
+class DistillSettings:
+    """FastGDA distillation (methods.md §2): query collection, head training, share calibration."""
+
+    queries: int = 300
+    test_fraction: float = 0.2
+    candidates: int = 200
+    sample_steps: int = 25
+    guidance: float = 4.0
+    hidden_dims: tuple[int, ...] = (768, 768, 768)
+    out_dim: int = 768
+    layernorm: bool = True
+    dropout: float = 0.1
+    epochs: int = 40
+    batch_size: int = 4096
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    negatives: float = 0.1
+    val_fraction: float = 0.2
+    patience: int = 6
+    k: int = 10
+    calibration_k: int = 10
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, section: dict, **overrides) -> "DistillSettings":
+        return _pick(cls, section, overrides)

@@ -120,22 +120,25 @@ class IndexResult:
 
 def index_training(
     ws: Workspace,
-    training_dir: str | os.PathLike,
+    training_dir: str | os.PathLike | None,
     manifest: str | os.PathLike | None = None,
     *,
     device: str | None = None,
     batch_size: int | None = None,
     progress: Progress | None = None,
 ) -> IndexResult:
-    """Register and embed a training set. Re-running adds only images whose sha256 is new."""
+    """Register and embed a training set (None: only embed registered images this encoder lacks).
+    Re-running adds only images whose sha256 is new."""
     started = time.perf_counter()
     progress = progress or Silent()
-    training_dir = Path(training_dir).resolve()
-    if not training_dir.is_dir():
-        raise AuditError(f"training folder {training_dir} does not exist")
-    if manifest is None and (training_dir / MANIFEST_NAME).is_file():
-        manifest = training_dir / MANIFEST_NAME
-    entries = read_manifest(manifest) if manifest else discover_entries(training_dir)
+    entries: list[Entry] = []
+    if training_dir is not None:
+        training_dir = Path(training_dir).resolve()
+        if not training_dir.is_dir():
+            raise AuditError(f"training folder {training_dir} does not exist")
+        if manifest is None and (training_dir / MANIFEST_NAME).is_file():
+            manifest = training_dir / MANIFEST_NAME
+        entries = read_manifest(manifest) if manifest else discover_entries(training_dir)
     batch_size = batch_size or int(ws.config["encoder"]["batch_size"])
     limits = ingest.Limits(int(ws.config["scan"]["max_pixels"]), int(ws.config["scan"]["max_file_bytes"]))
 
@@ -244,3 +247,18 @@ def _training_rows(rows: list[tuple[int, Entry, ingest.Item]]) -> pa.Table:
             "indexed_at": pa.array([now] * len(rows), pa.timestamp("us")),
         }
     )
+
+
+def reindex(ws: Workspace, bundle: str | os.PathLike, *, device: str | None = None, progress: Progress | None = None) -> IndexResult:
+    """Point the workspace at another encoder and embed every registered training image into its own table.
+    Attributions made by the previous encoder keep its id and stay queryable."""
+    embed.read_config(bundle)  # fail before changing anything
+    previous = ws.config["encoder"]["path"]
+    ws.config["encoder"]["path"] = str(Path(bundle).expanduser().resolve())
+    try:
+        return index_training(ws, None, device=device, progress=progress)
+    except Exception:
+        ws.config["encoder"]["path"] = previous
+        raise
+    finally:
+        ws.save()

@@ -18,7 +18,7 @@ from typing import Iterator
 import tomli_w
 
 from .errors import AuditError, WorkspaceBusy, WorkspaceNotFound
-from .settings import AbuSettings, IndexSettings
+from .settings import AbuSettings, DistillSettings, IndexSettings
 
 AUDIT_DIR = ".audit"
 CONFIG_NAME = "audit.toml"
@@ -44,6 +44,7 @@ DEFAULT_CONFIG: dict = {
     # `audit confirm` (the AbU teacher): see auditor/teacher.py.
     # flip = auto: the model folder's auditor_training.json says; else assume SD's random flips.
     "confirm": {"method": "abu", "flip": "auto", **asdict(AbuSettings())},
+    "distill": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(DistillSettings()).items()},
     "scan": {
         "top_k": 50,
         "max_pixels": 50_000_000,

@@ -1,0 +1,441 @@
+"""`audit distill`: teach the fast encoder to rank like the teacher (FastGDA, methods.md §2).
+
+collect — generate query images from a prompt set with the workspace's model (or take a
+          folder), rank each query's candidate set (its nearest training images by the
+          untuned backbone) with the AbU teacher, store the rankings. Test queries are
+          those whose *prompt* hashes into the test fraction, so no test prompt is ever
+          seen in training.
+train   — fit the shared MLP head on (query, candidate, normalised teacher rank) with
+          binary cross-entropy, early-stopped on validation mAP@k; calibrate the share
+          temperature; write a new encoder bundle (the old one is untouched).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from . import embed, ingest, metrics
+from .confirm import TeacherSession, influence, unlearn
+from .errors import AuditError
+from .progress import Progress, Silent
+from .settings import AbuSettings, DistillSettings
+from .store import Store, utcnow
+from .workspace import Workspace
+
+
+# ---------------------------------------------------------------------- embeddings
+def embed_images(encoder: embed.Encoder, images, texts, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Untuned (image, text) embeddings, each L2-normalised, for PIL images and their prompts."""
+    img, txt = [], []
+    for start in range(0, len(images), batch_size):
+        pixels = np.stack([encoder.preprocess(im) for im in images[start : start + batch_size]])
+        img.append(encoder.embed_images(pixels).cpu().numpy())
+        txt.append(encoder.embed_texts(list(texts[start : start + batch_size])).cpu().numpy())
+    return np.concatenate(img), np.concatenate(txt)
+
+
+def training_embeddings(ws: Workspace, store: Store, encoder: embed.Encoder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, image embeddings, caption embeddings) of every training image, cached per encoder in the workspace."""
+    rows = store.rows("SELECT id, path, caption FROM training_images ORDER BY id")
+    ids = np.array([r[0] for r in rows], np.int64)
+    cache = ws.dir / "cache" / f"embeddings-{encoder.id}.npz"
+    if cache.is_file():
+        saved = np.load(cache)
+        if np.array_equal(saved["ids"], ids):
+            return ids, saved["image"], saved["text"]
+    limits = ingest.Limits(int(ws.config["scan"]["max_pixels"]), int(ws.config["scan"]["max_file_bytes"]))
+    images = [ingest.decode(ingest.read_bytes(r[1], limits), limits)[0] for r in rows]
+    img, txt = embed_images(encoder, images, [r[2] for r in rows])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, ids=ids, image=img, text=txt)
+    return ids, img, txt
+
+
+def joint(img: np.ndarray, txt: np.ndarray) -> np.ndarray:
+    x = np.concatenate([img, txt], axis=1)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+# ---------------------------------------------------------------------- collect
+def is_test_prompt(prompt: str | None, fraction: float) -> bool:
+    digest = int(hashlib.sha256((prompt or "").encode()).hexdigest()[:8], 16)
+    return digest % 10_000 < fraction * 10_000
+
+
+@dataclass
+class CollectResult:
+    planned: int = 0
+    collected: int = 0
+    train: int = 0
+    test: int = 0
+    seconds: float = 0.0
+    estimate_seconds: float = 0.0
+
+
+def _plan(store: Store, ws: Workspace, session: TeacherSession, s: DistillSettings, settings_hash: str,
+          prompts: list[str] | None, folder: Path | None) -> None:
+    existing = store.value("SELECT count(*) FROM distill_queries WHERE settings_hash = ?", [settings_hash])
+    if existing:
+        return
+    rows = []
+    next_id = store.next_id("distill_queries")
+    if folder is not None:
+        for path in ingest.discover(folder):
+            data = ingest.read_bytes(path, ingest.Limits())
+            _, info = ingest.decode(data, ingest.Limits())
+            prompt, _ = ingest.read_prompt(path, info)
+            rows.append((path, prompt, None, "folder"))
+    else:
+        if not prompts:
+            prompts = [r[0] for r in store.rows("SELECT DISTINCT caption FROM training_images WHERE caption IS NOT NULL ORDER BY 1")]
+        if not prompts:
+            raise AuditError("no prompts: pass --prompts FILE (one per line) or index captioned training images")
+        query_dir = ws.dir / "distill" / settings_hash
+        for i in range(s.queries):
+            prompt = prompts[i % len(prompts)]
+            rows.append((str(query_dir / f"q{next_id + i:06d}.png"), prompt, s.seed * 100_003 + i, "generated"))
+    table = pa.table({
+        "id": pa.array(range(next_id, next_id + len(rows)), pa.int64()),
+        "split": ["test" if is_test_prompt(r[1], s.test_fraction) else "train" for r in rows],
+        "source": [r[3] for r in rows],
+        "path": [r[0] for r in rows],
+        "prompt": pa.array([r[1] for r in rows], pa.string()),
+        "seed": pa.array([r[2] for r in rows], pa.int64()),
+        "model_hash": [session.model.hash] * len(rows),
+        "backbone_id": [session.encoder.id] * len(rows),
+        "settings_hash": [settings_hash] * len(rows),
+    })
+    with store.transaction():
+        store.insert_arrow("distill_queries", table)
+
+
+def _generator(model_path: Path, device: torch.device):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_path, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def collect(
+    ws: Workspace,
+    *,
+    prompts_file: str | os.PathLike | None = None,
+    folder: str | os.PathLike | None = None,
+    model: str | os.PathLike | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+    announce: Callable[[str], None] = lambda message: None,
+    **overrides,
+) -> CollectResult:
+    """Plan the queries (once), then rank every uncollected one with the teacher; resumable per query."""
+    progress = progress or Silent()
+    s = DistillSettings.from_config(ws.config["distill"], **overrides)
+    teacher = AbuSettings.from_config(ws.config["confirm"], **overrides)
+    model_path = Path(model) if model else ws.path_setting("paths", "model")
+    if model_path is None:
+        raise AuditError(f"no diffusion model configured; set [paths] model in {ws.config_path} or pass --model PATH")
+    prompts = None
+    if prompts_file:
+        prompts = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+    started = time.perf_counter()
+    torch_device = embed.resolve_device(device or ws.config["encoder"]["device"])
+    with ws.writing(), Store(ws.db_path) as store:
+        session = TeacherSession(ws, store, model_path, torch_device, teacher, str(ws.config["confirm"].get("flip", "auto")))
+        settings_hash = teacher.hash(session.model.hash, session.encoder.id, str(s.candidates), str(s.queries),
+                                     str(s.test_fraction), str(folder or ""), json.dumps(prompts or []), str(s.seed))
+        _plan(store, ws, session, s, settings_hash, prompts, Path(folder) if folder else None)
+        todo = store.rows(
+            "SELECT id, path, prompt, seed, source FROM distill_queries WHERE settings_hash = ? AND collected_at IS NULL ORDER BY id",
+            [settings_hash],
+        )
+        result = CollectResult(planned=store.value("SELECT count(*) FROM distill_queries WHERE settings_hash = ?", [settings_hash]))
+        ids, img, txt = training_embeddings(ws, store, session.encoder)
+        backbone = joint(img, txt)
+        n_cand = min(s.candidates, len(ids))
+        rows_per_query = n_cand * teacher.timesteps * (2 if session.model.flip_augmentation else 1)
+        per_row = _time_per_row(session)
+        result.estimate_seconds = per_row * (rows_per_query + 3 * teacher.draws * teacher.steps) * len(todo)
+        announce(f"{len(todo)} of {result.planned} queries to rank, {n_cand} candidates each; estimated {result.estimate_seconds:.0f} s")
+        pipe = None
+        progress.start("collecting", len(todo))
+        for qid, path, prompt, seed, source in todo:
+            t0 = time.perf_counter()
+            if source == "generated" and not os.path.isfile(path):
+                pipe = pipe or _generator(session.model.folder, torch_device)
+                image = _generate(pipe, prompt, seed, s)
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                image.save(path)
+            else:
+                image = ingest.decode(ingest.read_bytes(path, ingest.Limits()), ingest.Limits())[0]
+            q_img, q_txt = embed_images(session.encoder, [image], [prompt])
+            sims = backbone @ joint(q_img, q_txt)[0]
+            order = np.argsort(-sims, kind="stable")[:n_cand]
+            cand = ids[order]
+            delta = unlearn(session, image, prompt, qid)
+            raw, infl = influence(session, cand, delta)
+            teacher_rank = np.empty(len(cand), np.int32)
+            teacher_rank[np.argsort(-infl, kind="stable")] = np.arange(1, len(cand) + 1)
+            with store.transaction():
+                store.insert_arrow("distill_rankings", pa.table({
+                    "query_id": pa.array([qid] * len(cand), pa.int64()), "training_id": pa.array(cand),
+                    "influence": pa.array(infl), "raw_influence": pa.array(raw), "teacher_rank": pa.array(teacher_rank),
+                    "backbone_rank": pa.array(np.arange(1, len(cand) + 1, dtype=np.int32)),
+                }))
+                store.con.execute(
+                    "UPDATE distill_queries SET n_candidates = ?, seconds = ?, collected_at = ? WHERE id = ?",
+                    [len(cand), time.perf_counter() - t0, utcnow(), qid],
+                )
+            result.collected += 1
+            progress.advance()
+        counts = dict(store.rows(
+            "SELECT split, count(*) FROM distill_queries WHERE settings_hash = ? AND collected_at IS NOT NULL GROUP BY 1", [settings_hash]
+        ))
+        result.train, result.test = counts.get("train", 0), counts.get("test", 0)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _generate(pipe, prompt: str, seed: int, s: DistillSettings):
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    return pipe(prompt, num_inference_steps=s.sample_steps, guidance_scale=s.guidance, generator=generator).images[0]
+
+
+def _time_per_row(session: TeacherSession) -> float:
+    probe = session.train_ids[: min(8, len(session.train_ids))]
+    latents, _, captions = session.training_inputs(probe)
+    t0 = time.perf_counter()
+    session.unlearner.losses(probe, latents, captions)
+    return (time.perf_counter() - t0) / (len(probe) * len(session.unlearner.score_timesteps))
+
+
+# ---------------------------------------------------------------------- head training
+@dataclass
+class Rankings:
+    """Per query: its feature index, candidate training indices (rows of the training matrix) and teacher ranks."""
+
+    query_features: np.ndarray
+    candidates: list[np.ndarray]
+    ranks: list[np.ndarray]
+
+
+def _targets(ranks: np.ndarray) -> np.ndarray:
+    # Rank 1 → 1.0, last rank → 1/n: the teacher's ordering as a soft label (FastGDA's j/n, top = most influential).
+    n = len(ranks)
+    return 1.0 - (ranks - 1) / n
+
+
+def _val_map(head: embed.ProjectionHead, data: Rankings, train_features: torch.Tensor, k: int) -> float:
+    head.eval()
+    with torch.no_grad():
+        t = head(train_features)
+        q = head(torch.as_tensor(data.query_features))
+        sims = (q @ t.T).numpy()
+    head.train()
+    all_idx = np.arange(len(train_features))
+    return float(np.mean([
+        metrics.average_precision(all_idx[np.argsort(-sims[i], kind="stable")], set(c[np.argsort(r)[:k]].tolist()))
+        for i, (c, r) in enumerate(zip(data.candidates, data.ranks))
+    ]))
+
+
+@dataclass
+class FitResult:
+    head: embed.ProjectionHead
+    best_val_map: float
+    epochs: int
+    history: list[dict] = field(default_factory=list)
+
+
+def fit_head(train: Rankings, val: Rankings, train_features: np.ndarray, s: DistillSettings,
+             progress: Callable[[dict], None] = lambda row: None) -> FitResult:
+    """FastGDA's head: BCE between scale·cos(h(q), h(t)) + bias and the normalised teacher rank; AdamW; early stopping on val mAP@k."""
+    torch.manual_seed(s.seed)
+    rng = np.random.default_rng(s.seed)
+    in_dim = train_features.shape[1]
+    head = embed.ProjectionHead(in_dim, list(s.hidden_dims), s.out_dim, s.layernorm, s.dropout)
+    opt = torch.optim.AdamW(head.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    t_feat = torch.as_tensor(train_features, dtype=torch.float32)
+    q_feat = torch.as_tensor(train.query_features, dtype=torch.float32)
+    q_idx = np.concatenate([np.full(len(c), i) for i, c in enumerate(train.candidates)])
+    t_idx = np.concatenate(train.candidates)
+    target = np.concatenate([_targets(r) for r in train.ranks]).astype(np.float32)
+    in_candidates = [set(c.tolist()) for c in train.candidates]
+    best = (-1.0, None, 0)
+    history = []
+    for epoch in range(1, s.epochs + 1):
+        order = rng.permutation(len(t_idx))
+        qi, ti, y = q_idx[order].copy(), t_idx[order].copy(), target[order].copy()
+        # A fraction of pairs become out-of-candidate negatives with the last rank's target (0).
+        neg = rng.random(len(ti)) < s.negatives
+        for j in np.flatnonzero(neg):
+            while True:
+                candidate = int(rng.integers(len(t_feat)))
+                if candidate not in in_candidates[qi[j]]:
+                    break
+            ti[j], y[j] = candidate, 0.0
+        total = 0.0
+        for start in range(0, len(ti), s.batch_size):
+            sl = slice(start, start + s.batch_size)
+            q = head(q_feat[qi[sl]])
+            t = head(t_feat[ti[sl]])
+            logits = head.scale * (q * t).sum(-1) + head.bias
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.as_tensor(y[sl]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(y[sl])
+        val_map = _val_map(head, val, t_feat, s.k)
+        row = {"epoch": epoch, "loss": total / len(ti), "val_map": val_map}
+        history.append(row)
+        progress(row)
+        if val_map > best[0]:
+            best = (val_map, {k: v.detach().clone() for k, v in head.state_dict().items()}, epoch)
+        elif epoch - best[2] >= s.patience:
+            break
+    head.load_state_dict(best[1])
+    head.eval()
+    return FitResult(head, best[0], best[2], history)
+
+
+def fit_temperature(scores: list[np.ndarray], positives: list[np.ndarray]) -> tuple[float, float]:
+    """AbC's soft attribution: the τ maximising the likelihood of the true set under p ∝ exp((s − s_max)/τ).
+    scores[i]: one query's candidate scores; positives[i]: boolean mask of its true influencers (uniform target).
+    Returns (τ, mean negative log-likelihood at τ)."""
+    from scipy.optimize import minimize_scalar
+
+    pairs = [(s, p) for s, p in zip(scores, positives) if p.any()]
+    if not pairs:
+        raise AuditError("no query has a teacher-positive among its top candidates; cannot calibrate the temperature")
+
+    def nll(log_tau: float) -> float:
+        total = 0.0
+        for s, p in pairs:
+            z = (s - s.max()) / np.exp(log_tau)
+            log_p = z - np.log(np.exp(z).sum())
+            total -= log_p[p].mean()
+        return total / len(pairs)
+
+    best = minimize_scalar(nll, bounds=(np.log(1e-4), np.log(10.0)), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(best.x)), float(best.fun)
+
+
+def calibration_error(scores: list[np.ndarray], positives: list[np.ndarray], tau: float, bins: int = 10) -> float:
+    """Expected calibration error of shares against the teacher's top set as a uniform distribution."""
+    shares, truth = [], []
+    for s, p in zip(scores, positives):
+        if not p.any():
+            continue
+        shares.append(embed.softmax_shares(s[None], tau)[0])
+        truth.append(p / p.sum())
+    shares, truth = np.concatenate(shares), np.concatenate(truth)
+    edges = np.quantile(shares, np.linspace(0, 1, bins + 1))
+    which = np.clip(np.searchsorted(edges, shares, side="right") - 1, 0, bins - 1)
+    # Σ_b (n_b / N)·|mean share − mean truth| over equal-count bins of the predicted share.
+    return float(sum(abs(shares[which == b].sum() - truth[which == b].sum()) for b in range(bins)) / len(shares))
+
+
+@dataclass
+class TrainResult:
+    encoder_id: str
+    path: Path
+    best_val_map: float
+    epochs: int
+    temperature: float
+    calibration_nll: float
+    calibration_ece: float
+    seconds: float
+    train_queries: int
+    val_queries: int
+    history: list[dict]
+
+
+def load_rankings(store: Store, split: str, index_of: dict[int, int]) -> list[tuple[int, str, str, np.ndarray, np.ndarray]]:
+    rows = store.rows(
+        "SELECT q.id, q.path, q.prompt, list(r.training_id ORDER BY r.teacher_rank), list(r.teacher_rank ORDER BY r.teacher_rank)"
+        " FROM distill_queries q JOIN distill_rankings r ON r.query_id = q.id"
+        " WHERE q.split = ? AND q.collected_at IS NOT NULL GROUP BY q.id, q.path, q.prompt ORDER BY q.id",
+        [split],
+    )
+    return [(qid, path, prompt, np.array([index_of[t] for t in tids]), np.array(ranks)) for qid, path, prompt, tids, ranks in rows]
+
+
+def query_embeddings(encoder: embed.Encoder, queries) -> tuple[np.ndarray, np.ndarray]:
+    images = [ingest.decode(ingest.read_bytes(q[1], ingest.Limits()), ingest.Limits())[0] for q in queries]
+    return embed_images(encoder, images, [q[2] for q in queries])
+
+
+def train(
+    ws: Workspace,
+    *,
+    out: str | os.PathLike | None = None,
+    progress_row: Callable[[dict], None] = lambda row: None,
+    **overrides,
+) -> TrainResult:
+    """Train the head on the collected train-split rankings and write a new encoder bundle with it."""
+    s = DistillSettings.from_config(ws.config["distill"], **overrides)
+    started = time.perf_counter()
+    encoder = embed.load(ws.encoder_dir(), "cpu")
+    with Store(ws.db_path, read_only=True) as store:
+        ids, img, txt = training_embeddings(ws, store, encoder)
+        index_of = {int(i): j for j, i in enumerate(ids)}
+        queries = load_rankings(store, "train", index_of)
+    if len(queries) < 4:
+        raise AuditError(f"only {len(queries)} collected training queries; run `audit distill collect` first")
+    q_img, q_txt = query_embeddings(encoder, queries)
+    q_feat = np.concatenate([q_img, q_txt], axis=1)
+    t_feat = np.concatenate([img, txt], axis=1)
+    rng = np.random.default_rng(s.seed)
+    # Validation by prompt, like the test split: validation prompts are never fitted.
+    prompts = sorted({q[2] or "" for q in queries})
+    val_prompts = set(rng.permutation(prompts)[: max(1, int(round(len(prompts) * s.val_fraction)))].tolist())
+    is_val = np.array([(q[2] or "") in val_prompts for q in queries])
+
+    def subset(mask):
+        return Rankings(q_feat[mask], [q[3] for q, m in zip(queries, mask) if m], [q[4] for q, m in zip(queries, mask) if m])
+
+    fit = fit_head(subset(~is_val), subset(is_val), t_feat, s, progress_row)
+    # Calibrate shares on the validation queries, over the scan's top-k.
+    val = subset(is_val)
+    with torch.no_grad():
+        t_out = fit.head(torch.as_tensor(t_feat)).numpy()
+        q_out = fit.head(torch.as_tensor(val.query_features)).numpy()
+    top_k = int(ws.config["scan"]["top_k"])
+    scores, positives = [], []
+    for q, cand, ranks in zip(q_out, val.candidates, val.ranks):
+        sims = t_out @ q
+        top = np.argsort(-sims, kind="stable")[:top_k]
+        true = set(cand[np.argsort(ranks)[: s.calibration_k]].tolist())
+        scores.append(sims[top])
+        positives.append(np.array([i in true for i in top.tolist()]))
+    tau, nll = fit_temperature(scores, positives)
+    ece = calibration_error(scores, positives, tau)
+
+    config = json.loads((encoder.directory / embed.CONFIG_NAME).read_text())
+    config.pop("format")
+    head_cfg = {"in_dim": t_feat.shape[1], "hidden_dims": list(s.hidden_dims), "out_dim": s.out_dim,
+                "layernorm": s.layernorm, "dropout": s.dropout, "weights": "head.safetensors"}
+    config.update(name=f"{encoder.name}-distilled", head=head_cfg, temperature=tau,
+                  distilled={"from_encoder": encoder.id, "val_map_at_k": fit.best_val_map, "k": s.k, "epochs": fit.epochs,
+                             "train_queries": int((~is_val).sum()), "val_queries": int(is_val.sum()),
+                             "calibration_nll": nll, "calibration_ece": ece, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}})
+    target = Path(out) if out else ws.dir / "encoders" / f"{encoder.name}-distilled-{int(time.time())}"
+    if target.exists() and any(target.iterdir()):
+        raise AuditError(f"{target} already exists and is not empty; choose another --out")
+    target.mkdir(parents=True, exist_ok=True)
+    for name in {config["image_tower"]["weights"], *( [config["text_tower"]["weights"]] if config.get("text_tower") else [])}:
+        shutil.copy2(encoder.directory / name, target / name)
+    new_id = embed.save(target, config, {"head.safetensors": fit.head.state_dict()})
+    return TrainResult(new_id, target, fit.best_val_map, fit.epochs, tau, nll, ece, time.perf_counter() - started,
+                       int((~is_val).sum()), int(is_val.sum()), fit.history)

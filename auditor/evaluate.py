@@ -1,0 +1,107 @@
+"""`audit eval`: how well each way of ranking training images agrees with the teacher, on held-out queries.
+
+For every test query (split = 'test' in distill_queries) each method ranks the *whole*
+training set; the positives are the teacher's top-k of that query's candidates, and
+the figure is average precision over the full ranking (FastGDA's mAP@k, methods.md §2),
+with its standard error over queries. Recall@K: the teacher's top-1 within the
+method's top K.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import embed, metrics
+from .distill import joint, load_rankings, query_embeddings, training_embeddings
+from .errors import AuditError
+from .store import Store
+from .workspace import Workspace
+
+
+@dataclass
+class MethodScores:
+    name: str
+    map_at: dict[int, tuple[float, float]]  # k → (mean, standard error)
+    recall_at: dict[int, float]
+
+
+def _scores_for(q: np.ndarray, t: np.ndarray) -> np.ndarray:
+    return q @ t.T
+
+
+def _evaluate(name: str, sims: np.ndarray, queries, ks, recall_ks) -> MethodScores:
+    maps = {k: [] for k in ks}
+    hits = {K: 0 for K in recall_ks}
+    all_idx = np.arange(sims.shape[1])
+    for row, (_, _, _, cand, ranks) in zip(sims, queries):
+        ranking = all_idx[np.argsort(-row, kind="stable")]
+        by_teacher = cand[np.argsort(ranks, kind="stable")]
+        for k in ks:
+            maps[k].append(metrics.average_precision(ranking, set(by_teacher[:k].tolist())))
+        position = int(np.flatnonzero(ranking == by_teacher[0])[0]) + 1
+        for K in recall_ks:
+            hits[K] += position <= K
+    n = len(queries)
+    return MethodScores(
+        name,
+        {k: (float(np.mean(v)), float(np.std(v, ddof=1) / np.sqrt(n)) if n > 1 else 0.0) for k, v in maps.items()},
+        {K: hits[K] / n for K in recall_ks},
+    )
+
+
+def evaluate(ws: Workspace, *, encoders: list[str | os.PathLike] | None = None, ks=(5, 10, 20, 50), recall_ks=(1, 10, 50)) -> tuple[list[MethodScores], int]:
+    """Untuned baselines (image, text, image ⊕ text of the workspace encoder's backbone) and every given bundle
+    (default: the workspace's encoder), on the held-out queries."""
+    bundles = [Path(p) for p in (encoders or [ws.encoder_dir()])]
+    base = embed.load(bundles[0], "cpu")
+    with Store(ws.db_path, read_only=True) as store:
+        ids, img, txt = training_embeddings(ws, store, base)
+        index_of = {int(i): j for j, i in enumerate(ids)}
+        queries = load_rankings(store, "test", index_of)
+    if not queries:
+        raise AuditError("no held-out queries with teacher rankings; run `audit distill collect` first")
+    q_img, q_txt = query_embeddings(base, queries)
+    results = [
+        _evaluate("untuned image", _scores_for(q_img, img), queries, ks, recall_ks),
+        _evaluate("untuned text", _scores_for(q_txt, txt), queries, ks, recall_ks),
+        _evaluate("untuned image ⊕ text", _scores_for(joint(q_img, q_txt), joint(img, txt)), queries, ks, recall_ks),
+    ]
+    for path in bundles:
+        enc = base if path == bundles[0] else embed.load(path, "cpu")
+        if enc.head is None:
+            continue  # its features are the untuned image ⊕ text above
+        if enc.image_dim != img.shape[1] or enc.text_dim != txt.shape[1]:
+            raise AuditError(f"encoder {path} has a different backbone from {bundles[0]}; evaluate them separately")
+        with torch.no_grad():
+            t_out = enc.head(torch.as_tensor(np.concatenate([img, txt], 1))).numpy()
+            q_out = enc.head(torch.as_tensor(np.concatenate([q_img, q_txt], 1))).numpy()
+        results.append(_evaluate(f"distilled ({enc.name}, {enc.id})", _scores_for(q_out, t_out), queries, ks, recall_ks))
+    return results, len(queries)
+
+
+def to_markdown(results: list[MethodScores], n_queries: int, n_candidates: int | None = None) -> str:
+    ks = list(results[0].map_at)
+    recall_ks = list(results[0].recall_at)
+    head = ["method"] + [f"mAP@{k}" for k in ks] + [f"R@{K} (teacher top-1)" for K in recall_ks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [r.name] + [f"{m:.3f} ± {se:.3f}" for m, se in r.map_at.values()] + [f"{v:.2f}" for v in r.recall_at.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = f"\n{n_queries} held-out queries (prompts never used in training); ± is the standard error over queries."
+    if n_candidates:
+        note += f" Teacher candidates per query: {n_candidates}."
+    return "\n".join(lines) + "\n" + note + "\n"
+
+
+def to_json(results: list[MethodScores], n_queries: int) -> str:
+    return json.dumps(
+        {"queries": n_queries, "methods": [{"name": r.name, "map_at": {str(k): {"mean": m, "stderr": se} for k, (m, se) in r.map_at.items()},
+                                            "recall_at": {str(k): v for k, v in r.recall_at.items()}} for r in results]},
+        indent=2,
+    )
