@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Callable
 
 import jinja2
 import polars as pl
@@ -86,12 +87,9 @@ class ReportResult:
     policy: str
     currency: str
     pool: Decimal
+    total_paid: Decimal  # equals the pool
     generations: int  # registered in the period
     credited_generations: int  # of those, with credit for at least one contributor
-
-    @property
-    def total_paid(self) -> Decimal:
-        return sum(self.payouts["amount"].to_list(), payout.from_minor(0, self.currency))
 
 
 def statement_name(contributor_id: str) -> str:
@@ -161,12 +159,12 @@ def _read(store: Store, period: Period, encoder_id: str | None) -> _Audit:
         f" WHERE c.method = ? AND c.encoder_id = ? AND {in_period}",
         params=[method, encoder_id] + params,
     ).pl()
-    indexed, index_params = Period(None, period.end, "").where("t.indexed_at")
+    # The training-set basis counts the images indexed by the end of the period.
     contributors = store.con.sql(
         "SELECT c.id AS contributor_id, c.name, c.license, count(t.id) AS images_indexed"
-        f" FROM contributors c LEFT JOIN training_images t ON t.contributor_id = c.id AND {indexed}"
+        " FROM contributors c LEFT JOIN training_images t ON t.contributor_id = c.id AND (?::TIMESTAMP IS NULL OR t.indexed_at < ?)"
         " GROUP BY ALL ORDER BY c.id",
-        params=index_params,
+        params=[period.end, period.end],
     ).pl()
     run_ids = attributions["confirm_run_id"].drop_nulls().unique().to_list()
     teacher_runs = store.con.sql(
@@ -247,7 +245,8 @@ def _environment() -> jinja2.Environment:
 
 def _replace_folder(out_dir: Path, write) -> None:
     """Write the report into a fresh sibling folder, then put it in place of OUT, so a failed run leaves OUT as it was."""
-    if out_dir.exists() and any(out_dir.iterdir()) and not ((out_dir / "index.html").is_file() and (out_dir / "payouts.csv").is_file()):
+    earlier_report = (out_dir / "index.html").is_file() and (out_dir / "payouts.csv").is_file()
+    if out_dir.exists() and not earlier_report and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise AuditError(f"{out_dir} exists and does not hold an earlier report; choose another --out")
     staging = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -261,75 +260,10 @@ def _replace_folder(out_dir: Path, write) -> None:
     staging.rename(out_dir)
 
 
-def build_report(
-    ws: Workspace,
-    out_dir: str | Path,
-    *,
-    period: str | None = None,
-    date_from: date | None = None,
-    date_to: date | None = None,
-    pool: Decimal,
-    currency: str = "EUR",
-    policy: str = "per-output",
-    confirmed_weight: float = 2.0,
-    min_payout: Decimal = Decimal(0),
-    encoder_id: str | None = None,
-) -> ReportResult:
-    """Divide `pool` among the contributors for one period and write the report folder (see the module doc)."""
-    if policy not in POLICIES:
-        raise AuditError(f"unknown policy {policy!r}; choose {' or '.join(POLICIES)}")
-    if not confirmed_weight > 0:
-        raise AuditError("--confirmed-weight must be above 0")
-    span = Period.parse(period, date_from, date_to)
-    currency = currency.upper()
-    pool_minor = payout.to_minor(pool, currency, "--pool")
-    min_minor = payout.to_minor(min_payout, currency, "--min-payout")
-
-    with Store(ws.db_path, read_only=True) as store:
-        audit = _read(store, span, encoder_id)
-    credited = credit(audit.attributions, confirmed_weight)
-    if policy == "per-output" and credited.is_empty():
-        raise AuditError(f"no generation registered in {span.label} is attributed to a contributor; nothing to pay per output")
-    payouts, split = _payouts(_summary(audit.contributors, credited), policy, pool_minor, min_minor, currency)
-
-    context = {
-        "period": span,
-        "policy": policy,
-        "currency": currency,
-        "pool": payout.from_minor(pool_minor, currency),
-        "min_payout": payout.from_minor(min_minor, currency),
-        "confirmed_weight": confirmed_weight,
-        "split": split,
-        "credit_total": float(split.credit_total),
-        "paid_credit_total": float(split.paid_credit_total),
-        "method": audit.method,
-        "encoder_id": audit.encoder_id,
-        "encoder_name": audit.encoder_name,
-        "teacher_runs": audit.teacher_runs,
-        "generated_at": utcnow(),
-    }
-    limits = ingest.Limits(int(ws.config["scan"]["max_pixels"]), int(ws.config["scan"]["max_file_bytes"]))
-    pages = _Pages(context, audit, credited, payouts, functools.cache(lambda path: thumbnail(path, limits)))
-    out_dir = Path(out_dir).expanduser().resolve()
-    _replace_folder(out_dir, pages.write)
-    return ReportResult(
-        out_dir=out_dir,
-        index=out_dir / "index.html",
-        statements={row["contributor_id"]: out_dir / "contributors" / row["statement"] for row in pages.contributors},
-        payouts=payouts,
-        period=span.label,
-        policy=policy,
-        currency=currency,
-        pool=context["pool"],
-        generations=audit.generations.height,
-        credited_generations=credited["generation_id"].n_unique(),
-    )
-
-
 class _Pages:
     """The report folder's files, rendered from the period's frames."""
 
-    def __init__(self, context: dict, audit: _Audit, credited: pl.DataFrame, payouts: pl.DataFrame, thumb):
+    def __init__(self, context: dict, audit: _Audit, credited: pl.DataFrame, payouts: pl.DataFrame, thumb: Callable[[str], str | None]):
         self.env = _environment()
         self.context, self.audit, self.credited, self.payouts, self.thumb = context, audit, credited, payouts, thumb
         pool = context["split"].pool
@@ -378,7 +312,6 @@ class _Pages:
             "images_indexed": int(self.payouts["images_indexed"].sum()),
             "contributors": self.payouts.height,
             "paid_contributors": len(split.paid),
-            "paid": payout.from_minor(sum(split.amount.values()), self.context["currency"]),
         }
         return self.env.get_template("index.html").render(
             self.context, totals=totals, contributors=self.contributors, generations=self._generations(generations)
@@ -406,3 +339,70 @@ class _Pages:
             images=[image | {"thumb": self.thumb(image["training_path"])} for image in images.to_dicts()],
             generations=self._generations(influenced),
         )
+
+
+def build_report(
+    ws: Workspace,
+    out_dir: str | Path,
+    *,
+    period: str | None = None,
+    date_from: date | None = None,
+    date_to: date | None = None,
+    pool: Decimal,
+    currency: str = "EUR",
+    policy: str = "per-output",
+    confirmed_weight: float = 2.0,
+    min_payout: Decimal = Decimal(0),
+    encoder_id: str | None = None,
+) -> ReportResult:
+    """Divide `pool` among the contributors for one period and write the report folder (see the module doc)."""
+    if policy not in POLICIES:
+        raise AuditError(f"unknown policy {policy!r}; choose {' or '.join(POLICIES)}")
+    if not confirmed_weight > 0:
+        raise AuditError("--confirmed-weight must be above 0")
+    span = Period.parse(period, date_from, date_to)
+    currency = currency.upper()
+    pool_minor = payout.to_minor(pool, currency, "--pool")
+    min_minor = payout.to_minor(min_payout, currency, "--min-payout")
+
+    with Store(ws.db_path, read_only=True) as store:
+        audit = _read(store, span, encoder_id)
+    credited = credit(audit.attributions, confirmed_weight)
+    if policy == "per-output" and credited.is_empty():
+        raise AuditError(f"no generation registered in {span.label} is attributed to a contributor; nothing to pay per output")
+    payouts, split = _payouts(_summary(audit.contributors, credited), policy, pool_minor, min_minor, currency)
+
+    context = {
+        "period": span,
+        "policy": policy,
+        "currency": currency,
+        "pool": payout.from_minor(pool_minor, currency),
+        "paid": payout.from_minor(sum(split.amount.values()), currency),
+        "min_payout": payout.from_minor(min_minor, currency),
+        "confirmed_weight": confirmed_weight,
+        "split": split,
+        "credit_total": float(split.credit_total),
+        "paid_credit_total": float(split.paid_credit_total),
+        "method": audit.method,
+        "encoder_id": audit.encoder_id,
+        "encoder_name": audit.encoder_name,
+        "teacher_runs": audit.teacher_runs,
+        "generated_at": utcnow(),
+    }
+    limits = ingest.Limits(int(ws.config["scan"]["max_pixels"]), int(ws.config["scan"]["max_file_bytes"]))
+    pages = _Pages(context, audit, credited, payouts, functools.cache(lambda path: thumbnail(path, limits)))
+    out_dir = Path(out_dir).expanduser().resolve()
+    _replace_folder(out_dir, pages.write)
+    return ReportResult(
+        out_dir=out_dir,
+        index=out_dir / "index.html",
+        statements={row["contributor_id"]: out_dir / "contributors" / row["statement"] for row in pages.contributors},
+        payouts=payouts,
+        period=span.label,
+        policy=policy,
+        currency=currency,
+        pool=context["pool"],
+        total_paid=context["paid"],
+        generations=audit.generations.height,
+        credited_generations=credited["generation_id"].n_unique(),
+    )
