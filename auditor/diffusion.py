@@ -138,9 +138,9 @@ def load(folder: str | os.PathLike, device: torch.device, cache_dir: Path | None
     from transformers import CLIPTextModel, CLIPTokenizer
 
     try:
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
-        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32)
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32)
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         # The training noise schedule: DDPM's add_noise / get_velocity over the folder's betas.
         scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")

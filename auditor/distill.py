@@ -123,7 +123,7 @@ def _plan(store: Store, ws: Workspace, session: TeacherSession, s: DistillSettin
 def _generator(model_path: Path, device: torch.device):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_path, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(model_path, safety_checker=None, requires_safety_checker=False, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -278,8 +278,10 @@ def fit_head(train: Rankings, val: Rankings, train_features: np.ndarray, s: Dist
         order = rng.permutation(len(t_idx))
         qi, ti, y = q_idx[order].copy(), t_idx[order].copy(), target[order].copy()
         # A fraction of pairs become out-of-candidate negatives with the last rank's target (0).
-        neg = rng.random(len(ti)) < s.negatives
-        for j in np.flatnonzero(neg):
+        for j in np.flatnonzero(rng.random(len(ti)) < s.negatives):
+            outside = len(t_feat) - len(in_candidates[qi[j]])
+            if outside == 0:
+                continue  # every training image is a candidate of this query: no negative to draw
             while True:
                 candidate = int(rng.integers(len(t_feat)))
                 if candidate not in in_candidates[qi[j]]:
