@@ -69,7 +69,8 @@ def main() -> None:
     run("index", WORLD / "training", workspace=ws)
     run("scan", outputs, "--top-k", 20, workspace=ws)
     if args.confirm:
-        run("confirm", "--top", args.confirm, workspace=ws)
+        # Fewer candidates and timesteps than the defaults keep the demo within a few minutes on 2 cores.
+        run("confirm", "--top", args.confirm, "--candidates", 100, "--controls", 20, "--timesteps", 10, workspace=ws)
     print("\nTop attributions of a few generations:")
     run(
         "sql",
