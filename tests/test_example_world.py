@@ -51,7 +51,7 @@ def test_contributors_csv_has_disjoint_owners():
     assert len({r["contributor_id"] for r in rows}) >= 8
     for r in rows:
         assert r["path"].startswith(r["contributor_id"] + "/")
-        assert re.fullmatch(r"a \w+ handwritten (%s) on \w+ paper" % "|".join(DIGIT_WORDS), r["caption"])
+        assert re.fullmatch(r"an? \w+ handwritten (%s) on \w+ paper" % "|".join(DIGIT_WORDS), r["caption"])
     for field in ("contributor_name", "license"):
         per_owner = {(r["contributor_id"], r[field]) for r in rows}
         assert len(per_owner) == len({r["contributor_id"] for r in rows}), f"{field} varies within a contributor"

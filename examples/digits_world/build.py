@@ -76,7 +76,7 @@ VAE_CONFIG = dict(
     up_block_types=("UpDecoderBlock2D",) * 3,
     block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
 )
-VAE_TRAIN = dict(steps=900, batch=64, lr=1e-3, kl_weight=1e-3)
+VAE_TRAIN = dict(steps=700, batch=64, lr=1e-3, kl_weight=1e-3)
 
 TEXT_ENCODER_CONFIG = dict(
     hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
@@ -96,8 +96,8 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", pre
 # steps_offset only shifts "leading" spacing; 1 is what the SD pipeline insists on.
 SAMPLER = dict(clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing", steps_offset=1)
 DIFFUSION_TRAIN = dict(
-    steps=1800, batch=128, lr=2e-3, weight_decay=1e-2, warmup=100, min_lr_ratio=0.1,
-    ema_decay=0.998, caption_dropout=0.1, grad_clip=1.0, autocast="bfloat16",
+    steps=1000, batch=128, lr=2e-3, weight_decay=1e-2, warmup=100, min_lr_ratio=0.1,
+    ema_decay=0.995, caption_dropout=0.1, grad_clip=1.0, autocast="bfloat16",
 )
 
 CLIP_NAME = "digits-clip-tiny"
@@ -106,7 +106,7 @@ CLIP_CONFIG = {
     "vision_cfg": {"image_size": SIZE, "layers": 4, "width": 128, "patch_size": 4, "head_width": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 4},
 }
-CLIP_TRAIN = dict(steps=1500, batch=64, lr=3e-4, weight_decay=0.05, warmup=100, max_shift=2)
+CLIP_TRAIN = dict(steps=1000, batch=64, lr=3e-4, weight_decay=0.05, warmup=100, max_shift=2)
 # Caption variants the backbone is trained on, with their probabilities: the
 # short ones are the zero-shot prompt templates.
 CLIP_CAPTION_VARIANTS = (("full", 0.6), ("digit", 0.2), ("palette", 0.2))
@@ -128,8 +128,12 @@ def seed_everything(offset: int) -> None:
     torch.manual_seed(SEED + offset)
 
 
+def article(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
 def caption(ink_word: str, digit: int, paper_word: str) -> str:
-    return f"a {ink_word} handwritten {DIGIT_WORDS[digit]} on {paper_word} paper"
+    return f"{article(ink_word)} handwritten {DIGIT_WORDS[digit]} on {paper_word} paper"
 
 
 def caption_digit(text: str) -> int:
@@ -503,7 +507,7 @@ def digit_prompt(digit: int) -> str:
 
 
 def palette_prompt(palette: dict) -> str:
-    return f"a {palette['ink_word']} handwritten digit on {palette['paper_word']} paper"
+    return f"{article(palette['ink_word'])} handwritten digit on {palette['paper_word']} paper"
 
 
 def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
@@ -613,6 +617,46 @@ def load_encoder(folder: Path):
     return model.eval(), bundle
 
 
+# --------------------------------------------------------------------------- measurements
+
+def ink_map(images: np.ndarray) -> np.ndarray:
+    """Palette-free ink intensity: colour distance from the paper (the median border colour)."""
+    x = images.astype(np.float32)
+    border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)
+    paper = np.median(border, axis=1)
+    dist = np.linalg.norm(x - paper[:, None, None], axis=-1)
+    return dist / np.maximum(dist.max(axis=(1, 2), keepdims=True), 1e-6)
+
+
+def digit_features(images: np.ndarray) -> np.ndarray:
+    """Back to the scans' own 8x8 grid and 0..16 range."""
+    ink = ink_map(images)
+    return 16 * ink.reshape(len(ink), 8, SIZE // 8, 8, SIZE // 8).mean(axis=(2, 4)).reshape(len(ink), 64)
+
+
+def fit_palette(image: np.ndarray, pal: dict) -> tuple[str, str]:
+    """Which contributor's paper, then which contributor's ink, explain the image best.
+
+    Paper: the palette paper colour nearest the median border colour. Ink: the
+    palette ink whose ink-over-paper mixing line leaves the smallest residual.
+    """
+    x = image.reshape(-1, 3).astype(np.float32)
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(np.float32)
+    papers = {cid: np.array(p["paper_rgb"], np.float32) for cid, p in pal.items()}
+    paper_id = min(papers, key=lambda c: np.linalg.norm(papers[c] - np.median(border, axis=0)))
+    paper = papers[paper_id]
+
+    def residual(cid: str) -> float:
+        line = np.array(pal[cid]["ink_rgb"], np.float32) - paper
+        if line @ line < 1e-6 * 255**2:  # ink the colour of this paper cannot be told apart
+            return math.inf
+        a = np.clip((x - paper) @ line / (line @ line), 0, 1)
+        return float(np.mean(np.sum((x - paper - a[:, None] * line) ** 2, axis=1)))
+
+    return min(pal, key=residual), paper_id
+
+
+
 # --------------------------------------------------------------------------- stage: outputs
 
 def output_jobs() -> list[dict]:
@@ -653,10 +697,13 @@ def load_pipeline(out: Path):
 
 def stage_outputs(out: Path, batch: int = 40) -> dict:
     pipe = load_pipeline(out)
+    pal = palettes()
     jobs = output_jobs()
     sidecar = set(random.Random(SEED + 5).sample(range(len(jobs)), round(SIDECAR_FRACTION * len(jobs))))
     folder = out / "outputs"
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("gen_*"):  # a stale sidecar would attach a wrong prompt
+        stale.unlink()
     for start in range(0, len(jobs), batch):
         chunk = jobs[start:start + batch]
         images = pipe(
@@ -665,6 +712,7 @@ def stage_outputs(out: Path, batch: int = 40) -> dict:
             generator=[torch.Generator().manual_seed(j["seed"]) for j in chunk]).images
         for k, (job, image) in enumerate(zip(chunk, images), start):
             path = folder / job["file"]
+            job["observed_ink_contributor"], job["observed_paper_contributor"] = fit_palette(np.asarray(image), pal)
             if k in sidecar:  # the prompt travels beside the image, not inside it
                 image.save(path)
                 path.with_suffix(".txt").write_text(job["prompt"] + "\n")
@@ -680,49 +728,12 @@ def stage_outputs(out: Path, batch: int = 40) -> dict:
             for j in jobs]
     write_csv(folder / "manifest.csv",
               ["file", "prompt", "digit", "contributor_ids", "ink_contributor", "paper_contributor",
-               "seed", "prompt_source"], rows)
+               "observed_ink_contributor", "observed_paper_contributor", "seed", "prompt_source"], rows)
     return {"images": len(jobs), "mixed_palette_images": sum(j["ink_contributor"] != j["paper_contributor"] for j in jobs),
             "sidecar_prompts": len(sidecar), **SAMPLING}
 
 
 # --------------------------------------------------------------------------- stage: gates
-
-def ink_map(images: np.ndarray) -> np.ndarray:
-    """Palette-free ink intensity: colour distance from the paper (the median border colour)."""
-    x = images.astype(np.float32)
-    border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)
-    paper = np.median(border, axis=1)
-    dist = np.linalg.norm(x - paper[:, None, None], axis=-1)
-    return dist / np.maximum(dist.max(axis=(1, 2), keepdims=True), 1e-6)
-
-
-def digit_features(images: np.ndarray) -> np.ndarray:
-    """Back to the scans' own 8x8 grid and 0..16 range."""
-    ink = ink_map(images)
-    return 16 * ink.reshape(len(ink), 8, SIZE // 8, 8, SIZE // 8).mean(axis=(2, 4)).reshape(len(ink), 64)
-
-
-def fit_palette(image: np.ndarray, pal: dict) -> tuple[str, str]:
-    """Which contributor's paper, then which contributor's ink, explain the image best.
-
-    Paper: the palette paper colour nearest the median border colour. Ink: the
-    palette ink whose ink-over-paper mixing line leaves the smallest residual.
-    """
-    x = image.reshape(-1, 3).astype(np.float32)
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(np.float32)
-    papers = {cid: np.array(p["paper_rgb"], np.float32) for cid, p in pal.items()}
-    paper_id = min(papers, key=lambda c: np.linalg.norm(papers[c] - np.median(border, axis=0)))
-    paper = papers[paper_id]
-
-    def residual(cid: str) -> float:
-        line = np.array(pal[cid]["ink_rgb"], np.float32) - paper
-        if line @ line < 1e-6 * 255**2:  # ink the colour of this paper cannot be told apart
-            return math.inf
-        a = np.clip((x - paper) @ line / (line @ line), 0, 1)
-        return float(np.mean(np.sum((x - paper - a[:, None] * line) ** 2, axis=1)))
-
-    return min(pal, key=residual), paper_id
-
 
 def zero_shot(model, images: np.ndarray, prompts: list[str], bundle: dict) -> np.ndarray:
     """Index of the best-matching prompt for each image."""
@@ -759,6 +770,7 @@ def stage_gates(out: Path) -> dict:
     # (b) palette fidelity
     fits = [fit_palette(im, pal) for im in gen_imgs]
     palette_ok = np.array([f == (r["ink_contributor"], r["paper_contributor"]) for f, r in zip(fits, gen_rows)])
+    follows_ink = np.array([f == (r["ink_contributor"],) * 2 for f, r in zip(fits, gen_rows)])
     palette_real = float(np.mean([fit_palette(im, pal) == (r["palette_id"],) * 2 for im, r in zip(held_imgs, held_rows)]))
 
     # (c) zero-shot accuracy of the shipped encoder bundle on held-out real digits
@@ -776,6 +788,7 @@ def stage_gates(out: Path) -> dict:
         "digit_classifier_accuracy_on_real_heldout": classifier_real,
         "palette_match_single_palette": float(palette_ok[single].mean()),
         "palette_match_mixed_palette": float(palette_ok[~single].mean()),
+        "mixed_palette_drawn_in_ink_contributors_palette": float(follows_ink[~single].mean()),
         "palette_fit_accuracy_on_real_heldout": palette_real,
         "zero_shot_digit_heldout": zs_digit,
         "zero_shot_palette_heldout": zs_palette,
@@ -826,6 +839,7 @@ def write_world_md(out: Path) -> None:
                                               ("data", "tokenizer", "vae", "diffusion", "encoder", "outputs", "gates"))
     times = stats.get("times", {})
     pal = palettes()
+    vision, text = CLIP_CONFIG["vision_cfg"], CLIP_CONFIG["text_cfg"]
     lines = [
         "# The digits example world",
         "",
@@ -852,7 +866,7 @@ def write_world_md(out: Path) -> None:
         lines.append(f"| {cid} | {name} | {licence} | {pal[cid]['ink_word']} on {pal[cid]['paper_word']} | {n} |")
     lines += [
         "",
-        "Captions read `a <ink> handwritten <digit word> on <paper> paper`; the caption is the only digit",
+        "Captions read `a(n) <ink> handwritten <digit word> on <paper> paper`; the caption is the only digit",
         "label on disk (`heldout/heldout.csv` also has a `digit` column).",
         "",
         "## Layout",
@@ -864,7 +878,8 @@ def write_world_md(out: Path) -> None:
         "`model/auditor_training.json` holds the training facts the teacher needs",
         "- `encoder/`: `encoder.json` + `backbone.safetensors`, an `auditor.encoder/1` bundle (open_clip)",
         "- `outputs/`: generated PNGs, prompts in an AUTOMATIC1111 `parameters` chunk or a sidecar `.txt`; "
-        "`outputs/manifest.csv` is ground truth for evaluation only",
+        "`outputs/manifest.csv` (prompted digit and contributors, seed, and the palette measured in the image: "
+        "`observed_ink_contributor`, `observed_paper_contributor`) is ground truth for evaluation only",
         "- `contact_sheet.png`, `build_stats.json`, this file",
         "",
         "## Models",
@@ -885,12 +900,13 @@ def write_world_md(out: Path) -> None:
         f"- **Training**: v-prediction, `{SCHEDULE['beta_schedule']}` schedule, {DIFFUSION_TRAIN['steps']} steps x "
         f"batch {DIFFUSION_TRAIN['batch']}, AdamW {DIFFUSION_TRAIN['lr']}, EMA {DIFFUSION_TRAIN['ema_decay']} "
         f"(EMA weights shipped), {DIFFUSION_TRAIN['caption_dropout']:.0%} caption dropout (empty caption), "
-        "bf16 autocast, **no horizontal flip augmentation** (`flip_augmentation: false`).",
+        f"{DIFFUSION_TRAIN['autocast']} autocast, **no horizontal flip augmentation** (`flip_augmentation: false`).",
         "- **Scheduler** saved: `DDIMScheduler` with the training betas and `prediction_type: v_prediction`, "
         "`timestep_spacing: trailing`. "
         f"Outputs: {SAMPLING['steps']} DDIM steps, guidance {SAMPLING['guidance']:g}.",
-        f"- **Encoder backbone** `{CLIP_NAME}`: open_clip CLIP (ViT width 128, 4 layers, patch 4; text width 64, "
-        f"4 layers; embed 128), {enc.get('params', 0):,} params, contrastive training "
+        f"- **Encoder backbone** `{CLIP_NAME}`: open_clip CLIP (ViT width {vision['width']}, {vision['layers']} "
+        f"layers, patch {vision['patch_size']}; text width {text['width']}, {text['layers']} layers, context "
+        f"{text['context_length']}; embed {CLIP_CONFIG['embed_dim']}), {enc.get('params', 0):,} params, contrastive training "
         f"{CLIP_TRAIN['steps']} steps x batch {CLIP_TRAIN['batch']}, lr {CLIP_TRAIN['lr']}, on full captions and "
         "the short zero-shot templates (`a handwritten seven`, `a red handwritten digit on cream paper`). "
         "Weights stored fp16; loading into the fp32 model reproduces the measured embeddings exactly.",
@@ -916,18 +932,23 @@ def write_world_md(out: Path) -> None:
             f"images) on held-out real digits {gates['digit_classifier_accuracy_on_real_heldout']:.3f}; "
             f"palette fit on held-out real digits {gates['palette_fit_accuracy_on_real_heldout']:.3f}. "
             f"Mixed-palette prompts (n={gates['n_generated_mixed']}): digit {gates['digit_accuracy_mixed_palette']:.3f}, "
-            f"both colours {gates['palette_match_mixed_palette']:.3f}. "
+            f"both colours {gates['palette_match_mixed_palette']:.3f}; drawn entirely in the palette of the "
+            f"contributor whose ink was named {gates['mixed_palette_drawn_in_ink_contributors_palette']:.3f} "
+            "(every training caption pairs an ink with one paper, so the model never learned to recombine them; "
+            "`outputs/manifest.csv` records the observed palette of every output). "
             f"Zero-shot digit accuracy on all generated outputs: {gates['zero_shot_digit_generated']:.3f}.",
             "",
             "![contact sheet](contact_sheet.png)",
         ]
     else:
         lines.append("Not measured yet (run the `gates` stage).")
-    lines += ["", "## Build", "", "Wall time per stage (2 CPU cores, torch threads = 2):", "",
-              "| stage | seconds |", "|---|---|"]
-    lines += [f"| {s} | {times[s]:.0f} |" for s in STAGES if s in times]
+    threads = stats.get("threads", {})
+    lines += ["", "## Build", "",
+              "Wall time per stage on a 2-core machine shared with other work (so upper bounds):", "",
+              "| stage | seconds | torch threads |", "|---|---|---|"]
+    lines += [f"| {s} | {times[s]:.0f} | {threads.get(s, '?')} |" for s in STAGES if s in times]
     if times:
-        lines.append(f"| total | {sum(times.values()):.0f} |")
+        lines.append(f"| total | {sum(times.values()):.0f} | |")
     lines += ["", "Artifact sizes (apparent bytes):", "", "| path | MB |", "|---|---|"]
     parts = ["training", "heldout", "model", "encoder", "outputs", "contact_sheet.png"]
     sizes = {p: folder_bytes(out / p) / 1e6 for p in parts if (out / p).exists()}
@@ -955,8 +976,10 @@ def main() -> None:
     parser.add_argument("--stage", action="append", choices=STAGES,
                         help="stage to run (repeatable); default: all, in order")
     parser.add_argument("--out", type=Path, default=WORLD_DIR, help="world directory (default: next to this script)")
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help="torch threads; use 1 when another job holds a core (2 oversubscribed is ~10x slower)")
     args = parser.parse_args()
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     for stage in [s for s in STAGES if s in (args.stage or STAGES)]:
@@ -966,6 +989,7 @@ def main() -> None:
         seconds = time.time() - started
         update_stats(out, stage, result)
         update_stats(out, "times", {stage: seconds})
+        update_stats(out, "threads", {stage: args.threads})
         print(f"== {stage} done in {seconds:.1f}s: {json.dumps(result, default=str)[:400]}", flush=True)
     write_world_md(out)
 
