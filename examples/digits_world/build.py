@@ -128,12 +128,9 @@ def seed_everything(offset: int) -> None:
     torch.manual_seed(SEED + offset)
 
 
-def article(word: str) -> str:
-    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
-
-
 def caption(ink_word: str, digit: int, paper_word: str) -> str:
-    return f"{article(ink_word)} handwritten {DIGIT_WORDS[digit]} on {paper_word} paper"
+    # "a orange ..." on purpose: the shipped model was trained on this exact caption template.
+    return f"a {ink_word} handwritten {DIGIT_WORDS[digit]} on {paper_word} paper"
 
 
 def caption_digit(text: str) -> int:
@@ -507,7 +504,7 @@ def digit_prompt(digit: int) -> str:
 
 
 def palette_prompt(palette: dict) -> str:
-    return f"{article(palette['ink_word'])} handwritten digit on {palette['paper_word']} paper"
+    return f"a {palette['ink_word']} handwritten digit on {palette['paper_word']} paper"
 
 
 def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
