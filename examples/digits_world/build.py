@@ -76,7 +76,7 @@ VAE_CONFIG = dict(
     up_block_types=("UpDecoderBlock2D",) * 3,
     block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
 )
-VAE_TRAIN = dict(steps=700, batch=64, lr=1e-3, kl_weight=1e-3)
+VAE_TRAIN = dict(steps=900, batch=64, lr=1e-3, kl_weight=1e-3)
 
 TEXT_ENCODER_CONFIG = dict(
     hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
@@ -106,7 +106,7 @@ CLIP_CONFIG = {
     "vision_cfg": {"image_size": SIZE, "layers": 4, "width": 128, "patch_size": 4, "head_width": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 4},
 }
-CLIP_TRAIN = dict(steps=1000, batch=64, lr=3e-4, weight_decay=0.05, warmup=100, max_shift=2)
+CLIP_TRAIN = dict(steps=1500, batch=64, lr=3e-4, weight_decay=0.05, warmup=100, max_shift=2)
 # Caption variants the backbone is trained on, with their probabilities: the
 # short ones are the zero-shot prompt templates.
 CLIP_CAPTION_VARIANTS = (("full", 0.6), ("digit", 0.2), ("palette", 0.2))
@@ -694,7 +694,6 @@ def load_pipeline(out: Path):
 
 def stage_outputs(out: Path, batch: int = 40) -> dict:
     pipe = load_pipeline(out)
-    pal = palettes()
     jobs = output_jobs()
     sidecar = set(random.Random(SEED + 5).sample(range(len(jobs)), round(SIDECAR_FRACTION * len(jobs))))
     folder = out / "outputs"
@@ -709,7 +708,6 @@ def stage_outputs(out: Path, batch: int = 40) -> dict:
             generator=[torch.Generator().manual_seed(j["seed"]) for j in chunk]).images
         for k, (job, image) in enumerate(zip(chunk, images), start):
             path = folder / job["file"]
-            job["observed_ink_contributor"], job["observed_paper_contributor"] = fit_palette(np.asarray(image), pal)
             if k in sidecar:  # the prompt travels beside the image, not inside it
                 image.save(path)
                 path.with_suffix(".txt").write_text(job["prompt"] + "\n")
@@ -725,7 +723,7 @@ def stage_outputs(out: Path, batch: int = 40) -> dict:
             for j in jobs]
     write_csv(folder / "manifest.csv",
               ["file", "prompt", "digit", "contributor_ids", "ink_contributor", "paper_contributor",
-               "observed_ink_contributor", "observed_paper_contributor", "seed", "prompt_source"], rows)
+               "seed", "prompt_source"], rows)
     return {"images": len(jobs), "mixed_palette_images": sum(j["ink_contributor"] != j["paper_contributor"] for j in jobs),
             "sidecar_prompts": len(sidecar), **SAMPLING}
 
@@ -863,7 +861,8 @@ def write_world_md(out: Path) -> None:
         lines.append(f"| {cid} | {name} | {licence} | {pal[cid]['ink_word']} on {pal[cid]['paper_word']} | {n} |")
     lines += [
         "",
-        "Captions read `a(n) <ink> handwritten <digit word> on <paper> paper`; the caption is the only digit",
+        "Captions read `a <ink> handwritten <digit word> on <paper> paper` (\"a orange\" too: the shipped models were",
+        "trained on that exact template); the caption is the only digit",
         "label on disk (`heldout/heldout.csv` also has a `digit` column).",
         "",
         "## Layout",
@@ -875,8 +874,7 @@ def write_world_md(out: Path) -> None:
         "`model/auditor_training.json` holds the training facts the teacher needs",
         "- `encoder/`: `encoder.json` + `backbone.safetensors`, an `auditor.encoder/1` bundle (open_clip)",
         "- `outputs/`: generated PNGs, prompts in an AUTOMATIC1111 `parameters` chunk or a sidecar `.txt`; "
-        "`outputs/manifest.csv` (prompted digit and contributors, seed, and the palette measured in the image: "
-        "`observed_ink_contributor`, `observed_paper_contributor`) is ground truth for evaluation only",
+        "`outputs/manifest.csv` (prompted digit, contributors, seed) is ground truth for evaluation only",
         "- `contact_sheet.png`, `build_stats.json`, this file",
         "",
         "## Models",
@@ -931,8 +929,8 @@ def write_world_md(out: Path) -> None:
             f"Mixed-palette prompts (n={gates['n_generated_mixed']}): digit {gates['digit_accuracy_mixed_palette']:.3f}, "
             f"both colours {gates['palette_match_mixed_palette']:.3f}; drawn entirely in the palette of the "
             f"contributor whose ink was named {gates['mixed_palette_drawn_in_ink_contributors_palette']:.3f} "
-            "(every training caption pairs an ink with one paper, so the model never learned to recombine them; "
-            "`outputs/manifest.csv` records the observed palette of every output). "
+            "(every training caption pairs an ink with one paper, so the model never learned to recombine them: "
+            "for attribution, such an output owes its palette to the ink-word contributor alone). "
             f"Zero-shot digit accuracy on all generated outputs: {gates['zero_shot_digit_generated']:.3f}.",
             "",
             "![contact sheet](contact_sheet.png)",
