@@ -76,6 +76,12 @@ def _ws():
     return workspace_api.find(state.workspace)
 
 
+def _engine(name: str) -> str:
+    if name not in ("local", "ray"):
+        raise typer.BadParameter(f"{name!r} is not an engine; use local or ray", param_hint="--engine")
+    return name
+
+
 @app.command()
 def init(
     directory: Path = typer.Argument(Path("."), help="Where to create .audit/."),
@@ -96,13 +102,16 @@ def index(
     ),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (default from audit.toml)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per encoder batch."),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (embed on a Ray cluster: RAY_ADDRESS, else a local Ray instance)."),
 ):
     """Embed the training set into the vector table and register images and contributors."""
     from .training import index_training
 
     ws = _ws()
     with _progress() as bar:
-        result = index_training(ws, training_dir, contributors, device=device, batch_size=batch_size, progress=RichProgress(bar))
+        result = index_training(
+            ws, training_dir, contributors, device=device, batch_size=batch_size, progress=RichProgress(bar), engine=_engine(engine)
+        )
     out.print(
         f"indexed: {result.added} new, {result.re_embedded} re-embedded, {result.unchanged} unchanged, "
         f"{result.errors} errors; table has {result.rows} vectors "
@@ -118,13 +127,16 @@ def scan(
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Training images attributed per generation (default 50)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (default from audit.toml)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per encoder batch."),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (embed on a Ray cluster: RAY_ADDRESS, else a local Ray instance)."),
 ):
     """Attribute every generated image under OUTPUTS_DIR; resumable and idempotent."""
     from .scan import scan as scan_api
 
     ws = _ws()
     with _progress() as bar:
-        result = scan_api(ws, outputs_dir, top_k=top_k, device=device, batch_size=batch_size, progress=RichProgress(bar))
+        result = scan_api(
+            ws, outputs_dir, top_k=top_k, device=device, batch_size=batch_size, progress=RichProgress(bar), engine=_engine(engine)
+        )
     table = Table(title=f"scan {result.scan_id}", show_header=False)
     for label, value in (
         ("images seen", result.seen),
@@ -140,6 +152,7 @@ def scan(
 
 @app.command()
 def confirm(
+    method: Optional[str] = typer.Option(None, "--method", help="The teacher: abu (attribution by unlearning) or dtrak (projected gradients; [dtrak] in audit.toml). Default: [confirm] method."),
     top: Optional[int] = typer.Option(None, "--top", help="Confirm the N generations most in need (highest top-1 share, not yet confirmed with this model and settings)."),
     where: Optional[str] = typer.Option(None, "--where", help="SQL condition over `generations g` selecting what to confirm."),
     generation: Optional[int] = typer.Option(None, "--generation", help="Confirm this generation id."),
@@ -150,15 +163,15 @@ def confirm(
     steps: Optional[int] = typer.Option(None, help="Unlearning steps."),
     step_size: Optional[float] = typer.Option(None, help="Unlearning step size (eta)."),
     draws: Optional[int] = typer.Option(None, help="(timestep, noise) draws averaged in the unlearning gradient."),
-    timesteps: Optional[int] = typer.Option(None, help="Evenly spaced timesteps of the scoring loss."),
+    timesteps: Optional[int] = typer.Option(None, help="Evenly spaced timesteps of the scoring loss (AbU) or output function (D-TRAK)."),
 ):
-    """Run the unlearning teacher (AbU) on flagged generations and store its verdict beside the fast one."""
+    """Run a teacher (AbU unlearning or D-TRAK gradients) on flagged generations and store its verdict beside the fast one."""
     from .confirm import confirm as confirm_api
 
     ws = _ws()
     with _progress() as bar:
         result = confirm_api(
-            ws, top=top, where=where, generation=generation, model=model, device=device, progress=RichProgress(bar),
+            ws, method=method, top=top, where=where, generation=generation, model=model, device=device, progress=RichProgress(bar),
             announce=lambda message: console.print(message, highlight=False, soft_wrap=True),
             candidates=candidates, controls=controls, steps=steps, step_size=step_size, draws=draws, timesteps=timesteps,
         )
@@ -236,19 +249,41 @@ def use_encoder(
 def eval_command(
     encoder: Optional[list[Path]] = typer.Option(None, "--encoder", help="Encoder bundle(s) to evaluate (default: the workspace's)."),
     k: Optional[list[int]] = typer.Option(None, "--k", help="k of mAP@k (repeatable; default 5 10 20 50)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Write eval.json and eval.md here."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Write eval.json and eval.md (planted.json and planted.md with --planted) here."),
+    planted: bool = typer.Option(False, "--planted", help="Planted ground truth instead (AbC): customise the model on new-style exemplars, score every method (fast, untuned, AbU, D-TRAK) by Recall@5/10/100 and mAP of the exemplars."),
+    exemplars: Optional[Path] = typer.Option(None, "--exemplars", help="With --planted: folder of images that become the exemplars (e.g. examples/digits_world/heldout)."),
+    style: Optional[str] = typer.Option(None, "--style", help="With --planted: palette (recolour --exemplars images into new palettes), stroke (mirrored, upside down, bold, thin strokes in their own colours) or as-is (one subfolder per customisation, unchanged). Default from audit.toml [planted]."),
+    customisations: Optional[int] = typer.Option(None, help="With --planted: number of customised models (default from audit.toml [planted])."),
+    generations: Optional[int] = typer.Option(None, help="With --planted: images generated per customised model."),
+    tune: Optional[str] = typer.Option(None, "--tune", help="With --planted: weights fine-tuned per customisation, kv (cross-attention keys/values) or all (the whole UNet)."),
+    steps: Optional[int] = typer.Option(None, help="With --planted: fine-tuning steps per customisation."),
+    model: Optional[Path] = typer.Option(None, "--model", help="With --planted: diffusers pipeline folder (default: [paths] model)."),
+    device: Optional[str] = typer.Option(None, help="With --planted: auto, cpu or cuda."),
 ):
-    """mAP@k against the teacher on held-out queries: distilled vs untuned image, text and image ⊕ text."""
-    from .evaluate import evaluate, to_json, to_markdown
-
+    """mAP@k against the teacher on held-out queries: distilled vs untuned image, text and image ⊕ text; or, with --planted, every method against planted ground truth."""
     ws = _ws()
-    results, n = evaluate(ws, encoders=encoder, ks=tuple(k) if k else (5, 10, 20, 50))
-    markdown = to_markdown(results, n)
+    if planted:
+        from . import planted as planted_api
+
+        if exemplars is None:
+            raise AuditError("--planted needs --exemplars DIR: a folder of images to turn into exemplars (e.g. examples/digits_world/heldout)")
+        with _progress() as bar:
+            report = planted_api.planted(
+                ws, exemplars=exemplars, model=model, device=device, progress=RichProgress(bar),
+                announce=lambda message: console.print(message, highlight=False, soft_wrap=True),
+                style=style, tune=tune, customisations=customisations, generations=generations, steps=steps,
+            )
+        markdown, data, stem = planted_api.to_markdown(report), planted_api.to_json(report), "planted"
+    else:
+        from .evaluate import evaluate, to_json, to_markdown
+
+        results, n = evaluate(ws, encoders=encoder, ks=tuple(k) if k else (5, 10, 20, 50))
+        markdown, data, stem = to_markdown(results, n), to_json(results, n), "eval"
     out.print(markdown, markup=False, highlight=False)
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "eval.md").write_text(markdown)
-        (out_dir / "eval.json").write_text(to_json(results, n))
+        (out_dir / f"{stem}.md").write_text(markdown)
+        (out_dir / f"{stem}.json").write_text(data)
 
 
 @app.command("sql")

@@ -7,6 +7,11 @@ attributions where most money rides on a single training image. `--where SQL`
 filters with a condition over `generations g`; `--generation ID` names one.
 Each generation's scores and agreement commit together, so a killed run resumes
 where it stopped.
+
+Teachers (`--method`): `abu`, attribution by unlearning (teacher.py, the default), and
+`dtrak`, projected gradients (dtrak.py). Both score the same candidates — the fast
+top-K plus seeded random controls, from the [confirm] settings — into the same
+tables, so their verdicts and the fast path's compare in one query.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -24,11 +29,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import diffusion, embed, ingest, metrics
+from .dtrak import DtrakTeacher
 from .errors import AuditError
 from .progress import Progress, Silent
 from .scan import METHOD as FAST
-from .search import IndexSettings, VectorTable
-from .settings import AbuSettings
+from .search import IndexSettings, Searcher, VectorTable
+from .settings import AbuSettings, DtrakSettings
 from .store import Store, utcnow
 from .teacher import Unlearner, estimate_fisher
 from .workspace import Workspace
@@ -74,57 +80,48 @@ class _Cache:
         os.replace(tmp, self.path)
 
 
-def _read_image(path: str, limits: ingest.Limits):
-    image, _ = ingest.decode(ingest.read_bytes(path, limits), limits)
-    return image
+class Teacher(Protocol):
+    """What `confirm` needs from a teacher; AbU (TeacherSession) and D-TRAK (dtrak.DtrakTeacher) provide it."""
+
+    method: str
+
+    def describe(self) -> str: ...  # its cost knobs, for the announcement
+
+    def record(self) -> dict: ...  # its settings, stored in confirm_runs.settings
+
+    def score(self, image, prompt: str | None, candidate_ids: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """(raw, influence) per candidate; `seed` (the generation id) fixes the query's own randomness."""
+
+    def noise_floor(self, image, prompt: str | None, candidate_ids: np.ndarray, seed: int, raw: np.ndarray) -> float:
+        """The spread of `raw` that independent noise alone produces, in its units."""
+
+    def estimate(self, n_generations: int, n_candidates: int) -> float: ...
+
+
+def training_set(ws: Workspace, store: Store, model_path: Path, device: torch.device, flip: str) -> diffusion.TrainingSet:
+    """The workspace's diffusion model and its registered training images."""
+    limits = ingest.Limits(int(ws.config["scan"]["max_pixels"]), int(ws.config["scan"]["max_file_bytes"]))
+    model = diffusion.load(model_path, device, ws.dir / "cache", flip)
+    return diffusion.TrainingSet(model, store.rows("SELECT id, path, caption FROM training_images ORDER BY id"), limits)
 
 
 class TeacherSession:
-    """Everything one confirm run loads once: models, Fisher, caches, training metadata."""
+    """The AbU teacher on one model and training set: Fisher, unlearner and caches, loaded once per run."""
 
-    def __init__(self, ws: Workspace, store: Store, model_path: Path, device: torch.device, settings: AbuSettings, flip: str):
-        self.ws = ws
-        self.store = store
+    method = "abu"
+
+    def __init__(self, training: diffusion.TrainingSet, settings: AbuSettings, cache_dir: Path):
+        self.training = training
+        self.model = training.model
         self.settings = settings
-        self.limits = ingest.Limits(int(ws.config["scan"]["max_pixels"]), int(ws.config["scan"]["max_file_bytes"]))
-        self.cache_dir = ws.dir / "cache"
-        self.model = diffusion.load(model_path, device, self.cache_dir, flip)
-        self.encoder = embed.load(ws.encoder_dir(), device)
-        self.table = VectorTable(ws.lancedb_uri, self.encoder.id, self.encoder.dim, IndexSettings.from_config(ws.config["index"]))
-        self.searcher = self.table.searcher()
-        rows = store.rows("SELECT id, path, caption FROM training_images ORDER BY id")
-        if not rows:
-            raise AuditError("the workspace has no training images; run `audit index TRAINING_DIR` first")
-        self.train_ids = np.array([r[0] for r in rows], np.int64)
-        self.train_meta = {r[0]: (r[1], r[2]) for r in rows}
-        self._latents: dict[int, torch.Tensor] = {}
-        self._captions: dict[str, torch.Tensor] = {}
-        self.unlearner = Unlearner(self.model, settings, self._fisher(), len(self.train_ids))
+        self.cache_dir = cache_dir
+        self.unlearner = Unlearner(self.model, settings, self._fisher(), len(training.ids))
         key = settings.scoring_key(self.model.hash)
-        self.before = _Cache(self.cache_dir / f"abu-before-{key}.npz", ("loss", "loss_flip"))
+        self.before = _Cache(cache_dir / f"abu-before-{key}.npz", ("loss", "loss_flip"))
         ref_key = settings.reference_key(self.model.hash)
-        self.reference = _Cache(self.cache_dir / f"abu-reference-{ref_key}.npz", ("delta", "delta_flip"))
-        self._reference_delta_path = self.cache_dir / f"abu-reference-{ref_key}.safetensors"
+        self.reference = _Cache(cache_dir / f"abu-reference-{ref_key}.npz", ("delta", "delta_flip"))
+        self._reference_delta_path = cache_dir / f"abu-reference-{ref_key}.safetensors"
         self._reference_delta = None
-
-    # ------------------------------------------------------------------ training-side inputs
-    def training_inputs(self, ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(latents, flipped latents, caption embeddings) of training images, encoded once per run."""
-        todo = [int(i) for i in ids if int(i) not in self._latents]
-        if todo:
-            pixels = torch.stack([self.model.pixels(_read_image(self.train_meta[i][0], self.limits)) for i in todo])
-            both = self.model.latents(torch.cat([pixels, pixels.flip(-1)])).cpu()
-            for j, i in enumerate(todo):
-                self._latents[i] = (both[j], both[len(todo) + j])
-        captions = [self.train_meta[int(i)][1] or "" for i in ids]
-        new = sorted({c for c in captions if c not in self._captions})
-        if new:
-            self._captions.update(zip(new, self.model.text_embeddings(new).cpu()))
-        return (
-            torch.stack([self._latents[int(i)][0] for i in ids]),
-            torch.stack([self._latents[int(i)][1] for i in ids]),
-            torch.stack([self._captions[c] for c in captions]),
-        )
 
     def _fisher(self) -> dict[str, torch.Tensor]:
         s = self.settings
@@ -132,8 +129,8 @@ class TeacherSession:
         if path.is_file():
             return load_file(str(path), device=str(self.model.device))
         rng = np.random.default_rng(s.seed)
-        sample = rng.choice(self.train_ids, size=min(s.fisher_samples, len(self.train_ids)), replace=False)
-        latents, flipped, captions = self.training_inputs(sample)
+        sample = rng.choice(self.training.ids, size=min(s.fisher_samples, len(self.training.ids)), replace=False)
+        latents, flipped, captions = self.training.inputs(sample)
         if self.model.flip_augmentation:
             # Training saw flips half the time; so does the Fisher.
             use_flip = torch.from_numpy(rng.random(len(sample)) < 0.5)
@@ -143,10 +140,42 @@ class TeacherSession:
         save_file({k: v.contiguous().cpu() for k, v in fisher.items()}, str(path))
         return fisher
 
+    # ------------------------------------------------------------------ the teacher protocol
+    def describe(self) -> str:
+        return f"AbU, {self.settings.timesteps} timesteps{' × 2 (flip)' if self.model.flip_augmentation else ''}"
+
+    def record(self) -> dict:
+        return {**asdict(self.settings), "flip": self.model.flip_augmentation}
+
+    def score(self, image, prompt, candidate_ids, seed):
+        return influence(self, candidate_ids, unlearn(self, image, prompt, seed))
+
+    def noise_floor(self, image, prompt, candidate_ids, seed, raw) -> float:
+        """The same unlearning (deterministic in its seed) scored again with independent noise:
+        floor = std(Δ_a − Δ_b)/√2 over the candidates."""
+        other = self.settings.seed + 10_007
+        raw_b, _ = influence(self, candidate_ids, unlearn(self, image, prompt, seed), seed=other,
+                             before=self.losses(candidate_ids, other))
+        return float(np.std(raw - raw_b) / np.sqrt(2))
+
+    def estimate(self, n_generations: int, n_candidates: int) -> float:
+        """Seconds for the run, from timing one scoring batch on this device."""
+        s = self.settings
+        probe = self.training.ids[: min(8, len(self.training.ids))]
+        latents, _, captions = self.training.inputs(probe)
+        t0 = time.perf_counter()
+        self.unlearner.losses(probe, latents, captions)
+        per_row = (time.perf_counter() - t0) / (len(probe) * s.timesteps)
+        scoring_rows = n_candidates * s.timesteps * (2 if self.model.flip_augmentation else 1)
+        # A backward pass costs about two forwards; the first generation also fills the 'before' and reference caches
+        # and measures the noise floor (a second scoring).
+        first_time = 3 * scoring_rows if not self.before.data else scoring_rows
+        return per_row * ((scoring_rows + 3 * s.draws * s.steps) * n_generations + first_time)
+
     # ------------------------------------------------------------------ scoring
     def losses(self, ids, seed: int | None = None) -> np.ndarray:
         """(n, 2) losses of the images and their flips under the current weights."""
-        latents, flipped, captions = self.training_inputs(ids)
+        latents, flipped, captions = self.training.inputs(ids)
         plain = self.unlearner.losses(ids, latents, captions, seed)
         if not self.model.flip_augmentation:
             return np.stack([plain, plain], axis=1)
@@ -167,8 +196,8 @@ class TeacherSession:
             else:
                 s = self.settings
                 rng = np.random.default_rng(s.seed + 1)
-                sample = rng.choice(self.train_ids, size=min(s.reference_samples, len(self.train_ids)), replace=False)
-                latents, _, captions = self.training_inputs(sample)
+                sample = rng.choice(self.training.ids, size=min(s.reference_samples, len(self.training.ids)), replace=False)
+                latents, _, captions = self.training.inputs(sample)
                 grad = self.unlearner.gradient(latents, captions, s.draws * max(1, len(sample) // 8), s.seed + 2)
                 self._reference_delta = self.unlearner.natural_step(grad)
                 save_file({k: v.contiguous().cpu() for k, v in self._reference_delta.items()}, str(self._reference_delta_path))
@@ -207,9 +236,13 @@ def _select(store: Store, encoder_id: str, settings_hash: str, top: int | None, 
         raise AuditError(f"--where is not a valid condition over generations g: {str(exc).splitlines()[0]}") from None
 
 
+METHODS = ("abu", "dtrak")
+
+
 def confirm(
     ws: Workspace,
     *,
+    method: str | None = None,
     top: int | None = None,
     where: str | None = None,
     generation: int | None = None,
@@ -219,12 +252,15 @@ def confirm(
     announce: Callable[[str], None] = lambda message: None,
     **overrides,
 ) -> ConfirmResult:
-    """Confirm the fast attributions of the selected generations with the AbU teacher; returns what it did."""
+    """Confirm the fast attributions of the selected generations with a teacher (AbU or D-TRAK); returns what it did."""
     progress = progress or Silent()
     section = ws.config["confirm"]
-    if section.get("method", "abu") != "abu":
-        raise AuditError(f"confirm.method {section.get('method')!r} is not available; use abu")
-    settings = AbuSettings.from_config(section, **overrides)
+    method = method or section.get("method", "abu")
+    if method not in METHODS:
+        raise AuditError(f"confirm method {method!r} is not available; use {' or '.join(METHODS)}")
+    # Candidates, controls and agreement come from [confirm] whatever the teacher, so AbU and D-TRAK
+    # verdicts on a generation are about the same candidates.
+    selection = AbuSettings.from_config(section, **overrides)
     model_path = Path(model) if model else ws.path_setting("paths", "model")
     if model_path is None:
         raise AuditError(f"no diffusion model configured; set [paths] model in {ws.config_path} or pass --model PATH")
@@ -232,27 +268,39 @@ def confirm(
     started = time.perf_counter()
 
     with ws.writing(), Store(ws.db_path) as store:
-        ctx = TeacherSession(ws, store, model_path, torch_device, settings, str(section.get("flip", "auto")))
-        settings_hash = settings.hash(ctx.model.hash, "abu", ctx.encoder.id, str(ctx.model.flip_augmentation))
-        selected = _select(store, ctx.encoder.id, settings_hash, top, where, generation)
+        training = training_set(ws, store, model_path, torch_device, str(section.get("flip", "auto")))
+        encoder = embed.load(ws.encoder_dir(), torch_device)
+        table = VectorTable(ws.lancedb_uri, encoder.id, encoder.dim, IndexSettings.from_config(ws.config["index"]))
+        fast = _FastPath(encoder, table, table.searcher(), training.ids)
+        flip = str(training.model.flip_augmentation)
+        if method == "abu":
+            settings_hash = selection.hash(training.model.hash, "abu", encoder.id, flip)
+        else:
+            dtrak_settings = DtrakSettings.from_config(ws.config["dtrak"], **overrides)
+            settings_hash = dtrak_settings.hash(training.model.hash, "dtrak", encoder.id, flip, json.dumps(selection.selection(), sort_keys=True))
+        selected = _select(store, encoder.id, settings_hash, top, where, generation)
         result = ConfirmResult(None)
         if not selected:
             announce("nothing to confirm: every selected generation is already confirmed with this model and these settings")
             return result
-        result.estimate_seconds = _estimate(ctx, len(selected))
+        teacher: Teacher = (
+            TeacherSession(training, selection, ws.dir / "cache") if method == "abu"
+            else DtrakTeacher.for_workspace(ws, training, dtrak_settings, progress, announce)
+        )
+        n_candidates = selection.candidates + selection.controls
+        result.estimate_seconds = teacher.estimate(len(selected), n_candidates)
         announce(
-            f"confirming {len(selected)} generation(s) with AbU on {torch_device}: "
-            f"{settings.candidates} candidates + {settings.controls} controls × {settings.timesteps} timesteps"
-            f"{' × 2 (flip)' if ctx.model.flip_augmentation else ''}; estimated {result.estimate_seconds:.0f} s"
+            f"confirming {len(selected)} generation(s) with {teacher.describe()} on {torch_device}: "
+            f"{selection.candidates} candidates + {selection.controls} controls; estimated {result.estimate_seconds:.0f} s"
         )
         with store.transaction():
             store.con.execute("UPDATE confirm_runs SET status = 'interrupted' WHERE status = 'running'")
             run_id = store.next_id("confirm_runs")
             store.con.execute(
                 "INSERT INTO confirm_runs (id, method, model_hash, model_path, encoder_id, settings, settings_hash, started_at, status)"
-                " VALUES (?, 'abu', ?, ?, ?, ?, ?, ?, 'running')",
-                [run_id, ctx.model.hash, str(ctx.model.folder), ctx.encoder.id,
-                 json.dumps({**asdict(settings), "flip": ctx.model.flip_augmentation}), settings_hash, utcnow()],
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running')",
+                [run_id, method, training.model.hash, str(training.model.folder), encoder.id,
+                 json.dumps({**selection.selection(), **teacher.record()}), settings_hash, utcnow()],
             )
         result.run_id = run_id
         progress.start("confirming", len(selected))
@@ -260,23 +308,25 @@ def confirm(
         for gen_id, path, prompt in selected:
             t0 = time.perf_counter()
             try:
-                image = _read_image(path, ctx.limits)
+                image = diffusion.read_image(path, training.limits)
             except ingest.IngestError as exc:
                 result.failed.append((gen_id, f"{path}: {exc.reason}"))
                 progress.advance()
                 continue
-            scored = _score(ctx, gen_id, image, prompt)
+            ids, fast_scores, fast_ranks, is_control = _candidates(fast, selection, gen_id, image, prompt)
+            raw, scores = teacher.score(image, prompt, ids, gen_id)
+            scored = _Scored(ids, fast_scores, fast_ranks, is_control, raw, scores)
             if result.noise_floor is None:
-                result.noise_floor = _noise_floor(ctx, scored)
-            verdict, scores = _agreement(ctx, gen_id, scored, result.noise_floor)
+                result.noise_floor = teacher.noise_floor(image, prompt, ids, gen_id, raw)
+            verdict, rows = _agreement(selection, gen_id, scored, result.noise_floor)
             snr.append(verdict.pop("snr"))
             seconds = time.perf_counter() - t0
             with store.transaction():
-                store.insert_arrow("teacher_scores", pa.table({"run_id": pa.array([run_id] * len(scores["training_id"]), pa.int64()), **scores}))
+                store.insert_arrow("teacher_scores", pa.table({"run_id": pa.array([run_id] * len(ids), pa.int64()), **rows}))
                 store.con.execute(
                     "INSERT INTO confirmations (generation_id, run_id, method, encoder_id, k, map_at_k, top1_agree, spearman,"
-                    " control_margin, confirmed, seconds, confirmed_at) VALUES (?, ?, 'abu', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [gen_id, run_id, ctx.encoder.id, settings.k, verdict["map_at_k"], verdict["top1_agree"], verdict["spearman"],
+                    " control_margin, confirmed, seconds, confirmed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [gen_id, run_id, method, encoder.id, selection.k, verdict["map_at_k"], verdict["top1_agree"], verdict["spearman"],
                      verdict["control_margin"], verdict["confirmed"], seconds, utcnow()],
                 )
                 store.con.execute("UPDATE confirm_runs SET n_generations = n_generations + 1 WHERE id = ?", [run_id])
@@ -300,22 +350,6 @@ def unlearn(ctx: TeacherSession, image, prompt, seed: int) -> dict:
     return ctx.unlearner.unlearn(latent, ctx.model.text_embeddings([prompt])[0], ctx.settings.seed + seed)
 
 
-def _candidates(ctx: TeacherSession, gen_id: int, image, prompt) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, fast scores, fast ranks, is_control): the fast top-K plus a seeded random control sample of the rest."""
-    s = ctx.settings
-    feature = ctx.encoder.features(ctx.encoder.preprocess(image)[None], [prompt])
-    top_ids, top_scores = ctx.searcher.search(feature, min(s.candidates, len(ctx.train_ids)))
-    top_ids, top_scores = top_ids[0][top_ids[0] >= 0], top_scores[0][top_ids[0] >= 0]
-    rest = np.setdiff1d(ctx.train_ids, top_ids)
-    rng = np.random.default_rng(s.seed * 7919 + gen_id)
-    controls = rng.choice(rest, size=min(s.controls, len(rest)), replace=False) if len(rest) else np.zeros(0, np.int64)
-    control_scores = ctx.table.vectors(controls) @ feature[0] if len(controls) else np.zeros(0)
-    ids = np.concatenate([top_ids, controls]).astype(np.int64)
-    fast = np.concatenate([top_scores, control_scores]).astype(np.float64)
-    ranks = np.concatenate([np.arange(1, len(top_ids) + 1), np.zeros(len(controls), int)])
-    return ids, fast, ranks, np.concatenate([np.zeros(len(top_ids), bool), np.ones(len(controls), bool)])
-
-
 def influence(ctx: TeacherSession, ids, delta, seed: int | None = None, before: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(raw, corrected) influence per candidate: max over image and flip of the loss change under delta."""
     before = ctx.before_losses(ids) if before is None else before
@@ -331,6 +365,29 @@ def influence(ctx: TeacherSession, ids, delta, seed: int | None = None, before: 
 
 
 @dataclass
+class _FastPath:
+    encoder: embed.Encoder
+    table: VectorTable
+    searcher: Searcher
+    train_ids: np.ndarray
+
+
+def _candidates(fast: _FastPath, s: AbuSettings, gen_id: int, image, prompt) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, fast scores, fast ranks, is_control): the fast top-K plus a seeded random control sample of the rest."""
+    feature = fast.encoder.features(fast.encoder.preprocess(image)[None], [prompt])
+    top_ids, top_scores = fast.searcher.search(feature, min(s.candidates, len(fast.train_ids)))
+    top_ids, top_scores = top_ids[0][top_ids[0] >= 0], top_scores[0][top_ids[0] >= 0]
+    rest = np.setdiff1d(fast.train_ids, top_ids)
+    rng = np.random.default_rng(s.seed * 7919 + gen_id)
+    controls = rng.choice(rest, size=min(s.controls, len(rest)), replace=False) if len(rest) else np.zeros(0, np.int64)
+    control_scores = fast.table.vectors(controls) @ feature[0] if len(controls) else np.zeros(0)
+    ids = np.concatenate([top_ids, controls]).astype(np.int64)
+    scores = np.concatenate([top_scores, control_scores]).astype(np.float64)
+    ranks = np.concatenate([np.arange(1, len(top_ids) + 1), np.zeros(len(controls), int)])
+    return ids, scores, ranks, np.concatenate([np.zeros(len(top_ids), bool), np.ones(len(controls), bool)])
+
+
+@dataclass
 class _Scored:
     ids: np.ndarray
     fast: np.ndarray
@@ -338,27 +395,9 @@ class _Scored:
     is_control: np.ndarray
     raw: np.ndarray
     influence: np.ndarray
-    delta: dict
 
 
-def _score(ctx: TeacherSession, gen_id: int, image, prompt) -> _Scored:
-    """Unlearn the generation and score its candidates."""
-    ids, fast, ranks, is_control = _candidates(ctx, gen_id, image, prompt)
-    delta = unlearn(ctx, image, prompt, gen_id)
-    raw, scores = influence(ctx, ids, delta)
-    return _Scored(ids, fast, ranks, is_control, raw, scores, delta)
-
-
-def _noise_floor(ctx: TeacherSession, scored: _Scored) -> float:
-    """Monte-Carlo noise of the influence: the same unlearning scored again with independent noise.
-    floor = std(Δ_a − Δ_b)/√2 over the candidates."""
-    other = ctx.settings.seed + 10_007
-    raw_b, _ = influence(ctx, scored.ids, scored.delta, seed=other, before=ctx.losses(scored.ids, other))
-    return float(np.std(scored.raw - raw_b) / np.sqrt(2))
-
-
-def _agreement(ctx: TeacherSession, gen_id: int, scored: _Scored, noise_floor: float) -> tuple[dict, dict]:
-    s = ctx.settings
+def _agreement(s: AbuSettings, gen_id: int, scored: _Scored, noise_floor: float) -> tuple[dict, dict]:
     ids, fast, influence, is_control = scored.ids, scored.fast, scored.influence, scored.is_control
     order = np.argsort(-influence, kind="stable")
     teacher_rank = np.empty(len(ids), np.int32)
@@ -385,19 +424,3 @@ def _agreement(ctx: TeacherSession, gen_id: int, scored: _Scored, noise_floor: f
         "is_control": pa.array(is_control),
     }
     return verdict, scores
-
-
-def _estimate(ctx: TeacherSession, n_generations: int) -> float:
-    """Seconds for the run, from timing one scoring batch on this device (printed before the work starts)."""
-    s = ctx.settings
-    probe = ctx.train_ids[: min(8, len(ctx.train_ids))]
-    ctx.training_inputs(probe)
-    t0 = time.perf_counter()
-    ctx.unlearner.losses(probe, *ctx.training_inputs(probe)[::2])
-    per_row = (time.perf_counter() - t0) / (len(probe) * s.timesteps)
-    flips = 2 if ctx.model.flip_augmentation else 1
-    scoring_rows = (s.candidates + s.controls) * s.timesteps * flips
-    # A backward pass costs about two forwards; the first generation also fills the 'before' and reference caches
-    # and measures the noise floor (a second scoring).
-    first_time = 3 * scoring_rows if not ctx.before.data else scoring_rows
-    return per_row * ((scoring_rows + 3 * s.draws * s.steps) * n_generations + first_time)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import ingest
 from .errors import AuditError
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -52,6 +53,26 @@ def kv_parameters(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {
         name: p for name, p in unet.named_parameters() if "attn2" in name and (".to_k." in name or ".to_v." in name)
     }
+
+
+def evenly_spaced_timesteps(n: int, num_train_timesteps: int) -> torch.Tensor:
+    """n timesteps at the centres of n equal bins of the schedule: the teachers' fixed scoring timesteps."""
+    return ((torch.arange(n) + 0.5) * num_train_timesteps / n).long().clamp(max=num_train_timesteps - 1)
+
+
+def fixed_noise(ids, n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """(len(ids), n, *shape) standard normal noise, seeded by (seed, id): the same sample sees the same noise in every
+    run, query and process, whatever else is in its batch."""
+    return torch.stack([torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i))) for i in ids])
+
+
+def parameter_set(unet: torch.nn.Module, which: str, setting: str) -> dict[str, torch.nn.Parameter]:
+    """'kv': the cross-attention keys/values; 'all': every UNet weight."""
+    if which == "kv":
+        return kv_parameters(unet)
+    if which == "all":
+        return dict(unet.named_parameters())
+    raise AuditError(f"{setting} {which!r} is not known; use kv (cross-attention keys/values) or all")
 
 
 @dataclass
@@ -121,6 +142,68 @@ class DiffusionModel:
         else:
             raise AuditError(f"scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction, sample)")
         return ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.ndim)))
+
+
+def pipeline(model: DiffusionModel):
+    """A StableDiffusionPipeline over the model's own modules, so weights changed in memory are the ones that generate,
+    with the folder's inference scheduler."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model.folder, unet=model.unet, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompt: str, seed: int, steps: int, guidance: float) -> Image.Image:
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator).images[0]
+
+
+def read_image(path: str, limits: ingest.Limits) -> Image.Image:
+    image, _ = ingest.decode(ingest.read_bytes(path, limits), limits)
+    return image
+
+
+class TrainingSet:
+    """The training images a teacher scores (id → path, caption), encoded into the model's space on demand."""
+
+    def __init__(self, model: DiffusionModel, rows: list[tuple[int, str, str | None]], limits: ingest.Limits):
+        if not rows:
+            raise AuditError("the workspace has no training images; run `audit index TRAINING_DIR` first")
+        self.model = model
+        self.limits = limits
+        self.ids = np.array([r[0] for r in rows], np.int64)
+        self.meta = {int(r[0]): (r[1], r[2]) for r in rows}
+        self._latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._captions: dict[str, torch.Tensor] = {}
+
+    def encode(self, ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latents, flipped latents, caption embeddings), not kept: for passes over the whole training set."""
+        pixels = torch.stack([self.model.pixels(read_image(self.meta[int(i)][0], self.limits)) for i in ids])
+        both = self.model.latents(torch.cat([pixels, pixels.flip(-1)])).cpu()
+        return both[: len(ids)], both[len(ids) :], self.captions(ids)
+
+    def captions(self, ids) -> torch.Tensor:
+        captions = [self.meta[int(i)][1] or "" for i in ids]
+        new = sorted({c for c in captions if c not in self._captions})
+        if new:
+            self._captions.update(zip(new, self.model.text_embeddings(new).cpu()))
+        return torch.stack([self._captions[c] for c in captions])
+
+    def inputs(self, ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As encode, kept for the session: candidates recur across queries."""
+        todo = [int(i) for i in ids if int(i) not in self._latents]
+        if todo:
+            latents, flipped, _ = self.encode(todo)
+            self._latents.update((i, (latents[j], flipped[j])) for j, i in enumerate(todo))
+        return (
+            torch.stack([self._latents[int(i)][0] for i in ids]),
+            torch.stack([self._latents[int(i)][1] for i in ids]),
+            self.captions(ids),
+        )
 
 
 def load(folder: str | os.PathLike, device: torch.device, cache_dir: Path | None = None, flip: str = "auto") -> DiffusionModel:

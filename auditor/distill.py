@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from . import embed, ingest, metrics
-from .confirm import TeacherSession, influence, unlearn
+from . import diffusion, embed, ingest, metrics
+from .confirm import TeacherSession, training_set
 from .errors import AuditError
 from .progress import Progress, Silent
 from .settings import AbuSettings, DistillSettings
@@ -83,7 +83,7 @@ class CollectResult:
     estimate_seconds: float = 0.0
 
 
-def _plan(store: Store, ws: Workspace, session: TeacherSession, s: DistillSettings, settings_hash: str,
+def _plan(store: Store, ws: Workspace, session: TeacherSession, encoder: embed.Encoder, s: DistillSettings, settings_hash: str,
           prompts: list[str] | None, folder: Path | None) -> None:
     existing = store.value("SELECT count(*) FROM distill_queries WHERE settings_hash = ?", [settings_hash])
     if existing:
@@ -113,19 +113,11 @@ def _plan(store: Store, ws: Workspace, session: TeacherSession, s: DistillSettin
         "prompt": pa.array([r[1] for r in rows], pa.string()),
         "seed": pa.array([r[2] for r in rows], pa.int64()),
         "model_hash": [session.model.hash] * len(rows),
-        "backbone_id": [session.encoder.id] * len(rows),
+        "backbone_id": [encoder.id] * len(rows),
         "settings_hash": [settings_hash] * len(rows),
     })
     with store.transaction():
         store.insert_arrow("distill_queries", table)
-
-
-def _generator(model_path: Path, device: torch.device):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(model_path, safety_checker=None, requires_safety_checker=False, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
 
 
 def collect(
@@ -152,39 +144,38 @@ def collect(
     started = time.perf_counter()
     torch_device = embed.resolve_device(device or ws.config["encoder"]["device"])
     with ws.writing(), Store(ws.db_path) as store:
-        session = TeacherSession(ws, store, model_path, torch_device, teacher, str(ws.config["confirm"].get("flip", "auto")))
-        settings_hash = teacher.hash(session.model.hash, session.encoder.id, str(s.candidates), str(s.queries),
+        training = training_set(ws, store, model_path, torch_device, str(ws.config["confirm"].get("flip", "auto")))
+        session = TeacherSession(training, teacher, ws.dir / "cache")
+        encoder = embed.load(ws.encoder_dir(), torch_device)
+        settings_hash = teacher.hash(session.model.hash, encoder.id, str(s.candidates), str(s.queries),
                                      str(s.test_fraction), str(folder or ""), json.dumps(prompts or []), str(s.seed))
-        _plan(store, ws, session, s, settings_hash, prompts, Path(folder) if folder else None)
+        _plan(store, ws, session, encoder, s, settings_hash, prompts, Path(folder) if folder else None)
         todo = store.rows(
             "SELECT id, path, prompt, seed, source FROM distill_queries WHERE settings_hash = ? AND collected_at IS NULL ORDER BY id",
             [settings_hash],
         )
         result = CollectResult(planned=store.value("SELECT count(*) FROM distill_queries WHERE settings_hash = ?", [settings_hash]))
-        ids, img, txt = training_embeddings(ws, store, session.encoder)
+        ids, img, txt = training_embeddings(ws, store, encoder)
         backbone = joint(img, txt)
         n_cand = min(s.candidates, len(ids))
-        rows_per_query = n_cand * teacher.timesteps * (2 if session.model.flip_augmentation else 1)
-        per_row = _time_per_row(session)
-        result.estimate_seconds = per_row * (rows_per_query + 3 * teacher.draws * teacher.steps) * len(todo)
+        result.estimate_seconds = session.estimate(len(todo), n_cand)
         announce(f"{len(todo)} of {result.planned} queries to rank, {n_cand} candidates each; estimated {result.estimate_seconds:.0f} s")
         pipe = None
         progress.start("collecting", len(todo))
         for qid, path, prompt, seed, source in todo:
             t0 = time.perf_counter()
             if source == "generated" and not os.path.isfile(path):
-                pipe = pipe or _generator(session.model.folder, torch_device)
-                image = _generate(pipe, prompt, seed, s)
+                pipe = pipe or diffusion.pipeline(session.model)
+                image = diffusion.generate(pipe, prompt, seed, s.sample_steps, s.guidance)
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
                 image.save(path)
             else:
                 image = ingest.decode(ingest.read_bytes(path, ingest.Limits()), ingest.Limits())[0]
-            q_img, q_txt = embed_images(session.encoder, [image], [prompt])
+            q_img, q_txt = embed_images(encoder, [image], [prompt])
             sims = backbone @ joint(q_img, q_txt)[0]
             order = np.argsort(-sims, kind="stable")[:n_cand]
             cand = ids[order]
-            delta = unlearn(session, image, prompt, qid)
-            raw, infl = influence(session, cand, delta)
+            raw, infl = session.score(image, prompt, cand, qid)
             teacher_rank = np.empty(len(cand), np.int32)
             teacher_rank[np.argsort(-infl, kind="stable")] = np.arange(1, len(cand) + 1)
             with store.transaction():
@@ -205,19 +196,6 @@ def collect(
         result.train, result.test = counts.get("train", 0), counts.get("test", 0)
     result.seconds = time.perf_counter() - started
     return result
-
-
-def _generate(pipe, prompt: str, seed: int, s: DistillSettings):
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    return pipe(prompt, num_inference_steps=s.sample_steps, guidance_scale=s.guidance, generator=generator).images[0]
-
-
-def _time_per_row(session: TeacherSession) -> float:
-    probe = session.train_ids[: min(8, len(session.train_ids))]
-    latents, _, captions = session.training_inputs(probe)
-    t0 = time.perf_counter()
-    session.unlearner.losses(probe, latents, captions)
-    return (time.perf_counter() - t0) / (len(probe) * len(session.unlearner.score_timesteps))
 
 
 # ---------------------------------------------------------------------- head training

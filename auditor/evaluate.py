@@ -50,7 +50,7 @@ def _evaluate(name: str, sims: np.ndarray, queries, ks, recall_ks) -> MethodScor
     n = len(queries)
     return MethodScores(
         name,
-        {k: (float(np.mean(v)), float(np.std(v, ddof=1) / np.sqrt(n)) if n > 1 else 0.0) for k, v in maps.items()},
+        {k: mean_se(v) for k, v in maps.items()},
         {K: hits[K] / n for K in recall_ks},
     )
 
@@ -85,18 +85,26 @@ def evaluate(ws: Workspace, *, encoders: list[str | os.PathLike] | None = None, 
     return results, len(queries)
 
 
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def mean_se(values) -> tuple[float, float]:
+    """Mean and its standard error over queries."""
+    n = len(values)
+    return float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+
+
 def to_markdown(results: list[MethodScores], n_queries: int, n_candidates: int | None = None) -> str:
     ks = list(results[0].map_at)
     recall_ks = list(results[0].recall_at)
     head = ["method"] + [f"mAP@{k}" for k in ks] + [f"R@{K} (teacher top-1)" for K in recall_ks]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        cells = [r.name] + [f"{m:.3f} ± {se:.3f}" for m, se in r.map_at.values()] + [f"{v:.2f}" for v in r.recall_at.values()]
-        lines.append("| " + " | ".join(cells) + " |")
+    rows = [[r.name] + [f"{m:.3f} ± {se:.3f}" for m, se in r.map_at.values()] + [f"{v:.2f}" for v in r.recall_at.values()] for r in results]
     note = f"\n{n_queries} held-out queries (prompts never used in training); ± is the standard error over queries."
     if n_candidates:
         note += f" Teacher candidates per query: {n_candidates}."
-    return "\n".join(lines) + "\n" + note + "\n"
+    return markdown_table(head, rows) + "\n" + note + "\n"
 
 
 def to_json(results: list[MethodScores], n_queries: int) -> str:

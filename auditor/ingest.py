@@ -278,9 +278,9 @@ def load_item(
     return item
 
 
-def load_all(paths: Iterable[str], threads: int, load: Callable[[str], Item]) -> Iterator[Item]:
-    """Decode in a thread pool, in order, with bounded read-ahead so decoding overlaps embedding."""
-    window = max(2, threads * 4)
+def load_all(paths: Iterable[str], threads: int, load: Callable[[str], Item], ahead: int = 0) -> Iterator[Item]:
+    """Decode in a thread pool, in order, with bounded read-ahead (at least `ahead` files) so decoding overlaps embedding."""
+    window = max(2, threads * 4, ahead)
     with cf.ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="audit-load") as pool:
         pending: deque[cf.Future] = deque()
         for path in paths:

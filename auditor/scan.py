@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from threadpoolctl import threadpool_limits
 
 from . import embed, ingest
 from .errors import AuditError
@@ -52,6 +53,7 @@ def scan(
     device: str | None = None,
     batch_size: int | None = None,
     progress: Progress | None = None,
+    engine: str = "local",
 ) -> ScanResult:
     progress = progress or Silent()
     top_k = top_k or int(ws.config["scan"]["top_k"])
@@ -64,26 +66,70 @@ def scan(
         paths = ingest.discover(root)
     except FileNotFoundError:
         raise AuditError(f"outputs folder {outputs_dir} does not exist") from None
+    if engine == "ray":
+        from . import engine_ray
 
-    with ws.writing(), Store(ws.db_path) as store:
+        return engine_ray.scan(ws, root, paths, top_k=top_k, device=device, batch_size=batch_size, limits=limits, progress=progress)
+    if engine != "local":
+        raise AuditError(f"unknown engine {engine!r}; use local or ray")
+
+    # numpy's BLAS (the exact search) single-threaded: its threads spin after each call and took the CPU the
+    # model and the decoders need (docs/benchmarks.md: scan/bare 0.69 -> 0.89-0.98 in an A/B run on 2 cores).
+    with ws.writing(), Store(ws.db_path) as store, threadpool_limits(1, user_api="blas"):
         encoder = embed.load(ws.encoder_dir(), device or ws.config["encoder"]["device"])
         table = VectorTable(ws.lancedb_uri, encoder.id, encoder.dim, IndexSettings.from_config(ws.config["index"]))
         searcher = table.searcher()
-        k = min(top_k, table.count())
+        ledger = ScanLedger(store, root, encoder, table, top_k)
+        k = ledger.k
 
+        def load(path: str) -> ingest.Item:
+            return ingest.load_item(path, limits, encoder.preprocess, ledger.is_done)
+
+        progress.start("scanning", len(paths))
+        batch: list[ingest.Item] = []
+
+        def flush() -> None:
+            ids, scores = np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+            if batch:
+                features = encoder.features(np.stack([item.pixels for item in batch]), [item.text for item in batch])
+                ids, scores = searcher.search(features, k)
+            ledger.commit(batch, ids, scores)
+            batch.clear()
+
+        # Read a whole batch ahead: the next batch decodes while this one is embedded.
+        for item in ingest.load_all(paths, int(ws.config["scan"]["loader_threads"]), load, ahead=batch_size):
+            progress.advance()
+            if ledger.take(item):
+                batch.append(item)
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+        return ledger.finish()
+
+
+class ScanLedger:
+    """The audit-store side of a scan, shared by every engine: the scan row, which contents are already
+    attributed, and one transaction per committed batch (generations, attributions, errors, counters)."""
+
+    def __init__(self, store: Store, root: str, encoder: embed.Encoder, table: VectorTable, top_k: int, device: str | None = None):
+        self.store = store
+        self.encoder_id = encoder.id
+        self.temperature = encoder.temperature
+        self.k = min(top_k, table.count())
+        self.started = time.perf_counter()
         with store.transaction():
             record_encoder(store, encoder.id, encoder.name, str(encoder.directory), encoder.dim, encoder.config)
             # A scan still 'running' here was killed: its committed batches stand, the rest is redone now.
             store.con.execute("UPDATE scans SET status = 'interrupted' WHERE status = 'running'")
-            scan_id = store.next_id("scans")
+            self.scan_id = store.next_id("scans")
             store.con.execute(
                 "INSERT INTO scans (id, started_at, root, encoder_id, index_version, top_k, device, status)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, 'running')",
-                [scan_id, utcnow(), ingest.display_path(root), encoder.id, table.version, k, str(encoder.device)],
+                [self.scan_id, utcnow(), ingest.display_path(root), encoder.id, table.version, self.k, device or str(encoder.device)],
             )
-        result = ScanResult(scan_id, encoder.id)
-        known = dict(store.rows("SELECT sha256, id FROM generations"))
-        done = {
+        self.result = ScanResult(self.scan_id, encoder.id)
+        self.known = dict(store.rows("SELECT sha256, id FROM generations"))
+        self.done = {
             row[0]
             for row in store.rows(
                 "SELECT DISTINCT g.sha256 FROM attributions a JOIN generations g ON g.id = a.generation_id"
@@ -91,60 +137,57 @@ def scan(
                 [METHOD, encoder.id],
             )
         }
-        next_gen = store.next_id("generations")
+        self.next_gen = store.next_id("generations")
+        self.errors: list[ingest.Item] = []
+        self.pending: set[str] = set()
 
-        def load(path: str) -> ingest.Item:
-            return ingest.load_item(path, limits, encoder.preprocess, lambda sha: sha in done)
+    def is_done(self, sha256: str) -> bool:
+        return sha256 in self.done
 
-        started = time.perf_counter()
-        progress.start("scanning", len(paths))
-        batch: list[ingest.Item] = []
-        errors: list[ingest.Item] = []
+    def take(self, item: ingest.Item) -> bool:
+        """Count one loaded file; True when it is new content the caller should attribute in its next batch."""
+        self.result.seen += 1
+        if item.error:
+            self.errors.append(item)
+            return False
+        if item.skipped or item.sha256 in self.done or item.sha256 in self.pending:
+            self.result.skipped += 1
+            return False
+        self.pending.add(item.sha256)
+        return True
 
-        def flush() -> None:
-            nonlocal next_gen
-            gen_ids, new_rows = [], []
-            for item in batch:
-                if item.sha256 not in known:
-                    known[item.sha256] = next_gen
-                    new_rows.append(item)
-                    next_gen += 1
-                gen_ids.append(known[item.sha256])
-            ids, scores, shares = np.zeros((0, k), np.int64), np.zeros((0, k)), np.zeros((0, k))
-            if batch:
-                features = encoder.features(np.stack([item.pixels for item in batch]), [item.text for item in batch])
-                ids, scores = searcher.search(features, k)
-                shares = embed.softmax_shares(scores.astype(np.float64), encoder.temperature)
-            with store.transaction():
-                store.insert_arrow("generations", _generation_rows(new_rows, known, scan_id))
-                store.insert_arrow("attributions", _attribution_rows(gen_ids, ids, scores, shares, encoder.id, scan_id))
-                store.insert_arrow("scan_errors", _error_rows(errors, scan_id))
-                store.con.execute(
-                    "UPDATE scans SET n_seen = ?, n_attributed = n_attributed + ?, n_skipped = ?, n_errors = n_errors + ? WHERE id = ?",
-                    [result.seen, len(batch), result.skipped, len(errors), scan_id],
-                )
-            done.update(item.sha256 for item in batch)
-            result.attributed += len(batch)
-            result.errors += len(errors)
-            log.info("scan %d: committed batch of %d (%d attributed so far)", scan_id, len(batch), result.attributed)
-            batch.clear()
-            errors.clear()
+    def commit(self, batch: list[ingest.Item], ids: np.ndarray, scores: np.ndarray) -> None:
+        """Commit a batch (its top-k training ids and cosine scores, (n, k)) and the errors taken since the last commit."""
+        gen_ids, new_rows = [], []
+        for item in batch:
+            if item.sha256 not in self.known:
+                self.known[item.sha256] = self.next_gen
+                new_rows.append(item)
+                self.next_gen += 1
+            gen_ids.append(self.known[item.sha256])
+        scores = np.asarray(scores).reshape(len(batch), self.k)
+        ids = np.asarray(ids, np.int64).reshape(len(batch), self.k)
+        shares = embed.softmax_shares(scores.astype(np.float64), self.temperature) if batch else np.zeros((0, self.k))
+        errors, result, scan_id = self.errors, self.result, self.scan_id
+        with self.store.transaction():
+            self.store.insert_arrow("generations", _generation_rows(new_rows, self.known, scan_id))
+            self.store.insert_arrow("attributions", _attribution_rows(gen_ids, ids, scores, shares, self.encoder_id, scan_id))
+            self.store.insert_arrow("scan_errors", _error_rows(errors, scan_id))
+            self.store.con.execute(
+                "UPDATE scans SET n_seen = ?, n_attributed = n_attributed + ?, n_skipped = ?, n_errors = n_errors + ? WHERE id = ?",
+                [result.seen, len(batch), result.skipped, len(errors), scan_id],
+            )
+        self.done.update(item.sha256 for item in batch)
+        self.pending.clear()
+        result.attributed += len(batch)
+        result.errors += len(errors)
+        log.info("scan %d: committed batch of %d (%d attributed so far)", scan_id, len(batch), result.attributed)
+        self.errors = []
 
-        for item in ingest.load_all(paths, int(ws.config["scan"]["loader_threads"]), load):
-            result.seen += 1
-            progress.advance()
-            if item.error:
-                errors.append(item)
-            elif item.skipped or item.sha256 in done or any(item.sha256 == b.sha256 for b in batch):
-                result.skipped += 1
-            else:
-                batch.append(item)
-            if len(batch) >= batch_size:
-                flush()
-        flush()
-        result.seconds = time.perf_counter() - started
-        store.con.execute("UPDATE scans SET status = 'finished', finished_at = ? WHERE id = ?", [utcnow(), scan_id])
-    return result
+    def finish(self) -> ScanResult:
+        self.result.seconds = time.perf_counter() - self.started
+        self.store.con.execute("UPDATE scans SET status = 'finished', finished_at = ? WHERE id = ?", [utcnow(), self.scan_id])
+        return self.result
 
 
 def _generation_rows(items: list[ingest.Item], known: dict[str, int], scan_id: int) -> pa.Table:

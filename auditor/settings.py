@@ -13,6 +13,10 @@ def _pick(cls, section: dict, overrides: dict):
     return cls(**values)
 
 
+def _hash(settings, parts) -> str:
+    return hashlib.sha256((json.dumps(asdict(settings), sort_keys=True) + "|".join(parts)).encode()).hexdigest()[:16]
+
+
 @dataclass
 class IndexSettings:
     # Below this many training vectors search is exact; from it on an ANN index is built and used.
@@ -62,7 +66,36 @@ class AbuSettings:
         return hashlib.sha256(f"{model_hash}|{fields}".encode()).hexdigest()[:16]
 
     def hash(self, *parts: str) -> str:
-        return hashlib.sha256((json.dumps(asdict(self), sort_keys=True) + "|".join(parts)).encode()).hexdigest()[:16]
+        return _hash(self, parts)
+
+    def selection(self) -> dict:
+        """The settings that pick and judge the candidates, shared by every teacher so their verdicts compare."""
+        return {k: getattr(self, k) for k in ("candidates", "controls", "k", "confirm_threshold", "seed")}
+
+
+@dataclass
+class DtrakSettings:
+    """The gradient teacher's knobs (D-TRAK, methods.md §3; see auditor/dtrak.py)."""
+
+    timesteps: int = 10
+    # "kv": the cross-attention key/value projections (what AbU moves); "all": every UNet weight.
+    params: str = "kv"
+    dim: int = 4096  # k of the random projection
+    # λ = damping × trace(ΦᵀΦ)/k, i.e. a fraction of the mean eigenvalue of the projected Gram matrix.
+    damping: float = 0.1
+    batch_size: int = 16  # samples whose per-sample gradients are held at once
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, section: dict, **overrides) -> "DtrakSettings":
+        return _pick(cls, section, overrides)
+
+    def feature_key(self) -> str:
+        """What the training features Φ depend on besides the model (not λ: the kernel is rebuilt from Φ)."""
+        return hashlib.sha256(f"{self.timesteps}|{self.params}|{self.dim}|{self.seed}".encode()).hexdigest()[:12]
+
+    def hash(self, *parts: str) -> str:
+        return _hash(self, parts)
 
 
 @dataclass
@@ -92,3 +125,35 @@ class DistillSettings:
     @classmethod
     def from_config(cls, section: dict, **overrides) -> "DistillSettings":
         return _pick(cls, section, overrides)
+
+
+@dataclass
+class PlantedSettings:
+    """The planted ground-truth benchmark (AbC, methods.md §4; see auditor/planted.py)."""
+
+    customisations: int = 4
+    exemplars: int = 4  # per customisation
+    # How exemplars get a style the model has not seen: "palette" (recoloured), "stroke" (mirrored, upside down, bold,
+    # thin, in their own colours), "as-is" (one subfolder of --exemplars per customisation, used unchanged).
+    style: str = "palette"
+    # Caption of the exemplars and prompt of the generations; {word} is the customisation's new word.
+    prompt: str = "a handwritten digit in {word} style"
+    generations: int = 4  # images generated with each customised model
+    # Weights fine-tuned: "kv" (cross-attention keys/values, Custom Diffusion) or "all" (the whole UNet, DreamBooth).
+    tune: str = "kv"
+    steps: int = 300
+    lr: float = 3e-4
+    batch_size: int = 8  # half exemplars, half prior-preservation images
+    prior_samples: int = 128  # training images (under their captions) that keep the rest of the model as it was
+    candidates: int = 100  # fast top-K of the augmented index that AbU and D-TRAK rank (plus the exemplars)
+    kernel_samples: int = 256  # training images whose D-TRAK features form the kernel of each customised model
+    sample_steps: int = 25
+    guidance: float = 4.0
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, section: dict, **overrides) -> "PlantedSettings":
+        return _pick(cls, section, overrides)
+
+    def hash(self, *parts: str) -> str:
+        return _hash(self, parts)

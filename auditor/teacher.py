@@ -23,7 +23,7 @@ import contextlib
 import numpy as np
 import torch
 
-from .diffusion import DiffusionModel, kv_parameters
+from .diffusion import DiffusionModel, evenly_spaced_timesteps, fixed_noise, kv_parameters
 from .settings import AbuSettings
 
 
@@ -40,8 +40,7 @@ class Unlearner:
         self.n_train = n_train
         # Layer-wise damping, as AbU+ damps its EK-FAC: λ = damping × mean Fisher of the layer.
         self.inverse = {name: 1.0 / (f + settings.damping * f.mean().clamp_min(1e-30)) for name, f in fisher.items()}
-        t = model.num_train_timesteps
-        self.score_timesteps = ((torch.arange(settings.timesteps) + 0.5) * t / settings.timesteps).long().clamp(max=t - 1)
+        self.score_timesteps = evenly_spaced_timesteps(settings.timesteps, model.num_train_timesteps)
 
     # ------------------------------------------------------------------ gradients
     def gradient(self, latents: torch.Tensor, text_emb: torch.Tensor, draws: int, seed: int) -> Delta:
@@ -51,7 +50,7 @@ class Unlearner:
         t = torch.randint(0, self.model.num_train_timesteps, (draws,), generator=gen)
         noise = torch.randn((draws, *latents.shape[1:]), generator=gen)
         total = {name: torch.zeros_like(p) for name, p in self.params.items()}
-        with self._grad_enabled():
+        with trainable(self.params):
             for start in range(0, draws, self.settings.batch_size):
                 sl = slice(start, start + self.settings.batch_size)
                 dev = self.model.device
@@ -60,17 +59,6 @@ class Unlearner:
                 for name, g in zip(self.params, grads):
                     total[name] += g
         return total
-
-    @contextlib.contextmanager
-    def _grad_enabled(self):
-        for p in self.params.values():
-            p.requires_grad_(True)
-        try:
-            with torch.enable_grad():
-                yield
-        finally:
-            for p in self.params.values():
-                p.requires_grad_(False)
 
     def natural_step(self, grad: Delta) -> Delta:
         return {name: self.settings.step_size * self.inverse[name] * g / self.n_train for name, g in grad.items()}
@@ -85,19 +73,8 @@ class Unlearner:
                 delta[name] += d
         return delta
 
-    @contextlib.contextmanager
     def applied(self, delta: Delta):
-        """Weights moved by delta inside the block; restored bit-exactly after, even on error."""
-        saved = {name: p.detach().clone() for name, p in self.params.items()}
-        try:
-            with torch.no_grad():
-                for name, p in self.params.items():
-                    p.add_(delta[name])
-            yield
-        finally:
-            with torch.no_grad():
-                for name, p in self.params.items():
-                    p.copy_(saved[name])
+        return applied(self.params, delta)
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
@@ -106,9 +83,7 @@ class Unlearner:
         candidate sees the same noise before and after, in every query."""
         seed = self.settings.seed if seed is None else seed
         n_t = len(self.score_timesteps)
-        noise = torch.stack(
-            [torch.randn((n_t, *latents.shape[1:]), generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i))) for i in ids]
-        )
+        noise = fixed_noise(ids, n_t, tuple(latents.shape[1:]), seed)
         rows = len(ids) * n_t
         cand = torch.arange(rows) // n_t
         step = torch.arange(rows) % n_t
@@ -130,24 +105,46 @@ class Unlearner:
         return dot / norm if norm > 0 else 0.0
 
 
+@contextlib.contextmanager
+def trainable(params: dict[str, torch.nn.Parameter]):
+    """Gradients on for these parameters (and only these) inside the block."""
+    for p in params.values():
+        p.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def applied(params: dict[str, torch.nn.Parameter], delta: Delta):
+    """Weights moved by delta inside the block; restored bit-exactly after, even on error."""
+    saved = {name: p.detach().clone() for name, p in params.items()}
+    try:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.add_(delta[name])
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
+
+
 def estimate_fisher(model: DiffusionModel, latents: torch.Tensor, text_emb: torch.Tensor, seed: int) -> Delta:
     """Diagonal empirical Fisher: mean over training samples of the squared per-sample gradient
     (one random timestep and noise each, the sample's own caption)."""
     params = kv_parameters(model.unet)
     gen = torch.Generator().manual_seed(seed)
     fisher = {name: torch.zeros_like(p) for name, p in params.items()}
-    for p in params.values():
-        p.requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            for i in range(len(latents)):
-                t = torch.randint(0, model.num_train_timesteps, (1,), generator=gen)
-                noise = torch.randn((1, *latents.shape[1:]), generator=gen)
-                dev = model.device
-                loss = model.denoising_loss(latents[i : i + 1].to(dev), text_emb[i : i + 1].to(dev), t.to(dev), noise.to(dev)).sum()
-                for name, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
-                    fisher[name] += g.detach() ** 2
-    finally:
-        for p in params.values():
-            p.requires_grad_(False)
+    with trainable(params):
+        for i in range(len(latents)):
+            t = torch.randint(0, model.num_train_timesteps, (1,), generator=gen)
+            noise = torch.randn((1, *latents.shape[1:]), generator=gen)
+            dev = model.device
+            loss = model.denoising_loss(latents[i : i + 1].to(dev), text_emb[i : i + 1].to(dev), t.to(dev), noise.to(dev)).sum()
+            for name, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
+                fisher[name] += g.detach() ** 2
     return {name: f / len(latents) for name, f in fisher.items()}

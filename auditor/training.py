@@ -126,110 +126,155 @@ def index_training(
     device: str | None = None,
     batch_size: int | None = None,
     progress: Progress | None = None,
+    engine: str = "local",
 ) -> IndexResult:
     """Register and embed a training set (None: only embed registered images this encoder lacks).
     Re-running adds only images whose sha256 is new."""
     started = time.perf_counter()
     progress = progress or Silent()
-    entries: list[Entry] = []
-    if training_dir is not None:
-        training_dir = Path(training_dir).resolve()
-        if not training_dir.is_dir():
-            raise AuditError(f"training folder {training_dir} does not exist")
-        if manifest is None and (training_dir / MANIFEST_NAME).is_file():
-            manifest = training_dir / MANIFEST_NAME
-        entries = read_manifest(manifest) if manifest else discover_entries(training_dir)
+    entries = read_entries(training_dir, manifest)
     batch_size = batch_size or int(ws.config["encoder"]["batch_size"])
     limits = ingest.Limits(int(ws.config["scan"]["max_pixels"]), int(ws.config["scan"]["max_file_bytes"]))
+    if engine == "ray":
+        from . import engine_ray
+
+        return engine_ray.index_training(ws, entries, device=device, batch_size=batch_size, limits=limits, progress=progress)
+    if engine != "local":
+        raise AuditError(f"unknown engine {engine!r}; use local or ray")
 
     with ws.writing(), Store(ws.db_path) as store:
         encoder = embed.load(ws.encoder_dir(), device or ws.config["encoder"]["device"])
         table = VectorTable(ws.lancedb_uri, encoder.id, encoder.dim, IndexSettings.from_config(ws.config["index"]))
-        result = IndexResult(encoder.id)
+        ledger = IndexLedger(store, encoder, table, entries, ws.lancedb_uri)
+        by_path = ledger.by_path
+
+        def load(path: str) -> ingest.Item:
+            return ingest.load_item(path, limits, encoder.preprocess, ledger.is_embedded, ledger.caption_of)
+
+        progress.start("indexing", len(by_path))
+        batch: list[tuple[Entry, ingest.Item]] = []
+
+        def flush() -> None:
+            if not batch:
+                return
+            ids, new_rows = ledger.assign(batch)
+            vectors = encoder.features(np.stack([item.pixels for _, item in batch]), [item.text for _, item in batch])
+            table.add(ids, [entry.contributor_id for entry, _ in batch], vectors)
+            ledger.commit(ids, new_rows, len(batch))
+            batch.clear()
+
+        for entry_path, item in zip(by_path, ingest.load_all(by_path, int(ws.config["scan"]["loader_threads"]), load)):
+            progress.advance()
+            if ledger.take(item):
+                batch.append((by_path[entry_path], item))
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+        ledger.finish()
+    ledger.result.seconds = time.perf_counter() - started
+    return ledger.result
+
+
+def read_entries(training_dir: str | os.PathLike | None, manifest: str | os.PathLike | None = None) -> list[Entry]:
+    """The training entries of a folder: from its manifest (given, or TRAINING_DIR/contributors.csv), else one per image."""
+    if training_dir is None:
+        return []
+    training_dir = Path(training_dir).resolve()
+    if not training_dir.is_dir():
+        raise AuditError(f"training folder {training_dir} does not exist")
+    if manifest is None and (training_dir / MANIFEST_NAME).is_file():
+        manifest = training_dir / MANIFEST_NAME
+    return read_manifest(manifest) if manifest else discover_entries(training_dir)
+
+
+class IndexLedger:
+    """The audit-store side of `audit index`, shared by every engine: contributors, which contents are
+    registered and embedded, id assignment, and the commit of each batch after its vectors are written.
+
+    Opening it drops vectors whose DuckDB rows never committed (a crash between the two writes)."""
+
+    def __init__(self, store: Store, encoder: embed.Encoder, table: VectorTable, entries: list[Entry], lancedb_uri: str):
+        self.store = store
+        self.table = table
+        self.encoder_id = encoder.id
+        self.lancedb_uri = lancedb_uri
+        self.result = IndexResult(encoder.id)
         with store.transaction():
             record_encoder(store, encoder.id, encoder.name, str(encoder.directory), encoder.dim, encoder.config)
             upsert_contributors(store, entries)
         table.delete_ids_above(store.value("SELECT coalesce(max(id), 0) FROM training_images"))
 
-        embedded = set(table.ids().tolist())
-        registered = {sha: i for sha, i in store.rows("SELECT sha256, id FROM training_images")}
+        self.embedded = set(table.ids().tolist())
+        self.registered = {sha: i for sha, i in store.rows("SELECT sha256, id FROM training_images")}
+        entries = list(entries)
         # Registered images this encoder has not embedded yet (e.g. after switching encoders).
         for i, path, contributor, caption in store.rows(
             "SELECT id, path, contributor_id, caption FROM training_images ORDER BY id"
         ):
-            if i not in embedded:
+            if i not in self.embedded:
                 entries.append(Entry(path=path, contributor_id=contributor, caption=caption, known_id=i))
-        by_path = {e.path: e for e in entries}
+        self.by_path = {e.path: e for e in entries}
+        self.next_id = store.next_id("training_images")
+        self.seen: set[str] = set()
+        self.errors: list[tuple[str, str, str]] = []
 
-        def caption_of(path: str, info: dict) -> tuple[str | None, str]:
-            entry = by_path[path]
-            if entry.caption:
-                return entry.caption, "manifest"
-            return ingest.read_sidecar(path)
+    def is_embedded(self, sha256: str) -> bool:
+        return sha256 in self.registered and self.registered[sha256] in self.embedded
 
-        seen: set[str] = set()
+    def caption_of(self, path: str, info: dict) -> tuple[str | None, str]:
+        entry = self.by_path[path]
+        if entry.caption:
+            return entry.caption, "manifest"
+        return ingest.read_sidecar(path)
 
-        def skip(sha: str) -> bool:
-            return sha in registered and registered[sha] in embedded
+    def take(self, item: ingest.Item) -> bool:
+        """Count one loaded file; True when its content should be embedded in the caller's next batch."""
+        if item.error:
+            self.errors.append((item.path, item.error.code, item.error.reason))
+            return False
+        if item.skipped or item.sha256 in self.seen:
+            self.result.unchanged += 1
+            return False
+        self.seen.add(item.sha256)
+        return True
 
-        def load(path: str) -> ingest.Item:
-            return ingest.load_item(path, limits, encoder.preprocess, skip, caption_of)
+    def assign(self, batch: list[tuple[Entry, ingest.Item]]) -> tuple[np.ndarray, list[tuple[int, Entry, ingest.Item]]]:
+        """The vector id of each item (its registered id, or the next new one) and the rows to register."""
+        ids, new_rows = [], []
+        for entry, item in batch:
+            if item.sha256 in self.registered:
+                ids.append(self.registered[item.sha256])
+                self.result.re_embedded += 1
+            else:
+                ids.append(self.next_id)
+                new_rows.append((self.next_id, entry, item))
+                self.next_id += 1
+        return np.asarray(ids, np.int64), new_rows
 
-        progress.start("indexing", len(by_path))
-        next_id = store.next_id("training_images")
-        batch: list[tuple[Entry, ingest.Item]] = []
+    def commit(self, ids: np.ndarray, new_rows: list[tuple[int, Entry, ingest.Item]], n: int) -> None:
+        """Register the batch's new images; call after its vectors are in the table."""
+        with self.store.transaction():
+            self.store.insert_arrow("training_images", _training_rows(new_rows))
+        for i, entry, item in new_rows:
+            self.registered[item.sha256] = i
+        self.embedded.update(np.asarray(ids).tolist())
+        self.result.added += len(new_rows)
+        log.info("indexed batch of %d (%d new)", n, len(new_rows))
 
-        def flush() -> None:
-            nonlocal next_id
-            if not batch:
-                return
-            ids = []
-            new_rows = []
-            for entry, item in batch:
-                if item.sha256 in registered:
-                    ids.append(registered[item.sha256])
-                    result.re_embedded += 1
-                else:
-                    ids.append(next_id)
-                    new_rows.append((next_id, entry, item))
-                    next_id += 1
-            vectors = encoder.features(np.stack([item.pixels for _, item in batch]), [item.text for _, item in batch])
-            table.add(np.asarray(ids), [entry.contributor_id for entry, _ in batch], vectors)
-            with store.transaction():
-                store.insert_arrow("training_images", _training_rows(new_rows))
-            for i, entry, item in new_rows:
-                registered[item.sha256] = i
-            embedded.update(ids)
-            result.added += len(new_rows)
-            log.info("indexed batch of %d (%d new)", len(batch), len(new_rows))
-            batch.clear()
-
-        errors = []
-        for entry_path, item in zip(by_path, ingest.load_all(by_path, int(ws.config["scan"]["loader_threads"]), load)):
-            progress.advance()
-            if item.error:
-                errors.append((item.path, item.error.code, item.error.reason))
-                continue
-            if item.skipped or item.sha256 in seen:
-                result.unchanged += 1
-                continue
-            seen.add(item.sha256)
-            batch.append((by_path[entry_path], item))
-            if len(batch) >= batch_size:
-                flush()
-        flush()
+    def finish(self) -> IndexResult:
+        """Record the errors, build or maintain the ANN index, and record the vector table."""
+        result, errors, table = self.result, self.errors, self.table
         result.errors = len(errors)
         result.error_samples = [(p, r) for p, _, r in errors[:5]]
-        with store.transaction():
-            store.insert_arrow(
+        with self.store.transaction():
+            self.store.insert_arrow(
                 "index_errors",
                 pa.table({"path": [e[0] for e in errors], "code": [e[1] for e in errors], "reason": [e[2] for e in errors]}),
             )
             result.ann_index = table.maintain()
             result.rows = table.count()
-            record_vector_table(store, encoder.id, ws.lancedb_uri, table.name, result.rows, table.version, result.ann_index)
-    result.seconds = time.perf_counter() - started
-    return result
+            record_vector_table(self.store, self.encoder_id, self.lancedb_uri, table.name, result.rows, table.version, result.ann_index)
+        return result
 
 
 def _training_rows(rows: list[tuple[int, Entry, ingest.Item]]) -> pa.Table:

@@ -18,7 +18,7 @@ from typing import Iterator
 import tomli_w
 
 from .errors import AuditError, WorkspaceBusy, WorkspaceNotFound
-from .settings import AbuSettings, DistillSettings, IndexSettings
+from .settings import AbuSettings, DistillSettings, DtrakSettings, IndexSettings, PlantedSettings
 
 AUDIT_DIR = ".audit"
 CONFIG_NAME = "audit.toml"
@@ -44,6 +44,10 @@ DEFAULT_CONFIG: dict = {
     # `audit confirm` (the AbU teacher): see auditor/teacher.py.
     # flip = auto: the model folder's auditor_training.json says; else assume SD's random flips.
     "confirm": {"method": "abu", "flip": "auto", **asdict(AbuSettings())},
+    # `audit confirm --method dtrak` (the gradient teacher): see auditor/dtrak.py.
+    "dtrak": asdict(DtrakSettings()),
+    # `audit eval --planted`: see auditor/planted.py.
+    "planted": asdict(PlantedSettings()),
     "distill": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(DistillSettings()).items()},
     "scan": {
         "top_k": 50,

@@ -1,0 +1,284 @@
+"""`--engine ray`: embed (and, for scans, search) on a Ray cluster with Ray Data; the audit store stays DuckDB.
+
+    paths ─ ray.data.from_items ─ map_batches(_Embedder: an actor pool, one encoder per CPU slot or GPU)
+      index: metadata + vectors, one chunk at a time (materialised in the object store)
+             → ids assigned on the driver (training.IndexLedger)
+             → vectors appended to the LanceDB table by lance_ray.write_lance (distributed fragment
+               writes, one Lance commit)
+             → the chunk's DuckDB rows committed (IndexLedger.commit)
+      scan:  metadata + top-k training ids and scores per generation, streamed back in order
+             → one DuckDB transaction per batch (scan.ScanLedger.commit)
+
+The driver holds the workspace lock and the only DuckDB connection; the DuckDB rows, crash
+guarantees and idempotency are the local engine's, because both engines go through the same
+ledgers. A chunk's vectors are committed to Lance before its DuckDB rows, and the next run drops
+vectors whose rows never committed, exactly as the local path does.
+
+Ray is joined at RAY_ADDRESS when set (`ray start --head` / a cluster), else a local instance is
+started; a caller that already ran `ray.init(...)` keeps its instance. Workers need the `auditor`
+package and the encoder bundle at the same path (a shared file system or a baked image), and
+the LanceDB URI must be reachable from them (object storage: s3://, gs://, az://, credentials
+from the environment).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from . import embed, ingest
+from .errors import AuditError
+from .progress import Progress, Silent
+from .search import IndexSettings, VectorTable, _schema
+from .store import Store
+from .workspace import Workspace
+
+log = logging.getLogger("auditor")
+
+# Index chunk: embedded, written to Lance and committed to DuckDB together (a kill loses at most one).
+INDEX_CHUNK = 50_000
+
+
+def _ray():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    ctx.execution_options.preserve_order = True  # generations are registered in the order the local engine uses
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    return ray
+
+
+def _pool(ray, device: str) -> tuple[str, dict, int]:
+    """(actor device, per-actor resources, pool size): one actor per GPU, else one per CPU slot."""
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    if device.startswith("cuda") or (device == "auto" and gpus > 0):
+        if gpus == 0:
+            raise AuditError("--device cuda: the Ray cluster has no GPU; use --device cpu or auto")
+        return "cuda", {"num_gpus": 1}, gpus
+    if device not in ("auto", "cpu"):
+        raise AuditError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return "cpu", {"num_cpus": 1}, cpus
+
+
+class _Embedder:
+    """A Ray Data actor holding one encoder: it reads and decodes its batch of files (a thread pool),
+    embeds image ⊕ text, and for scans searches the training vectors; returns metadata + vectors or top-k."""
+
+    def __init__(self, encoder_dir: str, device: str, limits: ingest.Limits, loader_threads: int, skip: frozenset,
+                 search: dict | None = None):
+        self.encoder = embed.load(encoder_dir, device)
+        self.limits = limits
+        self.loader_threads = loader_threads
+        self.skip = skip
+        self.searcher = None
+        if search is not None:
+            table = VectorTable(search["uri"], self.encoder.id, self.encoder.dim, IndexSettings(**search["settings"]))
+            self.searcher = table.searcher()
+            self.k = search["k"]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        captions = {row["i"]: row.get("caption") for row in rows}
+        paths = {os.fsdecode(row["path"]): row["i"] for row in rows}
+
+        def text_of(path: str, info: dict) -> tuple[str | None, str]:
+            caption = captions[paths[path]]
+            if self.searcher is None:  # training image: manifest caption, else sidecar
+                return (caption, "manifest") if caption else ingest.read_sidecar(path)
+            return ingest.read_prompt(path, info)
+
+        def load(path: str) -> ingest.Item:
+            return ingest.load_item(path, self.limits, self.encoder.preprocess, lambda sha: sha in self.skip, text_of)
+
+        items = list(ingest.load_all(list(paths), self.loader_threads, load))
+        good = [n for n, item in enumerate(items) if not item.error and not item.skipped]
+        meta = pa.table(
+            {
+                "i": pa.array([row["i"] for row in rows], pa.int64()),
+                "path": [item.path for item in items],
+                "sha256": pa.array([item.sha256 for item in items], pa.string()),
+                "skipped": pa.array([item.skipped for item in items], pa.bool_()),
+                "error_code": pa.array([item.error.code if item.error else None for item in items], pa.string()),
+                "error_reason": pa.array([item.error.reason if item.error else None for item in items], pa.string()),
+                "width": pa.array([item.width for item in items], pa.int32()),
+                "height": pa.array([item.height for item in items], pa.int32()),
+                "text": pa.array([item.text for item in items], pa.string()),
+                "text_source": pa.array([item.text_source for item in items], pa.string()),
+            }
+        )
+        features = np.zeros((len(items), self.encoder.dim), np.float32)
+        if good:
+            features[good] = self.encoder.features(np.stack([items[n].pixels for n in good]), [items[n].text for n in good])
+        if self.searcher is None:
+            return meta.append_column("vector", _fixed(features))
+        ids = np.full((len(items), self.k), -1, np.int64)
+        scores = np.full((len(items), self.k), -np.inf, np.float32)
+        if good:
+            ids[good], scores[good] = self.searcher.search(features[good], self.k)
+        return meta.append_column("ids", _fixed(ids)).append_column("scores", _fixed(scores))
+
+
+def _fixed(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(matrix).ravel()), matrix.shape[1])
+
+
+def _attach_ids(batch: pa.Table, id_of: np.ndarray, contributors: list, offset: int) -> pa.Table:
+    """Keep the rows the driver assigned an id to, as rows of the vector table."""
+    local = batch["i"].to_numpy() - offset
+    ids = id_of[local]
+    keep = ids >= 0
+    return pa.table(
+        {
+            "id": pa.array(ids[keep], pa.int64()),
+            "contributor_id": pa.array([contributors[n] for n in local[keep]], pa.string()),
+            "vector": batch["vector"].filter(pa.array(keep)),
+        }
+    )
+
+
+def _item(row: dict) -> ingest.Item:
+    error = ingest.IngestError(row["error_code"], row["error_reason"]) if row["error_code"] else None
+    return ingest.Item(row["path"], row["sha256"], None, row["width"] or 0, row["height"] or 0, row["text"],
+                       row["text_source"] or "none", bool(row["skipped"]), error)
+
+
+def _embedded(ray, rows: list[dict], batch_size: int, **actor) -> "ray.data.Dataset":
+    device, resources, size = _pool(ray, actor.pop("device"))
+    return ray.data.from_items(rows).map_batches(
+        _Embedder,
+        fn_constructor_kwargs={"device": device, **actor},
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size),
+        **resources,
+    )
+
+
+def _write_vectors(ds, table: VectorTable) -> None:
+    """Append the vector rows to the LanceDB table: lance_ray writes fragments on the workers and commits once.
+    A LanceDB Cloud table (db://) is not a Lance dataset URI; its rows are added from the driver instead."""
+    uri = getattr(table.table, "uri", None)
+    if uri and not uri.startswith("db://"):
+        import lance_ray
+
+        lance_ray.write_lance(ds, uri, mode="append", schema=_schema(table.dim))
+    else:
+        for part in ds.iter_batches(batch_size=65_536, batch_format="pyarrow"):
+            table.table.add(part.cast(_schema(table.dim)))
+    table.table.checkout_latest()
+
+
+def index_training(ws: Workspace, entries, *, device: str | None, batch_size: int, limits: ingest.Limits,
+                   progress: Progress | None = None, chunk: int | None = None):
+    from .training import IndexLedger
+
+    started = time.perf_counter()
+    progress = progress or Silent()
+    chunk = chunk or INDEX_CHUNK
+    ray = _ray()
+    device = device or ws.config["encoder"]["device"]
+    with ws.writing(), Store(ws.db_path) as store:
+        encoder = embed.load(ws.encoder_dir(), "cpu")  # id, dim and the store's records; the actors embed
+        table = VectorTable(ws.lancedb_uri, encoder.id, encoder.dim, IndexSettings.from_config(ws.config["index"]))
+        ledger = IndexLedger(store, encoder, table, entries, ws.lancedb_uri)
+        skip = frozenset(sha for sha, i in ledger.registered.items() if i in ledger.embedded)
+        entries = list(ledger.by_path.values())
+        progress.start("indexing", len(entries))
+        for start in range(0, len(entries), chunk):
+            part = entries[start:start + chunk]
+            rows = [{"i": start + n, "path": os.fsencode(e.path), "caption": e.caption} for n, e in enumerate(part)]
+            try:
+                embedded = _embedded(ray, rows, batch_size, device=device, encoder_dir=str(encoder.directory),
+                                     limits=limits, loader_threads=int(ws.config["scan"]["loader_threads"]), skip=skip).materialize()
+                meta = pa.concat_tables(ray.get(embedded.drop_columns(["vector"]).to_arrow_refs())).sort_by("i")
+            except ray.exceptions.RayError as exc:
+                raise AuditError(f"the Ray job failed: {_first_line(exc)}") from None
+            batch, positions = [], []
+            for row in meta.to_pylist():
+                progress.advance()
+                item = _item(row)
+                if ledger.take(item):
+                    batch.append((entries[row["i"]], item))
+                    positions.append(row["i"] - start)
+            if not batch:
+                continue
+            ids, new_rows = ledger.assign(batch)
+            id_of = np.full(len(part), -1, np.int64)
+            id_of[positions] = ids
+            vectors = embedded.map_batches(
+                _attach_ids, fn_kwargs={"id_of": id_of, "contributors": [e.contributor_id for e in part], "offset": start},
+                batch_format="pyarrow", batch_size=None,
+            )
+            _write_vectors(vectors, table)
+            ledger.commit(ids, new_rows, len(batch))
+        ledger.finish()
+    ledger.result.seconds = time.perf_counter() - started
+    return ledger.result
+
+
+def scan(ws: Workspace, root: str, paths: list[str], *, top_k: int, device: str | None, batch_size: int,
+         limits: ingest.Limits, progress: Progress | None = None):
+    from .scan import ScanLedger
+
+    progress = progress or Silent()
+    ray = _ray()
+    device = device or ws.config["encoder"]["device"]
+    with ws.writing(), Store(ws.db_path) as store:
+        encoder = embed.load(ws.encoder_dir(), "cpu")
+        settings = IndexSettings.from_config(ws.config["index"])
+        table = VectorTable(ws.lancedb_uri, encoder.id, encoder.dim, settings)
+        table.searcher()  # fails here, with the local engine's message, when the table is empty
+        actor_device, _, _ = _pool(ray, device)
+        ledger = ScanLedger(store, root, encoder, table, top_k, device=actor_device)
+        k = ledger.k
+        progress.start("scanning", len(paths))
+        rows = [{"i": n, "path": os.fsencode(p), "caption": None} for n, p in enumerate(paths)]
+        batch: list[ingest.Item] = []
+        found_ids: list[np.ndarray] = []
+        found_scores: list[np.ndarray] = []
+
+        def flush() -> None:
+            ids = np.stack(found_ids) if batch else np.zeros((0, k), np.int64)
+            scores = np.stack(found_scores) if batch else np.zeros((0, k), np.float32)
+            ledger.commit(batch, ids, scores)
+            batch.clear()
+            found_ids.clear()
+            found_scores.clear()
+
+        search = {"uri": ws.lancedb_uri, "settings": settings.__dict__.copy(), "k": k}
+        results = _embedded(ray, rows, batch_size, device=device, encoder_dir=str(encoder.directory), limits=limits,
+                            loader_threads=int(ws.config["scan"]["loader_threads"]), skip=frozenset(ledger.done), search=search)
+        try:
+            for part in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+                ids = part["ids"].combine_chunks().flatten().to_numpy().reshape(-1, k)
+                scores = part["scores"].combine_chunks().flatten().to_numpy().reshape(-1, k)
+                for n, row in enumerate(part.drop_columns(["ids", "scores"]).to_pylist()):
+                    progress.advance()
+                    item = _item(row)
+                    if ledger.take(item):
+                        batch.append(item)
+                        found_ids.append(ids[n])
+                        found_scores.append(scores[n])
+                    if len(batch) >= batch_size:
+                        flush()
+        except ray.exceptions.RayError as exc:
+            raise AuditError(f"the Ray job failed: {_first_line(exc)}") from None
+        flush()
+        return ledger.finish()
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line]
+    return (errors[-1] if errors else lines[0] if lines else type(exc).__name__)[:300]

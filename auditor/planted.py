@@ -1,0 +1,379 @@
+"""`audit eval --planted`: every method measured against ground truth made by construction (AbC, methods.md §4).
+
+For each customisation: a few exemplar images in a style the model has never seen —
+images from `--exemplars` recoloured into a new palette (`--style palette`, the
+default), redrawn with new strokes in their own colours (`stroke`: mirrored, upside
+down, bold, thin), or one subfolder of your own per customisation (`as-is`) — the
+model fine-tuned on them (`planted.tune`: the cross-attention K/V as Custom Diffusion,
+or the whole UNet as DreamBooth; with prior preservation) under a caption with a new
+word ("a handwritten digit in <word> style"; a rare letter string the tokenizer spells
+out, so no embedding is added), and N images generated with the customised model:
+those are influenced by their exemplars by construction. All exemplars join a copy of
+the training set (in memory and in this run's scratch folder; the workspace's index
+and store are never written), every method ranks that augmented set for every
+generated image, and we report AbC's Recall@K (the fraction of the image's exemplars
+within the top K) and mAP (average precision with its exemplars as the positives),
+mean ± standard error over the generated images.
+
+A style only plants if the model can draw it: the run compares the VAE's
+reconstruction error on the exemplars with that on training images and warns when
+the exemplars are out of its reach (the digits world's VAE, trained on eight palettes,
+turns every new palette into one of them; strokes survive).
+
+Methods: the fast path (the workspace's encoder, with its distilled head if it has
+one), the untuned image and image ⊕ text features of its backbone, and the two
+teachers on the customised model. The teachers rank only candidates — the fast path's
+top-K of the augmented set plus the customisation's exemplars — and the rest follow in
+fast-path order; their candidate set always holds the answer, so their numbers say how
+well they order it, not what they would find on their own. D-TRAK's kernel on each
+customised model comes from a random sample of training images plus the exemplars
+(Φ over the whole set for every customisation would cost more than the rest of the
+eval); λ is relative to the trace, so the sample size does not set its scale.
+
+Scratch work (exemplars, weight changes, generated images, teacher caches, D-TRAK
+features) lives in `.audit/planted/<settings hash>/`; a rerun reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from safetensors.torch import load_file, save_file
+
+from . import diffusion, dtrak, embed, ingest, metrics
+from .confirm import TeacherSession
+from .distill import embed_images, joint, training_embeddings
+from .errors import AuditError
+from .evaluate import markdown_table, mean_se
+from .progress import Progress, Silent
+from .settings import AbuSettings, DtrakSettings, PlantedSettings
+from .store import Store
+from .teacher import applied, trainable
+from .workspace import Workspace
+
+RECALL_KS = (5, 10, 100)
+
+# (ink, paper, name): none is a palette of the example world's training set.
+NEW_PALETTES = [
+    ((225, 40, 200), (190, 240, 80), "magenta on lime"),
+    ((40, 220, 230), (110, 20, 40), "cyan on maroon"),
+    ((10, 90, 40), (215, 200, 245), "dark green on lavender"),
+    ((110, 30, 160), (180, 250, 210), "purple on mint"),
+    ((150, 250, 60), (60, 60, 60), "lime on grey"),
+    ((120, 130, 20), (150, 210, 250), "olive on sky blue"),
+    ((250, 250, 250), (190, 20, 30), "white on red"),
+    ((20, 20, 20), (250, 160, 170), "black on salmon"),
+]
+
+
+def _morph(alpha: np.ndarray, kind) -> np.ndarray:
+    return np.asarray(Image.fromarray((alpha * 255).round().astype(np.uint8)).filter(kind(3)), np.float64) / 255
+
+
+# (name, transform of the ink map): strokes no training image has (the digits world trains without flips).
+NEW_STROKES = [
+    ("mirrored", lambda alpha: alpha[:, ::-1]),
+    ("upside down", lambda alpha: alpha[::-1]),
+    ("bold", lambda alpha: _morph(alpha, ImageFilter.MaxFilter)),
+    ("thin", lambda alpha: _morph(alpha, ImageFilter.MinFilter)),
+]
+STYLES = ("palette", "stroke", "as-is")
+
+
+@dataclass
+class PlantedScores:
+    name: str
+    map: tuple[float, float]  # (mean, standard error)
+    recall_at: dict[int, tuple[float, float]]
+
+
+@dataclass
+class PlantedReport:
+    methods: list[PlantedScores]
+    queries: int
+    customisations: list[str]
+    exemplars: int
+    candidates: int
+    training: int  # images in the augmented set
+    folder: Path
+    seconds: float
+
+
+def _ink(image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ink fraction per pixel, ink colour, paper colour) of a two-colour image: paper = median of the border, ink = the
+    pixel farthest from it, each pixel's fraction = its position between the two."""
+    arr = np.asarray(image.convert("RGB"), np.float64)
+    paper = np.median(np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]]), axis=0)
+    flat = arr.reshape(-1, 3)
+    ink = flat[np.argmax(((flat - paper) ** 2).sum(1))]
+    axis = ink - paper
+    return np.clip(((arr - paper) @ axis) / max(float(axis @ axis), 1e-9), 0, 1), ink, paper
+
+
+def _paint(alpha: np.ndarray, ink, paper) -> Image.Image:
+    out = alpha[..., None] * np.asarray(ink, np.float64) + (1 - alpha[..., None]) * np.asarray(paper, np.float64)
+    return Image.fromarray(out.round().astype(np.uint8), "RGB")
+
+
+def recolour(image: Image.Image, ink, paper) -> Image.Image:
+    """The same strokes in a new palette."""
+    return _paint(_ink(image)[0], ink, paper)
+
+
+def restroke(image: Image.Image, transform) -> Image.Image:
+    """New strokes in the image's own palette."""
+    alpha, ink, paper = _ink(image)
+    return _paint(transform(alpha), ink, paper)
+
+
+def _words(n: int, seed: int) -> list[str]:
+    """A distinct rare word per customisation (consonant strings: no English word, no training caption has them)."""
+    rng = np.random.default_rng(seed)
+    words: list[str] = []
+    while len(words) < n:
+        word = "".join(rng.choice(list("bcdfghjklmnpqrstvwxz"), 5))
+        if word not in words:
+            words.append(word)
+    return words
+
+
+def _exemplar_sets(folder: Path, s: PlantedSettings, run_dir: Path) -> tuple[list[list[Path]], list[str]]:
+    """(per customisation its exemplar files, the name of its style)."""
+    if not folder.is_dir():
+        raise AuditError(f"exemplar folder {folder} does not exist; pass --exemplars DIR, a folder of images")
+    if s.style == "as-is":
+        subfolders = sorted(d for d in folder.iterdir() if d.is_dir())
+        sets = [[Path(p) for p in ingest.discover(d)[: s.exemplars]] for d in subfolders[: s.customisations]]
+        if len(sets) < s.customisations or any(len(files) < s.exemplars for files in sets):
+            raise AuditError(f"--style as-is needs {s.customisations} subfolders of {folder} with {s.exemplars} images each (one per customisation)")
+        return sets, [d.name for d in subfolders[: s.customisations]]
+    if s.style not in STYLES:
+        raise AuditError(f"planted style {s.style!r} is not known; use {', '.join(STYLES)}")
+    styles = [(name, lambda im, ink=ink, paper=paper: recolour(im, ink, paper)) for ink, paper, name in NEW_PALETTES] \
+        if s.style == "palette" else [(name, lambda im, t=t: restroke(im, t)) for name, t in NEW_STROKES]
+    if s.customisations > len(styles):
+        raise AuditError(f"style {s.style} has {len(styles)} variants; ask for at most that many customisations")
+    pool = ingest.discover(folder)
+    need = s.customisations * s.exemplars
+    if len(pool) < need:
+        raise AuditError(f"{folder} has {len(pool)} images; {s.customisations} customisations × {s.exemplars} exemplars need {need}")
+    picked = np.random.default_rng(s.seed).choice(len(pool), need, replace=False)
+    sets = []
+    for c in range(s.customisations):
+        files = []
+        for j, index in enumerate(picked[c * s.exemplars : (c + 1) * s.exemplars]):
+            target = run_dir / f"c{c}" / f"exemplar_{j}.png"
+            if not target.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                styles[c][1](diffusion.read_image(pool[index], ingest.Limits())).save(target)
+            files.append(target)
+        sets.append(files)
+    return sets, [styles[c][0] for c in range(s.customisations)]
+
+
+def customise(model: diffusion.DiffusionModel, params: dict, latents: torch.Tensor, text_emb: torch.Tensor,
+              prior: tuple[torch.Tensor, torch.Tensor], s: PlantedSettings, seed: int) -> dict:
+    """The change of `params` that teaches the model its exemplars under their caption, with prior preservation (Custom
+    Diffusion, DreamBooth): half of every batch is training images under their own captions, or the empty one 10 % of
+    the time, so other prompts and the unconditional branch of guidance keep working. The model is left as it was."""
+    start = {name: p.detach().clone() for name, p in params.items()}
+    optimizer = torch.optim.AdamW(params.values(), lr=s.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    prior_latents, prior_emb = prior
+    empty = model.text_embeddings([""]).cpu()[0]
+    dev = model.device
+    half = max(1, s.batch_size // 2)
+    try:
+        with trainable(params):
+            for _ in range(s.steps):
+                pick = torch.randint(0, len(latents), (half,), generator=gen)
+                other = torch.randint(0, len(prior_latents), (s.batch_size - half,), generator=gen)
+                other_emb = torch.where((torch.rand(len(other), generator=gen) < 0.1)[:, None, None], empty, prior_emb[other])
+                x = torch.cat([latents[pick], prior_latents[other]])
+                c = torch.cat([text_emb.expand(half, -1, -1), other_emb])
+                t = torch.randint(0, model.num_train_timesteps, (len(x),), generator=gen)
+                noise = torch.randn(x.shape, generator=gen)
+                loss = model.denoising_loss(x.to(dev), c.to(dev), t.to(dev), noise.to(dev)).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        return {name: p.detach() - start[name] for name, p in params.items()}
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(start[name])
+                p.grad = None
+
+
+def _teacher_ranking(scores: np.ndarray, candidates: np.ndarray, fast_ranking: np.ndarray) -> np.ndarray:
+    """Candidates by teacher score, then everything else in fast-path order."""
+    ranked = candidates[np.argsort(-scores, kind="stable")]
+    return np.concatenate([ranked, fast_ranking[~np.isin(fast_ranking, candidates)]])
+
+
+def planted(
+    ws: Workspace,
+    *,
+    exemplars: str | os.PathLike,
+    model: str | os.PathLike | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+    announce: Callable[[str], None] = lambda message: None,
+    **overrides,
+) -> PlantedReport:
+    """Build the planted benchmark on the workspace's model and score every method on it."""
+    progress = progress or Silent()
+    started = time.perf_counter()
+    s = PlantedSettings.from_config(ws.config["planted"], **overrides)
+    abu = AbuSettings.from_config(ws.config["confirm"])
+    gradients = DtrakSettings.from_config(ws.config["dtrak"])
+    model_path = Path(model) if model else ws.path_setting("paths", "model")
+    if model_path is None:
+        raise AuditError(f"no diffusion model configured; set [paths] model in {ws.config_path} or pass --model PATH")
+    torch_device = embed.resolve_device(device or ws.config["encoder"]["device"])
+    base = diffusion.load(model_path, torch_device, ws.dir / "cache", str(ws.config["confirm"].get("flip", "auto")))
+    folder = Path(exemplars).expanduser().resolve()
+    run_dir = ws.dir / "planted" / s.hash(base.hash, str(folder))
+    sets, styles = _exemplar_sets(folder, s, run_dir)
+    words = _words(s.customisations, s.seed)
+    prompts = [s.prompt.format(word=w) for w in words]
+
+    # The augmented training set: the workspace's images, then every customisation's exemplars under new ids.
+    encoder = embed.load(ws.encoder_dir(), torch_device)
+    with Store(ws.db_path, read_only=True) as store:
+        rows = store.rows("SELECT id, path, caption FROM training_images ORDER BY id")
+        ids, img, txt = training_embeddings(ws, store, encoder)
+    if not rows:
+        raise AuditError("the workspace has no training images; run `audit index TRAINING_DIR` first")
+    first_id = int(ids.max()) + 1
+    ex_rows = [(first_id + c * s.exemplars + j, str(path), prompts[c]) for c, files in enumerate(sets) for j, path in enumerate(files)]
+    ex_img, ex_txt = embed_images(encoder, [diffusion.read_image(r[1], ingest.Limits()) for r in ex_rows], [r[2] for r in ex_rows])
+    aug_ids = np.concatenate([ids, [r[0] for r in ex_rows]]).astype(np.int64)
+    aug_img, aug_txt = np.concatenate([img, ex_img]), np.concatenate([txt, ex_txt])
+    spaces = {  # method → (training features, how a query's (image, text) embeddings map into that space)
+        f"fast ({encoder.name}, {'distilled' if encoder.head is not None else 'no head: = untuned image ⊕ text'})": _fast_space(encoder, aug_img, aug_txt),
+        "untuned image": (aug_img, lambda qi, qt: qi),
+        "untuned image ⊕ text": (joint(aug_img, aug_txt), joint),
+    }
+    fast_name = next(iter(spaces))
+    training = diffusion.TrainingSet(base, rows + ex_rows, ingest.Limits(int(ws.config["scan"]["max_pixels"]), int(ws.config["scan"]["max_file_bytes"])))
+    tuned = diffusion.parameter_set(base.unet, s.tune, "planted.tune")
+    rng = np.random.default_rng(s.seed)
+    kernel_ids = np.concatenate([rng.choice(ids, min(s.kernel_samples, len(ids)), replace=False), [r[0] for r in ex_rows]])
+    prior_ids = rng.choice(ids, min(s.prior_samples, len(ids)), replace=False)
+    prior_latents, _, prior_emb = training.inputs(prior_ids)
+    ratio = _reconstruction_error(base, [r[1] for r in ex_rows]) / _reconstruction_error(base, [training.meta[int(i)][0] for i in prior_ids[:32]])
+    if ratio > 3:
+        # Measured on the digits world: its VAE snaps any new palette to the nearest training palette.
+        announce(f"warning: the model's VAE reconstructs the exemplars {ratio:.1f}× worse than its training images; it cannot "
+                 "represent their style, so no customisation can reproduce it (try --style stroke)")
+
+    rankings: dict[str, list[np.ndarray]] = {name: [] for name in [*spaces, "AbU (candidates)", "D-TRAK (candidates)"]}
+    positives: list[set[int]] = []
+    pipe = diffusion.pipeline(base)
+    progress.start("planted", s.customisations * s.generations)
+    for c, files in enumerate(sets):
+        c_dir = run_dir / f"c{c}"
+        c_rows = ex_rows[c * s.exemplars : (c + 1) * s.exemplars]
+        delta = _tuned(base, tuned, training, c_dir, [r[0] for r in c_rows], prompts[c], (prior_latents, prior_emb), s, c)
+        announce(f"customisation {c + 1}/{len(sets)}: {styles[c]} as '{words[c]}'; generating {s.generations} image(s) and ranking")
+        with applied(tuned, delta):
+            images = [_generated(pipe, c_dir / f"generated_{g}.png", prompts[c], s.seed * 100_003 + c * 1_000 + g, s) for g in range(s.generations)]
+            q_img, q_txt = embed_images(encoder, images, [prompts[c]] * len(images))
+            abu_teacher = TeacherSession(training, abu, c_dir / "cache")
+            dtrak_teacher = dtrak.DtrakTeacher(training, gradients, dtrak.FeatureTable(str(c_dir / "lancedb"), f"dtrak_{gradients.feature_key()}", gradients.dim))
+            dtrak_teacher.fill(kernel_ids)
+            dtrak_teacher.kernel, dtrak_teacher.lam = dtrak.kernel([dtrak_teacher.table.get(kernel_ids)], gradients.dim, gradients.damping)
+            own = np.flatnonzero(np.isin(aug_ids, [r[0] for r in c_rows]))
+            for g, image in enumerate(images):
+                for name, (train, query) in spaces.items():
+                    rankings[name].append(np.argsort(-(train @ query(q_img[g : g + 1], q_txt[g : g + 1])[0]), kind="stable"))
+                fast_ranking = rankings[fast_name][-1]
+                candidates = np.concatenate([fast_ranking[: s.candidates], own[~np.isin(own, fast_ranking[: s.candidates])]])
+                seed = c * 1_000 + g
+                _, abu_scores = abu_teacher.score(image, prompts[c], aug_ids[candidates], seed)
+                dtrak_teacher.fill(aug_ids[candidates])
+                _, dtrak_scores = dtrak_teacher.score(image, prompts[c], aug_ids[candidates], seed)
+                rankings["AbU (candidates)"].append(_teacher_ranking(abu_scores, candidates, fast_ranking))
+                rankings["D-TRAK (candidates)"].append(_teacher_ranking(dtrak_scores, candidates, fast_ranking))
+                positives.append(set(own.tolist()))
+                progress.advance()
+    methods = [_scores(name, ranks, positives) for name, ranks in rankings.items()]
+    return PlantedReport(methods, len(positives), [f"{w} ({st})" for w, st in zip(words, styles)], s.exemplars, s.candidates,
+                         len(aug_ids), run_dir, time.perf_counter() - started)
+
+
+def _fast_space(encoder: embed.Encoder, img: np.ndarray, txt: np.ndarray):
+    def features(i, t):
+        return encoder.combine(torch.as_tensor(i, device=encoder.device), torch.as_tensor(t, device=encoder.device)).cpu().numpy()
+
+    return features(img, txt), features
+
+
+def _tuned(model, params: dict, training: diffusion.TrainingSet, c_dir: Path, exemplar_ids, prompt: str, prior, s: PlantedSettings,
+           c: int) -> dict:
+    """This customisation's weight change, fine-tuned once and kept in its folder."""
+    path = c_dir / "delta.safetensors"
+    if path.is_file():
+        return load_file(str(path), device=str(model.device))
+    latents, _, _ = training.inputs(exemplar_ids)
+    delta = customise(model, params, latents, model.text_embeddings([prompt]).cpu(), prior, s, s.seed + c)
+    c_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in delta.items()}, str(path))
+    return delta
+
+
+def _reconstruction_error(model: diffusion.DiffusionModel, paths: list[str]) -> float:
+    """Mean absolute error of the model's VAE round trip, in [-1, 1] pixel units."""
+    pixels = torch.stack([model.pixels(diffusion.read_image(p, ingest.Limits())) for p in paths])
+    with torch.no_grad():
+        decoded = model.vae.decode(model.latents(pixels) / model.vae.config.scaling_factor).sample.clamp(-1, 1).cpu()
+    return float((decoded - pixels).abs().mean())
+
+
+def _generated(pipe, path: Path, prompt: str, seed: int, s: PlantedSettings) -> Image.Image:
+    if path.is_file():
+        return diffusion.read_image(str(path), ingest.Limits())
+    image = diffusion.generate(pipe, prompt, seed, s.sample_steps, s.guidance)
+    image.save(path)
+    return image
+
+
+def _scores(name: str, rankings: list[np.ndarray], positives: list[set[int]]) -> PlantedScores:
+    aps = [metrics.average_precision(r, p) for r, p in zip(rankings, positives)]
+    recalls = {K: [len(p & set(r[:K].tolist())) / len(p) for r, p in zip(rankings, positives)] for K in RECALL_KS}
+    return PlantedScores(name, mean_se(aps), {K: mean_se(v) for K, v in recalls.items()})
+
+
+def to_markdown(report: PlantedReport) -> str:
+    head = ["method", "mAP"] + [f"R@{K}" for K in RECALL_KS]
+    rows = [[m.name, f"{m.map[0]:.3f} ± {m.map[1]:.3f}"] + [f"{v:.3f} ± {se:.3f}" for v, se in m.recall_at.values()] for m in report.methods]
+    note = (
+        f"\nPlanted ground truth (AbC): {len(report.customisations)} customisation(s) — {', '.join(report.customisations)} — "
+        f"each fine-tuned on {report.exemplars} exemplar(s); {report.queries} generated images ranked against "
+        f"{report.training} training images (the workspace's plus all exemplars); positives = the image's own exemplars. "
+        f"Recall@K = fraction of them in the top K; ± is the standard error over generated images. "
+        f"AbU and D-TRAK rank only candidates: the fast path's top {report.candidates} plus the exemplars (always included), "
+        f"then the rest in fast-path order, so their figures measure ordering within a set that holds the answer. "
+        f"The exemplars' captions and the generations' prompts share the new word, so methods that read text get that cue; "
+        f"'untuned image' does not.\n"
+    )
+    return markdown_table(head, rows) + "\n" + note
+
+
+def to_json(report: PlantedReport) -> str:
+    return json.dumps({
+        **{k: v for k, v in asdict(report).items() if k not in ("methods", "folder")},
+        "folder": str(report.folder),
+        "candidates_note": "AbU and D-TRAK rank the fast top-K plus the exemplars; the rest follow in fast order",
+        "methods": [{"name": m.name, "map": {"mean": m.map[0], "stderr": m.map[1]},
+                     "recall_at": {str(K): {"mean": v, "stderr": se} for K, (v, se) in m.recall_at.items()}} for m in report.methods],
+    }, indent=2)
