@@ -68,3 +68,13 @@ def scanned_ws(indexed_ws, outputs_dir, tiny_pipeline):
     indexed_ws.save()
     scan(indexed_ws, outputs_dir, top_k=5)
     return indexed_ws
+
+
+@pytest.fixture(scope="module")
+def model(tiny_pipeline):
+    """The tiny pipeline loaded as the teachers see it."""
+    import torch
+
+    from auditor import diffusion
+
+    return diffusion.load(tiny_pipeline, torch.device("cpu"))

@@ -10,17 +10,7 @@ from auditor.settings import AbuSettings
 from auditor.teacher import Unlearner, estimate_fisher
 
 from .helpers import audit, sql_value
-
-
-@pytest.fixture(scope="module")
-def model(tiny_pipeline):
-    return diffusion.load(tiny_pipeline, torch.device("cpu"))
-
-
-def _batch(model, n=3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    latents = torch.randn((n, 4, 8, 8), generator=gen)
-    return latents, model.text_embeddings([f"a red digit {i}" for i in range(n)])
+from .tiny_sd import random_batch as _batch
 
 
 def test_model_loads_in_its_own_space(model, tiny_pipeline):

@@ -11,17 +11,7 @@ from auditor.errors import AuditError
 from auditor.settings import DtrakSettings
 
 from .helpers import audit, sql_value
-
-
-@pytest.fixture(scope="module")
-def model(tiny_pipeline):
-    return diffusion.load(tiny_pipeline, torch.device("cpu"))
-
-
-def _batch(model, n=3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    latents = torch.randn((n, 4, 8, 8), generator=gen)
-    return latents, model.text_embeddings([f"a red digit {i}" for i in range(n)])
+from .tiny_sd import random_batch as _batch
 
 
 def _brute_force(model, params, latent, text_emb, noise, timesteps, views):

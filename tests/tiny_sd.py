@@ -50,3 +50,10 @@ def build(folder: Path, seed: int = 0, flip_augmentation: bool = False) -> Path:
     pipe.save_pretrained(folder)
     (folder / "auditor_training.json").write_text(json.dumps({"flip_augmentation": flip_augmentation}))
     return folder
+
+
+def random_batch(model, n: int = 3, seed: int = 0):
+    """Random latents of the tiny model's shape with distinct prompt embeddings."""
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn((n, 4, 8, 8), generator=gen)
+    return latents, model.text_embeddings([f"a red digit {i}" for i in range(n)])
