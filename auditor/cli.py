@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from . import prefer_spinning_threads
 from . import sql as sql_api
 from . import workspace as workspace_api
 from .errors import AuditError
@@ -249,7 +250,7 @@ def use_encoder(
 def eval_command(
     encoder: Optional[list[Path]] = typer.Option(None, "--encoder", help="Encoder bundle(s) to evaluate (default: the workspace's)."),
     k: Optional[list[int]] = typer.Option(None, "--k", help="k of mAP@k (repeatable; default 5 10 20 50)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Write eval.json and eval.md (planted.json and planted.md with --planted) here."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Write eval.json and eval.md (planted.* with --planted, counterfactual.* with --counterfactual) here."),
     planted: bool = typer.Option(False, "--planted", help="Planted ground truth instead (AbC): customise the model on new-style exemplars, score every method (fast, untuned, AbU, D-TRAK) by Recall@5/10/100 and mAP of the exemplars."),
     exemplars: Optional[Path] = typer.Option(None, "--exemplars", help="With --planted: folder of images that become the exemplars (e.g. examples/digits_world/heldout)."),
     style: Optional[str] = typer.Option(None, "--style", help="With --planted: palette (recolour --exemplars images into new palettes), stroke (mirrored, upside down, bold, thin strokes in their own colours) or as-is (one subfolder per customisation, unchanged). Default from audit.toml [planted]."),
@@ -257,12 +258,27 @@ def eval_command(
     generations: Optional[int] = typer.Option(None, help="With --planted: images generated per customised model."),
     tune: Optional[str] = typer.Option(None, "--tune", help="With --planted: weights fine-tuned per customisation, kv (cross-attention keys/values) or all (the whole UNet)."),
     steps: Optional[int] = typer.Option(None, help="With --planted: fine-tuning steps per customisation."),
-    model: Optional[Path] = typer.Option(None, "--model", help="With --planted: diffusers pipeline folder (default: [paths] model)."),
-    device: Optional[str] = typer.Option(None, help="With --planted: auto, cpu or cuda."),
+    counterfactual: bool = typer.Option(False, "--counterfactual", help="Leave-K-out instead: retrain the model from scratch by its recipe without each method's top-K (fast, AbU, D-TRAK) and without K random / K most similar images; report the loss increase on the generation and how far its regeneration moves."),
+    generation: Optional[list[int]] = typer.Option(None, "--generation", help="With --counterfactual: generation id to check (repeatable; default: [counterfactual] generations AbU-scored ones, distinct prompts first)."),
+    remove: Optional[int] = typer.Option(None, "--remove", help="With --counterfactual: images left out per generation and method (default from audit.toml [counterfactual] k)."),
+    retrain_steps: Optional[int] = typer.Option(None, "--retrain-steps", help="With --counterfactual: training steps of every retraining (default: the recipe's own)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="With --planted or --counterfactual: diffusers pipeline folder (default: [paths] model)."),
+    device: Optional[str] = typer.Option(None, help="With --planted or --counterfactual: auto, cpu or cuda."),
 ):
-    """mAP@k against the teacher on held-out queries: distilled vs untuned image, text and image ⊕ text; or, with --planted, every method against planted ground truth."""
+    """mAP@k against the teacher on held-out queries: distilled vs untuned image, text and image ⊕ text; or, with --planted, every method against planted ground truth; or, with --counterfactual, the leave-K-out check."""
     ws = _ws()
-    if planted:
+    if counterfactual:
+        prefer_spinning_threads()
+        from . import counterfactual as counterfactual_api
+
+        with _progress() as bar:
+            report = counterfactual_api.counterfactual(
+                ws, generations=generation, model=model, device=device, progress=RichProgress(bar),
+                announce=lambda message: console.print(message, highlight=False, soft_wrap=True),
+                k=remove, retrain_steps=retrain_steps,
+            )
+        markdown, data, stem = counterfactual_api.to_markdown(report), counterfactual_api.to_json(report), "counterfactual"
+    elif planted:
         from . import planted as planted_api
 
         if exemplars is None:

@@ -278,6 +278,8 @@ def confirm(
         else:
             dtrak_settings = DtrakSettings.from_config(ws.config["dtrak"], **overrides)
             settings_hash = dtrak_settings.hash(training.model.hash, "dtrak", encoder.id, flip, json.dumps(selection.selection(), sort_keys=True))
+        # A run killed after its last commit is over too, even when this call finds nothing left to do.
+        store.con.execute("UPDATE confirm_runs SET status = 'interrupted' WHERE status = 'running'")
         selected = _select(store, encoder.id, settings_hash, top, where, generation)
         result = ConfirmResult(None)
         if not selected:
@@ -294,7 +296,6 @@ def confirm(
             f"{selection.candidates} candidates + {selection.controls} controls; estimated {result.estimate_seconds:.0f} s"
         )
         with store.transaction():
-            store.con.execute("UPDATE confirm_runs SET status = 'interrupted' WHERE status = 'running'")
             run_id = store.next_id("confirm_runs")
             store.con.execute(
                 "INSERT INTO confirm_runs (id, method, model_hash, model_path, encoder_id, settings, settings_hash, started_at, status)"

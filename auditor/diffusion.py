@@ -119,29 +119,32 @@ class DiffusionModel:
     @torch.no_grad()
     def text_embeddings(self, prompts: list[str | None]) -> torch.Tensor:
         """The pipeline's own conditioning: last hidden state of its text encoder; a missing prompt is the empty one."""
-        tokens = self.tokenizer(
-            [p or "" for p in prompts],
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.text_encoder(tokens)[0]
+        return self.text_encoder(tokenize(self.tokenizer, prompts).to(self.device))[0]
 
     def denoising_loss(self, latents, text_emb, timesteps, noise) -> torch.Tensor:
         """Per-sample training loss (mean squared error against the scheduler's target), shape (B,)."""
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         pred = self.unet(noisy, timesteps, encoder_hidden_states=text_emb).sample
-        kind = self.scheduler.config.prediction_type
-        if kind == "epsilon":
-            target = noise
-        elif kind == "v_prediction":
-            target = self.scheduler.get_velocity(latents, noise, timesteps)
-        elif kind == "sample":
-            target = latents
-        else:
-            raise AuditError(f"scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction, sample)")
+        target = prediction_target(self.scheduler, latents, noise, timesteps)
         return ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.ndim)))
+
+
+def tokenize(tokenizer, prompts: list[str | None]) -> torch.Tensor:
+    """The pipeline's own tokenisation of prompts (a missing prompt is the empty one)."""
+    return tokenizer([p or "" for p in prompts], padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict under the scheduler's objective."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise AuditError(f"scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction, sample)")
 
 
 def pipeline(model: DiffusionModel):

@@ -157,3 +157,22 @@ class PlantedSettings:
 
     def hash(self, *parts: str) -> str:
         return _hash(self, parts)
+
+
+@dataclass
+class CounterfactualSettings:
+    """The leave-K-out check (methods.md §1; see auditor/counterfactual.py)."""
+
+    generations: int = 4  # AbU-scored generations checked, distinct prompts first
+    k: int = 10  # images left out per generation and method
+    methods: tuple[str, ...] = ("fast", "abu", "dtrak")  # those whose scores every checked generation has
+    retrain_steps: int = 0  # 0: the model recipe's own length
+    loss_timesteps: int = 50
+    loss_draws: int = 4  # noise draws per timestep
+    sample_steps: int = 30
+    guidance: float = 4.0
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, section: dict, **overrides) -> "CounterfactualSettings":
+        return _pick(cls, section, overrides)

@@ -18,7 +18,7 @@ from typing import Iterator
 import tomli_w
 
 from .errors import AuditError, WorkspaceBusy, WorkspaceNotFound
-from .settings import AbuSettings, DistillSettings, DtrakSettings, IndexSettings, PlantedSettings
+from .settings import AbuSettings, CounterfactualSettings, DistillSettings, DtrakSettings, IndexSettings, PlantedSettings
 
 AUDIT_DIR = ".audit"
 CONFIG_NAME = "audit.toml"
@@ -49,6 +49,8 @@ DEFAULT_CONFIG: dict = {
     # `audit eval --planted`: see auditor/planted.py.
     "planted": asdict(PlantedSettings()),
     "distill": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(DistillSettings()).items()},
+    # `audit eval --counterfactual`: see auditor/counterfactual.py.
+    "counterfactual": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(CounterfactualSettings()).items()},
     "scan": {
         "top_k": 50,
         "max_pixels": 50_000_000,

@@ -78,7 +78,10 @@ def test_confirm_stores_scores_and_agreement_and_skips_on_rerun(scanned_ws):
     assert again.generations == 2
     assert set(sql.query(scanned_ws, "select generation_id from confirmations where run_id = 2")["generation_id"].to_list()).isdisjoint(picked)
     gen = next(iter(picked))
+    # A run killed after its last commit is left 'running'; the next call, even one with nothing to do, ends it.
+    sql.query(scanned_ws, "update confirm_runs set status = 'running', finished_at = null where id = 2", write=True)
     assert confirm.confirm(scanned_ws, generation=gen).run_id is None  # already confirmed: nothing to do
+    assert sql_value(scanned_ws, "select status from confirm_runs where id = 2") == "interrupted"
     # Caches are reused: the Fisher and 'before' losses were written once.
     assert len(list((scanned_ws.dir / "cache").glob("fisher-*.safetensors"))) == 1
     assert len(list((scanned_ws.dir / "cache").glob("abu-before-*.npz"))) == 1

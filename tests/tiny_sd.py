@@ -48,7 +48,12 @@ def build(folder: Path, seed: int = 0, flip_augmentation: bool = False) -> Path:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
-    (folder / "auditor_training.json").write_text(json.dumps({"flip_augmentation": flip_augmentation}))
+    # A recipe (auditor/retrain.py) small enough for tests to retrain the model from scratch in seconds.
+    (folder / "auditor_training.json").write_text(json.dumps({
+        "flip_augmentation": flip_augmentation, "text_encoder": "trained jointly with the unet, from scratch",
+        "steps": 12, "batch_size": 8, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 2, "min_lr_ratio": 0.1,
+        "grad_clip": 1.0, "autocast": "none", "ema_decay": 0.9, "caption_dropout": 0.1, "seed": seed,
+    }))
     return folder
 
 

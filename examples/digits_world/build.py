@@ -17,23 +17,29 @@ WORLD.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import math
 import os
 import random
 import re
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is built locally
+# Training: spinning OpenMP threads are ~3x faster than the auditor's PASSIVE default (see auditor/__init__.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
+
+from auditor.diffusion import tokenize  # noqa: E402
+from auditor.retrain import Recipe, cosine_lr, posterior, train  # noqa: E402
 
 SEED = 0
 THREADS = 2
@@ -95,9 +101,9 @@ UNET_CONFIG = dict(
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
 # steps_offset only shifts "leading" spacing; 1 is what the SD pipeline insists on.
 SAMPLER = dict(clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing", steps_offset=1)
-DIFFUSION_TRAIN = dict(
-    steps=1000, batch=128, lr=2e-3, weight_decay=1e-2, warmup=100, min_lr_ratio=0.1,
-    ema_decay=0.995, caption_dropout=0.1, grad_clip=1.0, autocast="bfloat16",
+DIFFUSION_TRAIN = dict(  # an auditor.retrain.Recipe; seed 2 is the stage's offset of SEED
+    steps=1000, batch_size=128, lr=2e-3, weight_decay=1e-2, warmup_steps=100, min_lr_ratio=0.1,
+    ema_decay=0.995, caption_dropout=0.1, grad_clip=1.0, autocast="bfloat16", seed=SEED + 2,
 )
 
 CLIP_NAME = "digits-clip-tiny"
@@ -173,13 +179,6 @@ def to_model_range(images: np.ndarray) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [-1, 1], the range the VAE works in."""
     # contiguous: a permuted (channels-last) batch makes the convolutions several times slower
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1.0
-
-
-def cosine_lr(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def update_stats(out: Path, section: str, values: dict) -> None:
@@ -335,17 +334,6 @@ def stage_tokenizer(out: Path) -> dict:
 
 # --------------------------------------------------------------------------- stage: vae
 
-def encode_latents(vae, images: torch.Tensor, batch: int = 256):
-    """Posterior mean and std of the VAE latents (unscaled)."""
-    means, stds = [], []
-    with torch.no_grad():
-        for chunk in images.split(batch):
-            dist = vae.encode(chunk).latent_dist
-            means.append(dist.mean)
-            stds.append(dist.std)
-    return torch.cat(means), torch.cat(stds)
-
-
 def stage_vae(out: Path) -> dict:
     from diffusers import AutoencoderKL
 
@@ -361,10 +349,10 @@ def stage_vae(out: Path) -> dict:
     vae.train()
     for step in range(cfg["steps"]):
         batch = x[torch.randint(len(x), (cfg["batch"],))]
-        posterior = vae.encode(batch).latent_dist
-        recon = vae.decode(posterior.sample()).sample
+        dist = vae.encode(batch).latent_dist
+        recon = vae.decode(dist.sample()).sample
         # KL per pixel value, so kl_weight reads relative to the per-pixel MSE.
-        loss = F.mse_loss(recon, batch) + cfg["kl_weight"] * posterior.kl().mean() / batch[0].numel()
+        loss = F.mse_loss(recon, batch) + cfg["kl_weight"] * dist.kl().mean() / batch[0].numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -373,11 +361,11 @@ def stage_vae(out: Path) -> dict:
             print(f"  vae step {step:4d} loss {loss.item():.5f}", flush=True)
 
     vae.eval()
-    mean, _ = encode_latents(vae, x)
+    mean, _ = posterior(vae, x)
     scaling = 1.0 / mean.std().item()  # unit-variance latents for the diffusion model
     vae.register_to_config(scaling_factor=scaling)
     with torch.no_grad():
-        held_mean, _ = encode_latents(vae, x_held)
+        held_mean, _ = posterior(vae, x_held)
         recon = vae.decode(held_mean).sample.clamp(-1, 1)
     mse = F.mse_loss(recon, x_held).item()
     vae.save_pretrained(out / "model" / "vae")
@@ -388,79 +376,30 @@ def stage_vae(out: Path) -> dict:
 
 # --------------------------------------------------------------------------- stage: diffusion
 
-def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
-    """Exactly the pipeline's own tokenisation of prompts."""
-    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
-
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1.0 - decay)
-
-
 def stage_diffusion(out: Path) -> dict:
-    """Train the text encoder and the UNet jointly, from scratch, on VAE latents."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    """Train the text encoder and the UNet jointly, from scratch, on VAE latents, by the recipe auditor/retrain.py
+    runs (which `audit eval --counterfactual` also retrains with)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTokenizer
 
-    seed_everything(2)
     rows, train_imgs = load_split(out, "training")
     tokenizer = CLIPTokenizer.from_pretrained(out / "model" / "tokenizer")
     vae = AutoencoderKL.from_pretrained(out / "model" / "vae").eval()
-    latent_mean, latent_std = encode_latents(vae, to_model_range(train_imgs))
-    scaling = vae.config.scaling_factor
-    ids = tokenize(tokenizer, [r["caption"] for r in rows])
-    empty_ids = tokenize(tokenizer, [""])  # what the pipeline feeds for classifier-free guidance
-
-    text_encoder = CLIPTextModel(CLIPTextConfig(
+    latent_mean, latent_std = posterior(vae, to_model_range(train_imgs))
+    text_config = CLIPTextConfig(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TEXT_ENCODER_CONFIG))
-    unet = UNet2DConditionModel(**UNET_CONFIG)
-    ema_text_encoder, ema_unet = copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()
-    noise_schedule = DDPMScheduler(**SCHEDULE)
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TEXT_ENCODER_CONFIG)
+    recipe = Recipe(**DIFFUSION_TRAIN)
+    started = time.time()
 
-    cfg = DIFFUSION_TRAIN
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cosine_lr(s, cfg["steps"], cfg["warmup"], cfg["min_lr_ratio"]))
-    unet.train()
-    text_encoder.train()
-    order = torch.randperm(len(rows))
-    cursor, losses, started = 0, [], time.time()
-    for step in range(cfg["steps"]):
-        if cursor + cfg["batch"] > len(order):  # epoch boundary: reshuffle
-            order, cursor = torch.randperm(len(rows)), 0
-        idx = order[cursor:cursor + cfg["batch"]]
-        cursor += cfg["batch"]
+    def log(step: int, loss: float) -> None:
+        if step % 100 == 0 or step == recipe.steps - 1:
+            print(f"  diffusion step {step:5d} loss(avg100) {loss:.4f} {time.time() - started:6.0f}s", flush=True)
 
-        latents = (latent_mean[idx] + latent_std[idx] * torch.randn_like(latent_mean[idx])) * scaling
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, SCHEDULE["num_train_timesteps"], (len(idx),))
-        noisy = noise_schedule.add_noise(latents, noise, t)
-        target = noise_schedule.get_velocity(latents, noise, t)
-        drop = torch.rand(len(idx)) < cfg["caption_dropout"]
-        batch_ids = torch.where(drop[:, None], empty_ids, ids[idx])
-
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            hidden = text_encoder(batch_ids)[0]
-            pred = unet(noisy, t, hidden).sample
-        loss = F.mse_loss(pred.float(), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-        opt.step()
-        sched.step()
-        # EMA warm-up: early averages must not be dominated by the random init.
-        decay = min(cfg["ema_decay"], (1 + step) / (10 + step))
-        ema_update(ema_unet, unet, decay)
-        ema_update(ema_text_encoder, text_encoder, decay)
-        losses.append(loss.item())
-        if step % 100 == 0 or step == cfg["steps"] - 1:
-            print(f"  diffusion step {step:5d} loss(avg100) {np.mean(losses[-100:]):.4f} "
-                  f"{time.time() - started:6.0f}s", flush=True)
+    ema_unet, ema_text_encoder, losses = train(
+        UNET_CONFIG, text_config,
+        DDPMScheduler(**SCHEDULE), latent_mean, latent_std, vae.config.scaling_factor,
+        tokenize(tokenizer, [r["caption"] for r in rows]), tokenize(tokenizer, [""]), recipe, log=log)
 
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=ema_text_encoder, tokenizer=tokenizer, unet=ema_unet,
@@ -471,22 +410,19 @@ def stage_diffusion(out: Path) -> dict:
     facts = {
         "objective": "v_prediction", "loss": "mse(unet(z_t, t, text), v)",
         "noise_schedule": SCHEDULE["beta_schedule"], "num_train_timesteps": SCHEDULE["num_train_timesteps"],
-        "timestep_sampling": "uniform", "steps": cfg["steps"], "batch_size": cfg["batch"],
-        "optimizer": "AdamW", "lr": cfg["lr"], "weight_decay": cfg["weight_decay"],
-        "lr_schedule": f"linear warmup {cfg['warmup']} steps, cosine to {cfg['min_lr_ratio']} x lr",
-        "grad_clip": cfg["grad_clip"], "autocast": cfg["autocast"],
-        "ema_decay": cfg["ema_decay"], "saved_weights": "ema",
-        "caption_dropout": cfg["caption_dropout"], "empty_caption": "",
-        "flip_augmentation": False, "augmentation": "none",
+        "timestep_sampling": "uniform", "optimizer": "AdamW",
+        "lr_schedule": f"linear warmup {recipe.warmup_steps} steps, cosine to {recipe.min_lr_ratio} x lr",
+        **recipe.as_facts(),
+        "saved_weights": "ema", "flip_augmentation": False, "augmentation": "none",
         "latents": "vae posterior sample * vae.config.scaling_factor",
         "text_encoder": "trained jointly with the unet, from scratch",
-        "training_set": "training/contributors.csv (caption column)", "resolution": SIZE, "seed": SEED,
+        "training_set": "training/contributors.csv (caption column)", "resolution": SIZE,
         "final_loss_avg100": float(np.mean(losses[-100:])),
     }
     (out / "model" / "auditor_training.json").write_text(json.dumps(facts, indent=2) + "\n")
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return {"unet_params": count(unet), "text_encoder_params": count(text_encoder),
-            "final_loss_avg100": facts["final_loss_avg100"], "seconds_per_step": (time.time() - started) / cfg["steps"]}
+    return {"unet_params": count(ema_unet), "text_encoder_params": count(ema_text_encoder),
+            "final_loss_avg100": facts["final_loss_avg100"], "seconds_per_step": (time.time() - started) / recipe.steps}
 
 
 # --------------------------------------------------------------------------- stage: encoder
@@ -893,7 +829,7 @@ def write_world_md(out: Path) -> None:
         f"cross-attention (`attn2.to_k` / `attn2.to_v`) at both levels and the mid block, "
         f"{diff.get('unet_params', 0):,} params.",
         f"- **Training**: v-prediction, `{SCHEDULE['beta_schedule']}` schedule, {DIFFUSION_TRAIN['steps']} steps x "
-        f"batch {DIFFUSION_TRAIN['batch']}, AdamW {DIFFUSION_TRAIN['lr']}, EMA {DIFFUSION_TRAIN['ema_decay']} "
+        f"batch {DIFFUSION_TRAIN['batch_size']}, AdamW {DIFFUSION_TRAIN['lr']}, EMA {DIFFUSION_TRAIN['ema_decay']} "
         f"(EMA weights shipped), {DIFFUSION_TRAIN['caption_dropout']:.0%} caption dropout (empty caption), "
         f"{DIFFUSION_TRAIN['autocast']} autocast, **no horizontal flip augmentation** (`flip_augmentation: false`).",
         "- **Scheduler** saved: `DDIMScheduler` with the training betas and `prediction_type: v_prediction`, "
