@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -198,6 +198,48 @@ def collect(
     return result
 
 
+REPLICATE_SEED = 1_000_003  # added to the teacher's seed: new unlearning draws and new scoring noise, overlapping no query's
+
+
+def replicate(
+    ws: Workspace,
+    *,
+    split: str = "test",
+    model: str | os.PathLike | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+    announce: Callable[[str], None] = lambda message: None,
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """The teacher again on the collected queries of a split, with independent noise: query id → (candidate training ids,
+    influence). How well the teacher agrees with itself bounds what any student can reach against it (`audit eval
+    --replicate`). Uses the workspace's [confirm] settings, which should be those the rankings were collected with."""
+    progress = progress or Silent()
+    settings = AbuSettings.from_config(ws.config["confirm"])
+    model_path = Path(model) if model else ws.path_setting("paths", "model")
+    if model_path is None:
+        raise AuditError(f"no diffusion model configured; set [paths] model in {ws.config_path} or pass --model PATH")
+    torch_device = embed.resolve_device(device or ws.config["encoder"]["device"])
+    with Store(ws.db_path, read_only=True) as store:
+        rows = store.rows(
+            "SELECT q.id, q.path, q.prompt, list(r.training_id ORDER BY r.backbone_rank) FROM distill_queries q"
+            " JOIN distill_rankings r ON r.query_id = q.id WHERE q.split = ? AND q.collected_at IS NOT NULL"
+            " GROUP BY q.id, q.path, q.prompt ORDER BY q.id", [split])
+        training = training_set(ws, store, model_path, torch_device, str(ws.config["confirm"].get("flip", "auto")))
+    if not rows:
+        raise AuditError(f"no collected {split} queries; run `audit distill collect` first")
+    session = TeacherSession(training, replace(settings, seed=settings.seed + REPLICATE_SEED), ws.dir / "cache")
+    announce(f"replicating the teacher on {len(rows)} {split} queries with independent noise; "
+             f"estimated {session.estimate(len(rows), len(rows[0][3])):.0f} s")
+    progress.start("replicating", len(rows))
+    out = {}
+    for qid, path, prompt, candidates in rows:
+        image = diffusion.read_image(path, ingest.Limits())
+        _, influence = session.score(image, prompt, np.array(candidates, np.int64), qid)
+        out[int(qid)] = (np.array(candidates, np.int64), influence)
+        progress.advance()
+    return out
+
+
 # ---------------------------------------------------------------------- head training
 @dataclass
 class Rankings:
@@ -242,7 +284,7 @@ def fit_head(train: Rankings, val: Rankings, train_features: np.ndarray, s: Dist
     torch.manual_seed(s.seed)
     rng = np.random.default_rng(s.seed)
     in_dim = train_features.shape[1]
-    head = embed.ProjectionHead(in_dim, list(s.hidden_dims), s.out_dim, s.layernorm, s.dropout)
+    head = embed.ProjectionHead(in_dim, list(s.hidden_dims), s.out_dim, s.layernorm, s.dropout, s.residual)
     opt = torch.optim.AdamW(head.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     t_feat = torch.as_tensor(train_features, dtype=torch.float32)
     q_feat = torch.as_tensor(train.query_features, dtype=torch.float32)
@@ -250,8 +292,9 @@ def fit_head(train: Rankings, val: Rankings, train_features: np.ndarray, s: Dist
     t_idx = np.concatenate(train.candidates)
     target = np.concatenate([_targets(r) for r in train.ranks]).astype(np.float32)
     in_candidates = [set(c.tolist()) for c in train.candidates]
-    best = (-1.0, None, 0)
-    history = []
+    # Epoch 0 is the untrained head: with `residual` that is the untuned ranking, the bar training must clear.
+    best = (_val_map(head, val, t_feat, s.k), {k: v.detach().clone() for k, v in head.state_dict().items()}, 0)
+    history = [{"epoch": 0, "loss": float("nan"), "val_map": best[0]}]
     for epoch in range(1, s.epochs + 1):
         order = rng.permutation(len(t_idx))
         qi, ti, y = q_idx[order].copy(), t_idx[order].copy(), target[order].copy()
@@ -405,7 +448,7 @@ def train(
     config = json.loads((encoder.directory / embed.CONFIG_NAME).read_text())
     config.pop("format")
     head_cfg = {"in_dim": t_feat.shape[1], "hidden_dims": list(s.hidden_dims), "out_dim": s.out_dim,
-                "layernorm": s.layernorm, "dropout": s.dropout, "weights": "head.safetensors"}
+                "layernorm": s.layernorm, "dropout": s.dropout, "residual": s.residual, "weights": "head.safetensors"}
     config.update(name=f"{encoder.name}-distilled", head=head_cfg, temperature=tau,
                   distilled={"from_encoder": encoder.id, "val_map_at_k": fit.best_val_map, "k": s.k, "epochs": fit.epochs,
                              "train_queries": int((~is_val).sum()), "val_queries": int(is_val.sum()),

@@ -43,9 +43,14 @@ def resolve_device(device: str) -> torch.device:
 
 
 class ProjectionHead(torch.nn.Module):
-    """FastGDA's shared MLP: [LayerNorm] → (Linear → ReLU → Dropout)* → Linear, plus a learned score scale and bias."""
+    """FastGDA's shared MLP: [LayerNorm] → (Linear → ReLU → Dropout)* → Linear, plus a learned score scale and bias.
 
-    def __init__(self, in_dim: int, hidden_dims: list[int], out_dim: int, layernorm: bool = True, dropout: float = 0.1):
+    residual: the output adds a learned linear map of the L2-normalised input, initialised to the identity (zero-padded;
+    a random orthonormal projection when out_dim < in_dim), and the MLP's last layer starts at zero, so an untrained head
+    ranks like the untuned image ⊕ text feature and training moves away from it only as far as validation rewards."""
+
+    def __init__(self, in_dim: int, hidden_dims: list[int], out_dim: int, layernorm: bool = True, dropout: float = 0.1,
+                 residual: bool = False):
         super().__init__()
         layers: list[torch.nn.Module] = [torch.nn.LayerNorm(in_dim)] if layernorm else []
         width = in_dim
@@ -54,16 +59,30 @@ class ProjectionHead(torch.nn.Module):
             width = hidden
         layers.append(torch.nn.Linear(width, out_dim))
         self.mlp = torch.nn.Sequential(*layers)
+        self.skip = None
+        if residual:
+            self.skip = torch.nn.Linear(in_dim, out_dim, bias=False)
+            with torch.no_grad():
+                if out_dim >= in_dim:
+                    self.skip.weight.copy_(torch.eye(out_dim, in_dim))
+                else:  # a random projection with orthonormal rows: cosines kept approximately
+                    torch.nn.init.orthogonal_(self.skip.weight)
+                layers[-1].weight.zero_()
+                layers[-1].bias.zero_()
         # Score = scale * cosine + bias: logits for the teacher-rank BCE.
         self.scale = torch.nn.Parameter(torch.tensor(10.0))
         self.bias = torch.nn.Parameter(torch.tensor(0.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(self.mlp(x), dim=-1)
+        out = self.mlp(x)
+        if self.skip is not None:
+            out = out + self.skip(torch.nn.functional.normalize(x, dim=-1))
+        return torch.nn.functional.normalize(out, dim=-1)
 
     @staticmethod
     def from_config(cfg: dict) -> "ProjectionHead":
-        return ProjectionHead(cfg["in_dim"], list(cfg["hidden_dims"]), cfg["out_dim"], cfg.get("layernorm", True), cfg.get("dropout", 0.1))
+        return ProjectionHead(cfg["in_dim"], list(cfg["hidden_dims"]), cfg["out_dim"], cfg.get("layernorm", True), cfg.get("dropout", 0.1),
+                              cfg.get("residual", False))
 
 
 def _hash_bundle(directory: Path, config: dict) -> str:

@@ -55,9 +55,11 @@ def _evaluate(name: str, sims: np.ndarray, queries, ks, recall_ks) -> MethodScor
     )
 
 
-def evaluate(ws: Workspace, *, encoders: list[str | os.PathLike] | None = None, ks=(5, 10, 20, 50), recall_ks=(1, 10, 50)) -> tuple[list[MethodScores], int]:
+def evaluate(ws: Workspace, *, encoders: list[str | os.PathLike] | None = None, ks=(5, 10, 20, 50), recall_ks=(1, 10, 50),
+             replicate: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[list[MethodScores], int]:
     """Untuned baselines (image, text, image ⊕ text of the workspace encoder's backbone) and every given bundle
-    (default: the workspace's encoder), on the held-out queries."""
+    (default: the workspace's encoder), on the held-out queries; with `replicate` (distill.replicate), also the teacher
+    run again with independent noise: its candidates by its own scores, then the rest by image ⊕ text."""
     bundles = [Path(p) for p in (encoders or [ws.encoder_dir()])]
     base = embed.load(bundles[0], "cpu")
     with Store(ws.db_path, read_only=True) as store:
@@ -72,6 +74,13 @@ def evaluate(ws: Workspace, *, encoders: list[str | os.PathLike] | None = None, 
         _evaluate("untuned text", _scores_for(q_txt, txt), queries, ks, recall_ks),
         _evaluate("untuned image ⊕ text", _scores_for(joint(q_img, q_txt), joint(img, txt)), queries, ks, recall_ks),
     ]
+    if replicate is not None:
+        backbone = _scores_for(joint(q_img, q_txt), joint(img, txt))
+        for row, (qid, *_rest) in zip(backbone, queries):
+            candidates, influence = replicate[qid]
+            # Above every backbone cosine (≤ 1), in the replicate's order.
+            row[[index_of[int(t)] for t in candidates]] = 2.0 + np.argsort(np.argsort(influence)) / len(influence)
+        results.append(_evaluate("teacher replicate (independent noise)", backbone, queries, ks, recall_ks))
     for path in bundles:
         enc = base if path == bundles[0] else embed.load(path, "cpu")
         if enc.head is None:

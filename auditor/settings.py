@@ -111,6 +111,8 @@ class DistillSettings:
     out_dim: int = 768
     layernorm: bool = True
     dropout: float = 0.1
+    # Start from the untuned feature (identity skip, zero last layer); see embed.ProjectionHead.
+    residual: bool = True
     epochs: int = 40
     batch_size: int = 4096
     lr: float = 1e-3

@@ -58,6 +58,18 @@ def test_head_recovers_a_known_ranking_embedding():
     assert fit.best_val_map > raw + 0.3
 
 
+def test_an_untrained_residual_head_ranks_like_the_untuned_feature():
+    import torch
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((50, 24)).astype(np.float32)
+    head = embed.ProjectionHead(24, [32, 32], 40, layernorm=True, dropout=0.1, residual=True).eval()
+    with torch.no_grad():
+        out = head(torch.as_tensor(x)).numpy()
+    joint = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_allclose(out @ out.T, joint @ joint.T, atol=1e-5)
+
+
 def test_temperature_fit_recovers_a_known_temperature():
     rng = np.random.default_rng(1)
     true_tau = 0.05
@@ -100,6 +112,17 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path)
     assert names[:3] == ["untuned image", "untuned text", "untuned image ⊕ text"] and names[3].startswith("distilled")
     assert all(0 <= m <= 1 for r in results for m, _ in r.map_at.values())
     assert "mAP@3" in evaluate.to_markdown(results, n)
+
+    # The teacher run again with independent noise ranks the same candidates, differently, and is scored like a method.
+    replica = distill.replicate(ws)
+    collected_test = dict(sql.query(ws, "select q.id, list(r.training_id order by r.backbone_rank) from distill_queries q "
+                                        "join distill_rankings r on r.query_id = q.id where q.split = 'test' group by 1").rows())
+    assert {q: c.tolist() for q, (c, _) in replica.items()} == collected_test
+    stored = dict(sql.query(ws, "select q.id, list(r.influence order by r.backbone_rank) from distill_queries q "
+                                "join distill_rankings r on r.query_id = q.id where q.split = 'test' group by 1").rows())
+    assert all(not np.allclose(influence, stored[q]) for q, (_, influence) in replica.items())
+    with_replica, _ = evaluate.evaluate(ws, encoders=[old_encoder], ks=(3,), replicate=replica)
+    assert with_replica[-1].name == "teacher replicate (independent noise)" and 0 < with_replica[-1].map_at[3][0] <= 1
 
     # Switching encoders re-embeds into a new table; earlier attributions keep the old encoder id.
     before = sql_value(ws, "select count(*) from attributions")
