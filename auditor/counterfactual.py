@@ -282,7 +282,20 @@ def to_markdown(report: CounterfactualReport) -> str:
         f"Loss: mean denoising loss on the generated image at fixed timesteps and noise (reference {report.reference_loss:.4f}). "
         f"Regenerated: same prompt and initial noise in both models. ± is the standard error over generations.\n"
     )
+    same = _identical(report.conditions)
+    if same:
+        note += "".join(f"\n{' and '.join(LABELS.get(n, n) for n in names)} left out the same images, so they are one retraining.\n"
+                        for names in same)
     return markdown_table(head, rows) + "\n" + note
+
+
+def _identical(conditions: list[ConditionResult]) -> list[list[str]]:
+    """Groups of conditions whose removed sets coincide for every generation."""
+    groups: dict[str, list[str]] = {}
+    for c in conditions:
+        key = json.dumps([sorted(p["removed"]) for p in c.per_generation])
+        groups.setdefault(key, []).append(c.name)
+    return [names for names in groups.values() if len(names) > 1]
 
 
 def to_json(report: CounterfactualReport) -> str:
