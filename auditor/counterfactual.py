@@ -300,3 +300,11 @@ def _identical(conditions: list[ConditionResult]) -> list[list[str]]:
 
 def to_json(report: CounterfactualReport) -> str:
     return json.dumps({**{k: v for k, v in dataclasses.asdict(report).items() if k != "folder"}, "folder": str(report.folder)}, indent=2)
+
+
+def from_json(text: str) -> CounterfactualReport:
+    """A report back from to_json (e.g. to render a saved run)."""
+    data = json.loads(text)
+    pairs = ("loss_increase", "relative_increase", "pixel_mse", "embedding_distance")
+    conditions = [ConditionResult(**{**c, **{k: tuple(c[k]) for k in pairs}}) for c in data.pop("conditions")]
+    return CounterfactualReport(conditions=conditions, **{**data, "folder": Path(data["folder"])})

@@ -69,20 +69,28 @@ def main() -> None:
     report = counterfactual.counterfactual(ws, generations=gen_ids, k=args.remove, retrain_steps=args.retrain_steps, announce=print)
     retrain_seconds = time.perf_counter() - t0
     prompts = dict(sql.query(ws, f"select id, prompt from generations where id in ({','.join(map(str, gen_ids))})").rows())
-    table = counterfactual.to_markdown(report)
-    (HERE / "COUNTERFACTUAL.md").write_text(
-        "# Leave-K-out on the example world\n\n"
+    header = (
         f"Made by `python examples/digits_world/counterfactual.py --generations {args.generations} --remove {args.remove} "
         f"--retrain-steps {args.retrain_steps}` on {time.strftime('%Y-%m-%d')} (2 CPU cores): {time.perf_counter() - started:.0f} s in all, "
-        f"of which {retrain_seconds:.0f} s retraining and measuring ({len(report.conditions) + 1} retrainings); confirming the "
-        f"generations took {timings['abu']:.0f} s with AbU and {timings['dtrak']:.0f} s with D-TRAK (including its one-time training features).\n\n"
+        f"of which {retrain_seconds:.0f} s retraining and measuring; confirming the generations took {timings['abu']:.0f} s with AbU "
+        f"and {timings['dtrak']:.0f} s with D-TRAK (0 s: already confirmed by an earlier run).\n\n"
         "Generations checked (single palette, distinct digits and contributors):\n\n"
         + "".join(f"- {g}: \"{prompts[g]}\"\n" for g in report.generations)
-        + "\n" + table
     )
-    (HERE / "counterfactual.json").write_text(counterfactual.to_json(report))
-    print(table)
+    (HERE / f"counterfactual-{report.retrain_steps}.json").write_text(counterfactual.to_json(report))
+    (HERE / f"counterfactual-{report.retrain_steps}.md").write_text(header)
+    write_summary()
 
+
+def write_summary() -> None:
+    """COUNTERFACTUAL.md from every run length measured so far (counterfactual-<steps>.json and .md)."""
+    sections = []
+    for path in sorted(HERE.glob("counterfactual-*.json"), key=lambda p: int(p.stem.split("-")[1])):
+        report = counterfactual.from_json(path.read_text())
+        sections.append(f"## Retrainings of {report.retrain_steps} steps (the recipe has {report.recipe_steps})\n\n"
+                        + path.with_suffix(".md").read_text() + "\n" + counterfactual.to_markdown(report))
+    (HERE / "COUNTERFACTUAL.md").write_text("# Leave-K-out on the example world\n\n" + "\n".join(sections))
+    print("\n".join(sections))
 
 if __name__ == "__main__":
     main()
