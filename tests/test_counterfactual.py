@@ -84,6 +84,7 @@ def test_counterfactual_end_to_end_on_a_tiny_model(scanned_ws):
     assert [c.loss_increase for c in again.conditions] == [c.loss_increase for c in report.conditions]
     assert "AbU top-K" in counterfactual.to_markdown(report)
     assert json.loads(counterfactual.to_json(report))["k"] == 3
+    assert counterfactual.from_json(counterfactual.to_json(report)) == report
 
 
 def test_counterfactual_needs_teacher_scores(scanned_ws):
