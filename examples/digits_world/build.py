@@ -831,7 +831,10 @@ def write_world_md(out: Path) -> None:
         f"- **Training**: v-prediction, `{SCHEDULE['beta_schedule']}` schedule, {DIFFUSION_TRAIN['steps']} steps x "
         f"batch {DIFFUSION_TRAIN['batch_size']}, AdamW {DIFFUSION_TRAIN['lr']}, EMA {DIFFUSION_TRAIN['ema_decay']} "
         f"(EMA weights shipped), {DIFFUSION_TRAIN['caption_dropout']:.0%} caption dropout (empty caption), "
-        f"{DIFFUSION_TRAIN['autocast']} autocast, **no horizontal flip augmentation** (`flip_augmentation: false`).",
+        f"{DIFFUSION_TRAIN['autocast']} autocast, **no horizontal flip augmentation** (`flip_augmentation: false`). "
+        "The loop is `auditor.retrain.train`, the one `audit eval --counterfactual` retrains with, and the recipe is in "
+        "`model/auditor_training.json` (the shipped weights predate the move of the loop into the package, with the same "
+        "recipe and seed).",
         "- **Scheduler** saved: `DDIMScheduler` with the training betas and `prediction_type: v_prediction`, "
         "`timestep_spacing: trailing`. "
         f"Outputs: {SAMPLING['steps']} DDIM steps, guidance {SAMPLING['guidance']:g}.",
