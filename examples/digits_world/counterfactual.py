@@ -21,10 +21,10 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # retraining-bound: see auditor/__init__.py
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
+sys.path.insert(0, str(HERE))
 
-from auditor import confirm, counterfactual, sql, workspace  # noqa: E402
-from auditor.scan import scan  # noqa: E402
-from auditor.training import index_training  # noqa: E402
+from auditor import confirm, counterfactual, sql  # noqa: E402
+from world import open_workspace  # noqa: E402
 
 
 def pick(n: int) -> list[str]:
@@ -51,12 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     root = args.workdir.resolve()
     started = time.perf_counter()
-    if (root / ".audit").is_dir():
-        ws = workspace.load(root)
-    else:
-        ws = workspace.init(root, encoder=HERE / "encoder", model=HERE / "model")
-        index_training(ws, HERE / "training")
-        scan(ws, HERE / "outputs")
+    ws = open_workspace(root, scan_outputs=True)
     files = pick(args.generations)
     gen_ids = [sql.query(ws, f"select id from generations where path like '%/{name}'").item() for name in files]
     timings = {}

@@ -18,9 +18,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
+sys.path.insert(0, str(HERE))
 
-from auditor import distill, evaluate, workspace  # noqa: E402
-from auditor.training import index_training  # noqa: E402
+from auditor import distill, evaluate  # noqa: E402
+from world import open_workspace  # noqa: E402
 
 
 def main() -> None:
@@ -33,11 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     stages = args.stage or ["collect", "train"]
     root = args.workdir.resolve()
-    if (root / ".audit").is_dir():
-        ws = workspace.load(root)
-    else:
-        ws = workspace.init(root, encoder=HERE / "encoder", model=HERE / "model")
-        index_training(ws, HERE / "training")
+    ws = open_workspace(root)
     ws.config["confirm"]["timesteps"] = args.timesteps
     ws.save()
     if "collect" in stages:

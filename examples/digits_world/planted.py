@@ -20,9 +20,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
+sys.path.insert(0, str(HERE))
 
-from auditor import planted, workspace  # noqa: E402
-from auditor.training import index_training  # noqa: E402
+from auditor import planted  # noqa: E402
+from world import open_workspace  # noqa: E402
 
 
 def main() -> None:
@@ -30,11 +31,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("build/planted-world"))
     args = parser.parse_args()
     root = args.workdir.resolve()
-    if (root / ".audit").is_dir():
-        ws = workspace.load(root)
-    else:
-        ws = workspace.init(root, encoder=HERE / "encoder", model=HERE / "model")
-        index_training(ws, HERE / "training")
+    ws = open_workspace(root)
     started = time.perf_counter()
     # 200 steps at lr 1e-3: the whole UNet learns each stroke style without forgetting the rest (prior preservation).
     ws.config["planted"].update(style="stroke", tune="all", steps=200, lr=1e-3)
