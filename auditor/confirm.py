@@ -261,9 +261,7 @@ def confirm(
     # Candidates, controls and agreement come from [confirm] whatever the teacher, so AbU and D-TRAK
     # verdicts on a generation are about the same candidates.
     selection = AbuSettings.from_config(section, **overrides)
-    model_path = Path(model) if model else ws.path_setting("paths", "model")
-    if model_path is None:
-        raise AuditError(f"no diffusion model configured; set [paths] model in {ws.config_path} or pass --model PATH")
+    model_path = ws.model_dir(model)
     torch_device = embed.resolve_device(device or ws.config["encoder"]["device"])
     started = time.perf_counter()
 

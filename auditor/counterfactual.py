@@ -200,9 +200,7 @@ def counterfactual(
     unknown = set(s.methods) - {"fast", *TEACHERS}
     if unknown:
         raise AuditError(f"counterfactual method(s) {', '.join(sorted(unknown))} are not known; use fast, abu, dtrak")
-    model_path = Path(model) if model else ws.path_setting("paths", "model")
-    if model_path is None:
-        raise AuditError(f"no diffusion model configured; set [paths] model in {ws.config_path} or pass --model PATH")
+    model_path = ws.model_dir(model)
     torch_device = embed.resolve_device(device or ws.config["encoder"]["device"])
     encoder = embed.load(ws.encoder_dir(), torch_device)
     with Store(ws.db_path, read_only=True) as store:

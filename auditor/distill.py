@@ -135,9 +135,7 @@ def collect(
     progress = progress or Silent()
     s = DistillSettings.from_config(ws.config["distill"], **overrides)
     teacher = AbuSettings.from_config(ws.config["confirm"], **overrides)
-    model_path = Path(model) if model else ws.path_setting("paths", "model")
-    if model_path is None:
-        raise AuditError(f"no diffusion model configured; set [paths] model in {ws.config_path} or pass --model PATH")
+    model_path = ws.model_dir(model)
     prompts = None
     if prompts_file:
         prompts = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
@@ -215,9 +213,7 @@ def replicate(
     --replicate`). Uses the workspace's [confirm] settings, which should be those the rankings were collected with."""
     progress = progress or Silent()
     settings = AbuSettings.from_config(ws.config["confirm"])
-    model_path = Path(model) if model else ws.path_setting("paths", "model")
-    if model_path is None:
-        raise AuditError(f"no diffusion model configured; set [paths] model in {ws.config_path} or pass --model PATH")
+    model_path = ws.model_dir(model)
     torch_device = embed.resolve_device(device or ws.config["encoder"]["device"])
     with Store(ws.db_path, read_only=True) as store:
         rows = store.rows(

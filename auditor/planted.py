@@ -235,9 +235,7 @@ def planted(
     s = PlantedSettings.from_config(ws.config["planted"], **overrides)
     abu = AbuSettings.from_config(ws.config["confirm"])
     gradients = DtrakSettings.from_config(ws.config["dtrak"])
-    model_path = Path(model) if model else ws.path_setting("paths", "model")
-    if model_path is None:
-        raise AuditError(f"no diffusion model configured; set [paths] model in {ws.config_path} or pass --model PATH")
+    model_path = ws.model_dir(model)
     torch_device = embed.resolve_device(device or ws.config["encoder"]["device"])
     base = diffusion.load(model_path, torch_device, ws.dir / "cache", str(ws.config["confirm"].get("flip", "auto")))
     folder = Path(exemplars).expanduser().resolve()

@@ -7,10 +7,14 @@ import json
 from dataclasses import asdict, dataclass
 
 
-def _pick(cls, section: dict, overrides: dict):
-    values = {k: section[k] for k in cls.__dataclass_fields__ if k in section}
-    values.update({k: v for k, v in overrides.items() if v is not None and k in cls.__dataclass_fields__})
-    return cls(**values)
+class _Section:
+    """A settings dataclass read from its audit.toml section; overrides (CLI options, API keywords) win unless None."""
+
+    @classmethod
+    def from_config(cls, section: dict, **overrides):
+        values = {k: section[k] for k in cls.__dataclass_fields__ if k in section}
+        values.update({k: v for k, v in overrides.items() if v is not None and k in cls.__dataclass_fields__})
+        return cls(**values)
 
 
 def _hash(settings, parts) -> str:
@@ -18,7 +22,7 @@ def _hash(settings, parts) -> str:
 
 
 @dataclass
-class IndexSettings:
+class IndexSettings(_Section):
     # Below this many training vectors search is exact; from it on an ANN index is built and used.
     ann_threshold: int = 100_000
     index_type: str = "IVF_PQ"
@@ -29,13 +33,9 @@ class IndexSettings:
     # Appended rows are searched exactly until they exceed this fraction of the indexed rows.
     rebuild_fraction: float = 0.2
 
-    @classmethod
-    def from_config(cls, section: dict, **overrides) -> "IndexSettings":
-        return _pick(cls, section, overrides)
-
 
 @dataclass
-class AbuSettings:
+class AbuSettings(_Section):
     """The unlearning teacher's knobs (methods.md §1); every one is recorded with each confirm run."""
 
     steps: int = 1
@@ -56,10 +56,6 @@ class AbuSettings:
     batch_size: int = 256
     seed: int = 0
 
-    @classmethod
-    def from_config(cls, section: dict, **overrides) -> "AbuSettings":
-        return _pick(cls, section, overrides)
-
     def scoring_key(self, model_hash: str) -> str:
         """What the cached 'before' losses depend on: the model and the scoring draws, not the step."""
         return hashlib.sha256(f"{model_hash}|{self.timesteps}|{self.seed}".encode()).hexdigest()[:16]
@@ -77,7 +73,7 @@ class AbuSettings:
 
 
 @dataclass
-class DtrakSettings:
+class DtrakSettings(_Section):
     """The gradient teacher's knobs (D-TRAK, methods.md §3; see auditor/dtrak.py)."""
 
     timesteps: int = 10
@@ -89,10 +85,6 @@ class DtrakSettings:
     batch_size: int = 16  # samples whose per-sample gradients are held at once
     seed: int = 0
 
-    @classmethod
-    def from_config(cls, section: dict, **overrides) -> "DtrakSettings":
-        return _pick(cls, section, overrides)
-
     def feature_key(self) -> str:
         """What the training features Φ depend on besides the model (not λ: the kernel is rebuilt from Φ)."""
         return hashlib.sha256(f"{self.timesteps}|{self.params}|{self.dim}|{self.seed}".encode()).hexdigest()[:12]
@@ -102,7 +94,7 @@ class DtrakSettings:
 
 
 @dataclass
-class DistillSettings:
+class DistillSettings(_Section):
     """FastGDA distillation (methods.md §2): query collection, head training, share calibration."""
 
     queries: int = 300
@@ -127,13 +119,9 @@ class DistillSettings:
     calibration_k: int = 10
     seed: int = 0
 
-    @classmethod
-    def from_config(cls, section: dict, **overrides) -> "DistillSettings":
-        return _pick(cls, section, overrides)
-
 
 @dataclass
-class PlantedSettings:
+class PlantedSettings(_Section):
     """The planted ground-truth benchmark (AbC, methods.md §4; see auditor/planted.py)."""
 
     customisations: int = 4
@@ -156,16 +144,12 @@ class PlantedSettings:
     guidance: float = 4.0
     seed: int = 0
 
-    @classmethod
-    def from_config(cls, section: dict, **overrides) -> "PlantedSettings":
-        return _pick(cls, section, overrides)
-
     def hash(self, *parts: str) -> str:
         return _hash(self, parts)
 
 
 @dataclass
-class CounterfactualSettings:
+class CounterfactualSettings(_Section):
     """The leave-K-out check (methods.md §1; see auditor/counterfactual.py)."""
 
     generations: int = 4  # AbU-scored generations checked, distinct prompts first
@@ -177,7 +161,3 @@ class CounterfactualSettings:
     sample_steps: int = 30
     guidance: float = 4.0
     seed: int = 0
-
-    @classmethod
-    def from_config(cls, section: dict, **overrides) -> "CounterfactualSettings":
-        return _pick(cls, section, overrides)

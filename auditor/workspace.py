@@ -102,6 +102,13 @@ class Workspace:
         path = Path(value).expanduser()
         return path if path.is_absolute() else (self.root / path).resolve()
 
+    def model_dir(self, override: str | os.PathLike | None = None) -> Path:
+        """The diffusion model folder: `override` (a --model option) or [paths] model."""
+        path = Path(override) if override else self.path_setting("paths", "model")
+        if path is None:
+            raise AuditError(f"no diffusion model configured; set [paths] model in {self.config_path} or pass --model PATH")
+        return path
+
     def encoder_dir(self) -> Path:
         path = self.path_setting("encoder", "path")
         if path is None:
