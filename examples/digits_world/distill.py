@@ -4,8 +4,9 @@
 
 Runs what a user would: a workspace on the world, `distill collect` (query images generated
 from the world's captions, ranked by the AbU teacher over each query's 100 nearest training
-images by the untuned backbone), `distill train`, `eval` on the held-out prompts. Resumable:
-rerunning continues the collection where it stopped.
+images by the untuned backbone), `distill train`, `eval` on the held-out prompts, then a diagnosis of where the teacher's top-10 comes from
+(the last section of EVAL.md). Resumable: rerunning continues the collection where it stopped, and the
+teacher replicate is kept in the workdir.
 """
 
 from __future__ import annotations
