@@ -1,0 +1,94 @@
+"""Is the teacher's scoring noise a per-image bias shared by every query of a run? (TEACHER.md, last section)
+
+    python examples/digits_world/scoring_noise.py [--workdir build/distill-world]
+
+On the collected test queries of a distillation workspace (examples/digits_world/distill.py), each query's
+unlearning update is scored twice: with the run's scoring noise (seeded per candidate, the same in every query,
+so that 'before' losses can be cached) and with an independent set. If the noise only added per-query jitter,
+a candidate's rank difference between the two would average out across queries; if it is a per-candidate bias,
+its mean over one half of the queries predicts its mean over the other half.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+sys.path.insert(0, str(HERE))
+
+from auditor import diffusion, ingest  # noqa: E402
+from auditor.confirm import TeacherSession, influence, training_set, unlearn  # noqa: E402
+from auditor.settings import AbuSettings  # noqa: E402
+from auditor.store import Store  # noqa: E402
+from world import open_workspace  # noqa: E402
+
+
+def normalised_rank(x: np.ndarray) -> np.ndarray:
+    return (np.argsort(np.argsort(x)) + 0.5) / len(x)
+
+
+def split_half(differences: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator, shuffle: bool) -> float:
+    """Correlation, over candidates seen in both halves of the queries, of their mean rank difference per half."""
+    order = rng.permutation(len(differences))
+    means = []
+    for half in (order[: len(order) // 2], order[len(order) // 2:]):
+        total, count = {}, {}
+        for i in half:
+            ids, d = differences[i]
+            for cid, value in zip(ids.tolist(), (rng.permutation(d) if shuffle else d).tolist()):
+                total[cid] = total.get(cid, 0.0) + value
+                count[cid] = count.get(cid, 0) + 1
+        means.append({k: total[k] / count[k] for k in total})
+    common = sorted(set(means[0]) & set(means[1]))
+    return float(np.corrcoef([means[0][k] for k in common], [means[1][k] for k in common])[0, 1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", type=Path, default=Path("build/distill-world"))
+    parser.add_argument("--splits", type=int, default=20, help="random query halvings to average over")
+    args = parser.parse_args()
+    ws = open_workspace(args.workdir)
+    settings = AbuSettings.from_config(ws.config["confirm"])
+    with Store(ws.db_path, read_only=True) as store:
+        rows = store.rows(
+            "SELECT q.id, q.path, q.prompt, list(r.training_id ORDER BY r.backbone_rank) FROM distill_queries q"
+            " JOIN distill_rankings r ON r.query_id = q.id WHERE q.split = 'test' AND q.collected_at IS NOT NULL"
+            " GROUP BY q.id, q.path, q.prompt ORDER BY q.id")
+        training = training_set(ws, store, ws.model_dir(None), torch.device("cpu"), "auto")
+    if not rows:
+        raise SystemExit(f"no collected test queries in {args.workdir}; run distill.py --stage collect first")
+    session = TeacherSession(training, settings, ws.dir / "cache")
+    other = settings.seed + 10_007  # the noise-floor seed: independent scoring noise, same unlearning
+    union = np.array(sorted({c for row in rows for c in row[3]}), np.int64)
+    before_other = dict(zip(union.tolist(), session.losses(union, other)))
+    differences, agreement = [], []
+    for qid, path, prompt, candidates in rows:
+        ids = np.array(candidates, np.int64)
+        delta = unlearn(session, diffusion.read_image(path, ingest.Limits()), prompt, qid)
+        raw_run, _ = influence(session, ids, delta)
+        raw_other, _ = influence(session, ids, delta, seed=other, before=np.stack([before_other[int(i)] for i in ids]))
+        differences.append((ids, normalised_rank(raw_run) - normalised_rank(raw_other)))
+        agreement.append(float(np.corrcoef(normalised_rank(raw_run), normalised_rank(raw_other))[0, 1]))
+    rng = np.random.default_rng(0)
+    shared = [split_half(differences, rng, shuffle=False) for _ in range(args.splits)]
+    null = [split_half(differences, rng, shuffle=True) for _ in range(args.splits)]
+    result = {
+        "queries": len(rows), "candidates_per_query": len(rows[0][3]), "timesteps": settings.timesteps,
+        "within_query_spearman_run_vs_other_noise": float(np.mean(agreement)),
+        "split_half_correlation": [float(np.mean(shared)), float(np.std(shared))],
+        "null_shuffled_within_query": [float(np.mean(null)), float(np.std(null))],
+    }
+    (args.workdir / "scoring-noise.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
