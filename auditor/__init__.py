@@ -22,8 +22,8 @@ if _sys.platform.startswith("linux") and not any(name in _os.environ for name in
     try:
         _mallopt = _ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc
-        _mallopt = None
-    if _mallopt is not None:
+        pass
+    else:
         _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
         _mallopt(_M_MMAP_THRESHOLD, 1 << 30)
         _mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)

@@ -199,6 +199,14 @@ def collect(
 REPLICATE_SEED = 1_000_003  # added to the teacher's seed: new unlearning draws and new scoring noise, overlapping no query's
 
 
+def collected_queries(store: Store, split: str) -> list[tuple[int, str, str | None, list[int]]]:
+    """The collected queries of a split: (id, image path, prompt, candidate training ids in backbone order)."""
+    return store.rows(
+        "SELECT q.id, q.path, q.prompt, list(r.training_id ORDER BY r.backbone_rank) FROM distill_queries q"
+        " JOIN distill_rankings r ON r.query_id = q.id WHERE q.split = ? AND q.collected_at IS NOT NULL"
+        " GROUP BY q.id, q.path, q.prompt ORDER BY q.id", [split])
+
+
 def replicate(
     ws: Workspace,
     *,
@@ -216,10 +224,7 @@ def replicate(
     model_path = ws.model_dir(model)
     torch_device = embed.resolve_device(device or ws.config["encoder"]["device"])
     with Store(ws.db_path, read_only=True) as store:
-        rows = store.rows(
-            "SELECT q.id, q.path, q.prompt, list(r.training_id ORDER BY r.backbone_rank) FROM distill_queries q"
-            " JOIN distill_rankings r ON r.query_id = q.id WHERE q.split = ? AND q.collected_at IS NOT NULL"
-            " GROUP BY q.id, q.path, q.prompt ORDER BY q.id", [split])
+        rows = collected_queries(store, split)
         training = training_set(ws, store, model_path, torch_device, str(ws.config["confirm"].get("flip", "auto")))
     if not rows:
         raise AuditError(f"no collected {split} queries; run `audit distill collect` first")

@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 sys.path.insert(0, str(HERE))
 
-from auditor import diffusion, ingest  # noqa: E402
+from auditor import diffusion, distill, ingest  # noqa: E402
 from auditor.confirm import TeacherSession, influence, training_set, unlearn  # noqa: E402
 from auditor.settings import AbuSettings  # noqa: E402
 from auditor.store import Store  # noqa: E402
@@ -58,11 +58,8 @@ def main() -> None:
     ws = open_workspace(args.workdir)
     settings = AbuSettings.from_config(ws.config["confirm"])
     with Store(ws.db_path, read_only=True) as store:
-        rows = store.rows(
-            "SELECT q.id, q.path, q.prompt, list(r.training_id ORDER BY r.backbone_rank) FROM distill_queries q"
-            " JOIN distill_rankings r ON r.query_id = q.id WHERE q.split = 'test' AND q.collected_at IS NOT NULL"
-            " GROUP BY q.id, q.path, q.prompt ORDER BY q.id")
-        training = training_set(ws, store, ws.model_dir(None), torch.device("cpu"), "auto")
+        rows = distill.collected_queries(store, "test")
+        training = training_set(ws, store, ws.model_dir(), torch.device("cpu"), "auto")
     if not rows:
         raise SystemExit(f"no collected test queries in {args.workdir}; run distill.py --stage collect first")
     session = TeacherSession(training, settings, ws.dir / "cache")
