@@ -52,34 +52,6 @@ class ConfirmResult:
     estimate_seconds: float = 0.0
 
 
-class _Cache:
-    """Per-training-image arrays keyed by id, persisted in the workspace (e.g. 'before' losses per model)."""
-
-    def __init__(self, path: Path, columns: tuple[str, ...]):
-        self.path = path
-        self.columns = columns
-        self.data: dict[int, tuple[float, ...]] = {}
-        if path.is_file():
-            saved = np.load(path)
-            self.data = {int(i): tuple(row) for i, row in zip(saved["ids"], saved["values"])}
-
-    def missing(self, ids) -> list[int]:
-        return [int(i) for i in ids if int(i) not in self.data]
-
-    def put(self, ids, values: np.ndarray) -> None:
-        self.data.update({int(i): tuple(row) for i, row in zip(ids, values)})
-
-    def get(self, ids) -> np.ndarray:
-        return np.array([self.data[int(i)] for i in ids], np.float64)
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp.npz")
-        ids = np.fromiter(self.data, np.int64, len(self.data))
-        np.savez(tmp, ids=ids, values=np.array([self.data[i] for i in ids.tolist()], np.float64).reshape(len(ids), len(self.columns)))
-        os.replace(tmp, self.path)
-
-
 class Teacher(Protocol):
     """What `confirm` needs from a teacher; AbU (TeacherSession) and D-TRAK (dtrak.DtrakTeacher) provide it."""
 
@@ -116,11 +88,7 @@ class TeacherSession:
         self.settings = settings
         self.cache_dir = cache_dir
         self.unlearner = Unlearner(self.model, settings, self._fisher(), len(training.ids))
-        key = settings.scoring_key(self.model.hash)
-        self.before = _Cache(cache_dir / f"abu-before-{key}.npz", ("loss", "loss_flip"))
-        ref_key = settings.reference_key(self.model.hash)
-        self.reference = _Cache(cache_dir / f"abu-reference-{ref_key}.npz", ("delta", "delta_flip"))
-        self._reference_delta_path = cache_dir / f"abu-reference-{ref_key}.safetensors"
+        self._reference_delta_path = cache_dir / f"abu-reference-{settings.reference_key(self.model.hash)}.safetensors"
         self._reference_delta = None
 
     def _fisher(self) -> dict[str, torch.Tensor]:
@@ -145,18 +113,21 @@ class TeacherSession:
         return f"AbU, {self.settings.timesteps} timesteps{' × 2 (flip)' if self.model.flip_augmentation else ''}"
 
     def record(self) -> dict:
-        return {**asdict(self.settings), "flip": self.model.flip_augmentation}
+        return {**asdict(self.settings), "scheme": self.settings.scheme, "flip": self.model.flip_augmentation}
 
     def score(self, image, prompt, candidate_ids, seed):
-        return influence(self, candidate_ids, unlearn(self, image, prompt, seed))
+        return influence(self, candidate_ids, unlearn(self, image, prompt, seed), self.noise_seed(seed))
 
     def noise_floor(self, image, prompt, candidate_ids, seed, raw) -> float:
         """The same unlearning (deterministic in its seed) scored again with independent noise:
         floor = std(Δ_a − Δ_b)/√2 over the candidates."""
-        other = self.settings.seed + 10_007
-        raw_b, _ = influence(self, candidate_ids, unlearn(self, image, prompt, seed), seed=other,
-                             before=self.losses(candidate_ids, other))
+        raw_b, _ = influence(self, candidate_ids, unlearn(self, image, prompt, seed), self.noise_seed(seed, stream=1))
         return float(np.std(raw - raw_b) / np.sqrt(2))
+
+    def noise_seed(self, query_seed: int, stream: int = 0) -> int:
+        """The scoring noise of one query. Each query draws its own: noise fixed per candidate across queries gave every
+        candidate the same push up or down in every query, which payouts summed instead of averaging away (TEACHER.md)."""
+        return int(np.random.SeedSequence([self.settings.seed, query_seed, stream]).generate_state(1)[0])
 
     def estimate(self, n_generations: int, n_candidates: int) -> float:
         """Seconds for the run, from timing one scoring batch on this device."""
@@ -166,27 +137,24 @@ class TeacherSession:
         t0 = time.perf_counter()
         self.unlearner.losses(probe, latents, captions)
         per_row = (time.perf_counter() - t0) / (len(probe) * s.timesteps)
-        scoring_rows = n_candidates * s.timesteps * (2 if self.model.flip_augmentation else 1)
-        # A backward pass costs about two forwards; the first generation also fills the 'before' and reference caches
-        # and measures the noise floor (a second scoring).
-        first_time = 3 * scoring_rows if not self.before.data else scoring_rows
-        return per_row * ((scoring_rows + 3 * s.draws * s.steps) * n_generations + first_time)
+        # Losses before, after the query's update and after the reference update, all under the query's noise.
+        passes = 3 if s.bias_correction else 2
+        scoring_rows = passes * n_candidates * s.timesteps * (2 if self.model.flip_augmentation else 1)
+        # A backward pass costs about two forwards; the first generation also measures the noise floor (a second
+        # unlearning and scoring), and the first run makes the reference update.
+        once = scoring_rows + 3 * s.draws * s.steps
+        if s.bias_correction and not self._reference_delta_path.is_file():
+            once += 3 * s.draws * max(1, s.reference_samples // 8)
+        return per_row * ((scoring_rows + 3 * s.draws * s.steps) * n_generations + once)
 
     # ------------------------------------------------------------------ scoring
-    def losses(self, ids, seed: int | None = None) -> np.ndarray:
-        """(n, 2) losses of the images and their flips under the current weights."""
+    def losses(self, ids, noise: int) -> np.ndarray:
+        """(n, 2) losses of the images and their flips under the current weights and the given scoring noise."""
         latents, flipped, captions = self.training.inputs(ids)
-        plain = self.unlearner.losses(ids, latents, captions, seed)
+        plain = self.unlearner.losses(ids, latents, captions, noise)
         if not self.model.flip_augmentation:
             return np.stack([plain, plain], axis=1)
-        return np.stack([plain, self.unlearner.losses(ids, flipped, captions, seed)], axis=1)
-
-    def before_losses(self, ids) -> np.ndarray:
-        missing = self.before.missing(ids)
-        if missing:
-            self.before.put(missing, self.losses(missing))
-            self.before.save()
-        return self.before.get(ids)
+        return np.stack([plain, self.unlearner.losses(ids, flipped, captions, noise)], axis=1)
 
     def reference_delta(self) -> dict[str, torch.Tensor]:
         """The generic update: unlearning the mean gradient of random training images (see teacher.py)."""
@@ -202,15 +170,6 @@ class TeacherSession:
                 self._reference_delta = self.unlearner.natural_step(grad)
                 save_file({k: v.contiguous().cpu() for k, v in self._reference_delta.items()}, str(self._reference_delta_path))
         return self._reference_delta
-
-    def reference_changes(self, ids) -> np.ndarray:
-        missing = self.reference.missing(ids)
-        if missing:
-            with self.unlearner.applied(self.reference_delta()):
-                after = self.losses(missing)
-            self.reference.put(missing, after - self.before_losses(missing))
-            self.reference.save()
-        return self.reference.get(ids)
 
 
 def _select(store: Store, encoder_id: str, settings_hash: str, top: int | None, where: str | None, generation: int | None):
@@ -349,18 +308,20 @@ def unlearn(ctx: TeacherSession, image, prompt, seed: int) -> dict:
     return ctx.unlearner.unlearn(latent, ctx.model.text_embeddings([prompt])[0], ctx.settings.seed + seed)
 
 
-def influence(ctx: TeacherSession, ids, delta, seed: int | None = None, before: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(raw, corrected) influence per candidate: max over image and flip of the loss change under delta."""
-    before = ctx.before_losses(ids) if before is None else before
+def influence(ctx: TeacherSession, ids, delta, noise: int) -> tuple[np.ndarray, np.ndarray]:
+    """(raw, corrected) influence per candidate: max over image and flip of the loss change under delta, every loss
+    under the same scoring noise (seeded by `noise` and the candidate)."""
+    before = ctx.losses(ids, noise)
     with ctx.unlearner.applied(delta):
-        after = ctx.losses(ids, seed)
-    change = after - before
+        change = ctx.losses(ids, noise) - before
     raw = change.max(axis=1)
     if not ctx.settings.bias_correction:
         return raw, raw
-    alpha = ctx.unlearner.alignment(delta, ctx.reference_delta())
-    corrected = (change - alpha * ctx.reference_changes(ids)).max(axis=1)
-    return raw, corrected
+    reference = ctx.reference_delta()
+    with ctx.unlearner.applied(reference):
+        reference_change = ctx.losses(ids, noise) - before
+    alpha = ctx.unlearner.alignment(delta, reference)
+    return raw, (change - alpha * reference_change).max(axis=1)
 
 
 @dataclass

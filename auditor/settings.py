@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 
 class _Section:
@@ -55,17 +56,16 @@ class AbuSettings(_Section):
     confirm_threshold: float = 0.3
     batch_size: int = 256
     seed: int = 0
-
-    def scoring_key(self, model_hash: str) -> str:
-        """What the cached 'before' losses depend on: the model and the scoring draws, not the step."""
-        return hashlib.sha256(f"{model_hash}|{self.timesteps}|{self.seed}".encode()).hexdigest()[:16]
+    # Bumped when the teacher scores differently under the same settings, so that runs and collections made before
+    # are not taken for current ones (2: scoring noise drawn per query, not per candidate).
+    scheme: ClassVar[int] = 2
 
     def reference_key(self, model_hash: str) -> str:
         fields = (self.steps, self.step_size, self.draws, self.timesteps, self.fisher_samples, self.damping, self.reference_samples, self.seed)
         return hashlib.sha256(f"{model_hash}|{fields}".encode()).hexdigest()[:16]
 
     def hash(self, *parts: str) -> str:
-        return _hash(self, parts)
+        return _hash(self, (f"abu-scheme-{self.scheme}", *parts))
 
     def selection(self) -> dict:
         """The settings that pick and judge the candidates, shared by every teacher so their verdicts compare."""

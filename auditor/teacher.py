@@ -4,9 +4,12 @@ Only the cross-attention key/value projections move. The update is a damped
 natural-gradient ascent step on the generated image's denoising loss,
 θ ← θ + η · (F + λ)⁻¹ ∇θ L(x̂, c) / N, with F the diagonal empirical Fisher over
 the training set and the gradient averaged over many (timestep, noise) draws. Each
-candidate is scored by its denoising loss before and after with identical, seeded
-noise and evenly spaced timesteps; influence = after − before (max over the image
-and its flip when the model was trained with flips).
+candidate is scored by its denoising loss before and after with identical noise and
+evenly spaced timesteps; influence = after − before (max over the image and its flip
+when the model was trained with flips). The noise is drawn afresh for every query:
+noise fixed per candidate would let 'before' losses be cached, but it gives each
+candidate one push up or down in every query of a run, a per-image bias that
+payouts add up instead of averaging away (examples/digits_world/TEACHER.md).
 
 Generic-influence correction: on undertrained models, images that are sensitive to
 *any* update (e.g. the ones with the most ink) rise for every query (methods.md §7).
@@ -79,8 +82,8 @@ class Unlearner:
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
     def losses(self, ids: np.ndarray, latents: torch.Tensor, text_emb: torch.Tensor, seed: int | None = None) -> np.ndarray:
-        """Mean loss over the evenly spaced timesteps for each candidate; noise is seeded by (seed, id), so the same
-        candidate sees the same noise before and after, in every query."""
+        """Mean loss over the evenly spaced timesteps for each candidate; noise is seeded by (seed, id), so a candidate
+        sees the same noise before and after an update scored with the same seed."""
         seed = self.settings.seed if seed is None else seed
         n_t = len(self.score_timesteps)
         noise = fixed_noise(ids, n_t, tuple(latents.shape[1:]), seed)

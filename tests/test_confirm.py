@@ -82,9 +82,31 @@ def test_confirm_stores_scores_and_agreement_and_skips_on_rerun(scanned_ws):
     sql.query(scanned_ws, "update confirm_runs set status = 'running', finished_at = null where id = 2", write=True)
     assert confirm.confirm(scanned_ws, generation=gen).run_id is None  # already confirmed: nothing to do
     assert sql_value(scanned_ws, "select status from confirm_runs where id = 2") == "interrupted"
-    # Caches are reused: the Fisher and 'before' losses were written once.
+    # Caches are reused: the Fisher and the reference update were made once.
     assert len(list((scanned_ws.dir / "cache").glob("fisher-*.safetensors"))) == 1
-    assert len(list((scanned_ws.dir / "cache").glob("abu-before-*.npz"))) == 1
+    assert len(list((scanned_ws.dir / "cache").glob("abu-reference-*.safetensors"))) == 1
+
+
+def test_scoring_noise_is_drawn_per_query(scanned_ws):
+    from auditor.store import Store
+
+    with Store(scanned_ws.db_path, read_only=True) as store:
+        training = confirm.training_set(scanned_ws, store, scanned_ws.model_dir(), torch.device("cpu"), "auto")
+    settings = AbuSettings.from_config(scanned_ws.config["confirm"], draws=8, timesteps=4)
+    session = confirm.TeacherSession(training, settings, scanned_ws.dir / "cache")
+    ids = training.ids[:6]
+    # Before and after share the query's noise: no update, no influence, exactly.
+    zero = {name: torch.zeros_like(p) for name, p in session.unlearner.params.items()}
+    raw, corrected = confirm.influence(session, ids, zero, session.noise_seed(1))
+    assert not raw.any() and not corrected.any()
+    # Another query draws other noise for the same candidates (a candidate's luck does not follow it from query to
+    # query); the same query draws the same.
+    first, second = session.losses(ids, session.noise_seed(1)), session.losses(ids, session.noise_seed(2))
+    assert (first != second).all()
+    assert np.array_equal(first, session.losses(ids, session.noise_seed(1)))
+    image = diffusion.read_image(sql_value(scanned_ws, "select path from generations order by id limit 1"), training.limits)
+    a, b = session.score(image, "a prompt", ids, 5), session.score(image, "a prompt", ids, 5)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and np.abs(a[0]).max() > 0
 
 
 def test_confirm_where_selects_by_sql(scanned_ws):

@@ -3,10 +3,10 @@
     python examples/digits_world/scoring_noise.py [--workdir build/distill-world]
 
 On the collected test queries of a distillation workspace (examples/digits_world/distill.py), each query's
-unlearning update is scored twice: with the run's scoring noise (seeded per candidate, the same in every query,
-so that 'before' losses can be cached) and with an independent set. If the noise only added per-query jitter,
-a candidate's rank difference between the two would average out across queries; if it is a per-candidate bias,
-its mean over one half of the queries predicts its mean over the other half.
+unlearning update is scored twice: with the run's scoring noise and with an independent set (the noise floor's).
+If the noise only adds per-query jitter, a candidate's rank difference between the two averages out across
+queries; if it is a per-candidate bias, its mean over one half of the queries predicts its mean over the other
+half. Until the teacher drew its noise per query (AbU scheme 2), it was such a bias.
 """
 
 from __future__ import annotations
@@ -63,22 +63,19 @@ def main() -> None:
     if not rows:
         raise SystemExit(f"no collected test queries in {args.workdir}; run distill.py --stage collect first")
     session = TeacherSession(training, settings, ws.dir / "cache")
-    other = settings.seed + 10_007  # the noise-floor seed: independent scoring noise, same unlearning
-    union = np.array(sorted({c for row in rows for c in row[3]}), np.int64)
-    before_other = dict(zip(union.tolist(), session.losses(union, other)))
     differences, agreement = [], []
     for qid, path, prompt, candidates in rows:
         ids = np.array(candidates, np.int64)
         delta = unlearn(session, diffusion.read_image(path, ingest.Limits()), prompt, qid)
-        raw_run, _ = influence(session, ids, delta)
-        raw_other, _ = influence(session, ids, delta, seed=other, before=np.stack([before_other[int(i)] for i in ids]))
+        raw_run, _ = influence(session, ids, delta, session.noise_seed(qid))
+        raw_other, _ = influence(session, ids, delta, session.noise_seed(qid, stream=1))
         differences.append((ids, normalised_rank(raw_run) - normalised_rank(raw_other)))
         agreement.append(float(np.corrcoef(normalised_rank(raw_run), normalised_rank(raw_other))[0, 1]))
     rng = np.random.default_rng(0)
     shared = [split_half(differences, rng, shuffle=False) for _ in range(args.splits)]
     null = [split_half(differences, rng, shuffle=True) for _ in range(args.splits)]
     result = {
-        "queries": len(rows), "candidates_per_query": len(rows[0][3]), "timesteps": settings.timesteps,
+        "queries": len(rows), "scheme": settings.scheme, "candidates_per_query": len(rows[0][3]), "timesteps": settings.timesteps,
         "within_query_spearman_run_vs_other_noise": float(np.mean(agreement)),
         "split_half_correlation": [float(np.mean(shared)), float(np.std(shared))],
         "null_shuffled_within_query": [float(np.mean(null)), float(np.std(null))],
