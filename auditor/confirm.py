@@ -227,7 +227,7 @@ def confirm(
     with ws.writing(), Store(ws.db_path) as store:
         training = training_set(ws, store, model_path, torch_device, str(section.get("flip", "auto")))
         encoder = embed.load(ws.encoder_dir(), torch_device)
-        table = VectorTable(ws.lancedb_uri, encoder.id, encoder.dim, IndexSettings.from_config(ws.config["index"]))
+        table = VectorTable.for_encoder(ws.lancedb_uri, encoder, IndexSettings.from_config(ws.config["index"]))
         fast = _FastPath(encoder, table, table.searcher(), training.ids)
         flip = str(training.model.flip_augmentation)
         if method == "abu":

@@ -8,6 +8,13 @@ collect — generate query images from a prompt set with the workspace's model (
 train   — fit the shared MLP head on (query, candidate, normalised teacher rank) with
           binary cross-entropy, early-stopped on validation mAP@k; calibrate the share
           temperature; write a new encoder bundle (the old one is untouched).
+
+Beyond FastGDA: a learned influence strength per training image (`strengths`, on by
+default). The teacher's score is a loss change, to first order the inner product of the
+query's update with the candidate's gradient, so a training image whose loss moves a lot
+under any update ranks high for every query it is a candidate of; a cosine cannot say
+that, a per-image factor on it can. On the example world it is what lets the head learn
+at all (EVAL.md). Strengths are kept for the training images the teacher ranked.
 """
 
 from __future__ import annotations
@@ -60,6 +67,19 @@ def training_embeddings(ws: Workspace, store: Store, encoder: embed.Encoder) -> 
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, ids=ids, image=img, text=txt)
     return ids, img, txt
+
+
+def training_digests(store: Store) -> list[str]:
+    """The sha256 of every training image, in the row order of training_embeddings: how bundles key strengths."""
+    return [r[0] for r in store.rows("SELECT sha256 FROM training_images ORDER BY id")]
+
+
+def head_scores(encoder: embed.Encoder, q_feat: np.ndarray, t_feat: np.ndarray, digests: list[str]) -> np.ndarray:
+    """A distilled bundle's scores (queries × training images) from untuned image ⊕ text features, as its index ranks them."""
+    with torch.no_grad():
+        t_out = encoder.head(torch.as_tensor(t_feat, dtype=torch.float32)).numpy() * encoder.strength(digests)[:, None]
+        q_out = encoder.head(torch.as_tensor(q_feat, dtype=torch.float32)).numpy()
+    return q_out @ t_out.T
 
 
 def joint(img: np.ndarray, txt: np.ndarray) -> np.ndarray:
@@ -257,10 +277,13 @@ def _targets(ranks: np.ndarray) -> np.ndarray:
     return 1.0 - (ranks - 1) / n
 
 
-def _val_map(head: embed.ProjectionHead, data: Rankings, train_features: torch.Tensor, k: int) -> float:
+def _val_map(head: embed.ProjectionHead, data: Rankings, train_features: torch.Tensor, k: int,
+             log_strength: torch.Tensor | None = None) -> float:
     head.eval()
     with torch.no_grad():
         t = head(train_features)
+        if log_strength is not None:
+            t = t * log_strength.exp()[:, None]
         q = head(torch.as_tensor(data.query_features))
         sims = (q @ t.T).numpy()
     head.train()
@@ -277,24 +300,62 @@ class FitResult:
     best_val_map: float
     epochs: int
     history: list[dict] = field(default_factory=list)
+    log_strength: np.ndarray | None = None  # per training row; 0 for rows no training pair touched
+    touched: np.ndarray | None = None  # the training rows some training pair (candidate or negative) reached
+
+
+def _calibrate(head: embed.ProjectionHead, q_feat: torch.Tensor, t_feat: torch.Tensor, q_idx, t_idx, target) -> None:
+    """Fit the score's scale and bias to the untrained head's cosines (a logistic regression) before training: from the
+    default calibration the first epochs spend themselves on it and scramble the ranking the head starts from."""
+    head.eval()
+    with torch.no_grad():
+        cosines = (head(q_feat[q_idx]) * head(t_feat[t_idx])).sum(-1)
+    head.train()
+    y = torch.as_tensor(target)
+    params = torch.tensor([float(head.scale.detach().log()), float(head.bias.detach())], requires_grad=True)
+    opt = torch.optim.LBFGS([params], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(params[0].exp() * cosines + params[1], y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        head.scale.fill_(float(params[0].exp()))
+        head.bias.fill_(float(params[1]))
 
 
 def fit_head(train: Rankings, val: Rankings, train_features: np.ndarray, s: DistillSettings,
              progress: Callable[[dict], None] = lambda row: None) -> FitResult:
-    """FastGDA's head: BCE between scale·cos(h(q), h(t)) + bias and the normalised teacher rank; AdamW; early stopping on val mAP@k."""
+    """FastGDA's head: BCE between scale·cos(h(q), h(t))·strength(t) + bias and the normalised teacher rank; AdamW; early
+    stopping on val mAP@k. strength(t) = exp(a_t), one free a_t per training row (L2 toward 0), when `s.strengths`."""
     torch.manual_seed(s.seed)
     rng = np.random.default_rng(s.seed)
     in_dim = train_features.shape[1]
     head = embed.ProjectionHead(in_dim, list(s.hidden_dims), s.out_dim, s.layernorm, s.dropout, s.residual)
-    opt = torch.optim.AdamW(head.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     t_feat = torch.as_tensor(train_features, dtype=torch.float32)
     q_feat = torch.as_tensor(train.query_features, dtype=torch.float32)
+    log_strength = torch.nn.Parameter(torch.zeros(len(t_feat))) if s.strengths else None
+    groups = [{"params": list(head.parameters()), "weight_decay": s.weight_decay}]
+    if log_strength is not None:
+        groups.append({"params": [log_strength], "weight_decay": 0.0})  # its own L2 term below
+    opt = torch.optim.AdamW(groups, lr=s.lr)
     q_idx = np.concatenate([np.full(len(c), i) for i, c in enumerate(train.candidates)])
     t_idx = np.concatenate(train.candidates)
     target = np.concatenate([_targets(r) for r in train.ranks]).astype(np.float32)
     in_candidates = [set(c.tolist()) for c in train.candidates]
+    touched = np.zeros(len(t_feat), bool)
+    touched[t_idx] = True
+    _calibrate(head, q_feat, t_feat, q_idx, t_idx, target)
+
+    def state():
+        return ({k: v.detach().clone() for k, v in head.state_dict().items()},
+                None if log_strength is None else log_strength.detach().clone())
+
     # Epoch 0 is the untrained head: with `residual` that is the untuned ranking, the bar training must clear.
-    best = (_val_map(head, val, t_feat, s.k), {k: v.detach().clone() for k, v in head.state_dict().items()}, 0)
+    best = (_val_map(head, val, t_feat, s.k, log_strength), state(), 0)
     history = [{"epoch": 0, "loss": float("nan"), "val_map": best[0]}]
     for epoch in range(1, s.epochs + 1):
         order = rng.permutation(len(t_idx))
@@ -309,28 +370,35 @@ def fit_head(train: Rankings, val: Rankings, train_features: np.ndarray, s: Dist
                 if candidate not in in_candidates[qi[j]]:
                     break
             ti[j], y[j] = candidate, 0.0
+        touched[ti] = True
         total = 0.0
         for start in range(0, len(ti), s.batch_size):
             sl = slice(start, start + s.batch_size)
             q = head(q_feat[qi[sl]])
             t = head(t_feat[ti[sl]])
-            logits = head.scale * (q * t).sum(-1) + head.bias
+            cosine = (q * t).sum(-1)
+            if log_strength is not None:
+                cosine = cosine * log_strength[ti[sl]].exp()
+            logits = head.scale * cosine + head.bias
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.as_tensor(y[sl]))
+            if log_strength is not None:
+                loss = loss + s.strength_decay * (log_strength**2).sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += loss.item() * len(y[sl])
-        val_map = _val_map(head, val, t_feat, s.k)
+        val_map = _val_map(head, val, t_feat, s.k, log_strength)
         row = {"epoch": epoch, "loss": total / len(ti), "val_map": val_map}
         history.append(row)
         progress(row)
         if val_map > best[0]:
-            best = (val_map, {k: v.detach().clone() for k, v in head.state_dict().items()}, epoch)
+            best = (val_map, state(), epoch)
         elif epoch - best[2] >= s.patience:
             break
-    head.load_state_dict(best[1])
+    head.load_state_dict(best[1][0])
     head.eval()
-    return FitResult(head, best[0], best[2], history)
+    strengths = None if best[1][1] is None else best[1][1].numpy()
+    return FitResult(head, best[0], best[2], history, strengths, touched)
 
 
 def fit_temperature(scores: list[np.ndarray], positives: list[np.ndarray]) -> tuple[float, float]:
@@ -413,6 +481,7 @@ def train(
     encoder = embed.load(ws.encoder_dir(), "cpu")
     with Store(ws.db_path, read_only=True) as store:
         ids, img, txt = training_embeddings(ws, store, encoder)
+        digests = training_digests(store)
         index_of = {int(i): j for j, i in enumerate(ids)}
         queries = load_rankings(store, "train", index_of)
     if len(queries) < 4:
@@ -430,10 +499,15 @@ def train(
         return Rankings(q_feat[mask], [q[3] for q, m in zip(queries, mask) if m], [q[4] for q, m in zip(queries, mask) if m])
 
     fit = fit_head(subset(~is_val), subset(is_val), t_feat, s, progress_row)
+    strengths = {}
+    if fit.log_strength is not None:
+        # Centred on the images the training reached, so an image without one (strength 1) counts as a typical one.
+        learned = fit.log_strength - fit.log_strength[fit.touched].mean()
+        strengths = {digests[j]: float(np.exp(learned[j])) for j in np.flatnonzero(fit.touched)}
     # Calibrate shares on the validation queries, over the scan's top-k.
     val = subset(is_val)
     with torch.no_grad():
-        t_out = fit.head(torch.as_tensor(t_feat)).numpy()
+        t_out = fit.head(torch.as_tensor(t_feat)).numpy() * np.array([strengths.get(d, 1.0) for d in digests], np.float32)[:, None]
         q_out = fit.head(torch.as_tensor(val.query_features)).numpy()
     top_k = int(ws.config["scan"]["top_k"])
     scores, positives = [], []
@@ -450,6 +524,10 @@ def train(
     config.pop("format")
     head_cfg = {"in_dim": t_feat.shape[1], "hidden_dims": list(s.hidden_dims), "out_dim": s.out_dim,
                 "layernorm": s.layernorm, "dropout": s.dropout, "residual": s.residual, "weights": "head.safetensors"}
+    weights = {"head.safetensors": fit.head.state_dict()}
+    if strengths:
+        config["strengths"] = {"weights": "strengths.safetensors", "images": len(strengths)}
+        weights["strengths.safetensors"] = embed.strengths_state(strengths)
     config.update(name=f"{encoder.name}-distilled", head=head_cfg, temperature=tau,
                   distilled={"from_encoder": encoder.id, "val_map_at_k": fit.best_val_map, "k": s.k, "epochs": fit.epochs,
                              "train_queries": int((~is_val).sum()), "val_queries": int(is_val.sum()),
@@ -460,6 +538,6 @@ def train(
     target.mkdir(parents=True, exist_ok=True)
     for name in {config["image_tower"]["weights"], *( [config["text_tower"]["weights"]] if config.get("text_tower") else [])}:
         shutil.copy2(encoder.directory / name, target / name)
-    new_id = embed.save(target, config, {"head.safetensors": fit.head.state_dict()})
+    new_id = embed.save(target, config, weights)
     return TrainResult(new_id, target, fit.best_val_map, fit.epochs, tau, nll, ece, time.perf_counter() - started,
                        int((~is_val).sum()), int(is_val.sum()), fit.history)

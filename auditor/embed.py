@@ -6,12 +6,20 @@ A bundle is a directory with `encoder.json` and safetensors weights:
   preprocessing it was trained with (size, mean, std);
 - `text_tower` (optional): an open_clip model (its text tower);
 - `head` (optional): the distilled MLP of FastGDA (methods.md §2);
+- `strengths` (optional): a learned influence strength per training image, keyed by
+  the image's sha256 (distill.py);
 - `temperature`: the softmax temperature that turns scores into shares.
 
 The feature of an image is [image embedding ⊕ text embedding], each L2-normalised,
 passed through the head when there is one, then L2-normalised, so cosine
 similarity is a dot product. A missing text contributes zeros (the image alone
 decides); callers record that it was missing.
+
+Strengths: the teacher's influence is a loss change, first order an inner product of the
+query's and the candidate's gradients, so how strongly a training image responds to any
+update multiplies its score. A training image's index vector is its feature times its
+strength (1 for an image the bundle has none for), queries stay unit vectors, and the
+search ranks by inner product (`metric` 'dot' instead of 'cosine').
 """
 
 from __future__ import annotations
@@ -95,7 +103,7 @@ def _hash_bundle(directory: Path, config: dict) -> str:
 
 
 def _weight_files(config: dict) -> set[str]:
-    parts = [config.get("image_tower"), config.get("text_tower"), config.get("head")]
+    parts = [config.get("image_tower"), config.get("text_tower"), config.get("head"), config.get("strengths")]
     return {part["weights"] for part in parts if part and part.get("weights")}
 
 
@@ -184,6 +192,8 @@ class Encoder:
             _load_state(self.head, _load_weights(directory, head_cfg), directory, head_cfg, "head")
             self.head.to(device).eval()
         self.dim = config["head"]["out_dim"] if self.head is not None else self.image_dim + self.text_dim
+        self.strengths = read_strengths(directory, config["strengths"]) if config.get("strengths") else {}
+        self.metric = "dot" if config.get("strengths") else "cosine"
 
     def _tower(self, part: dict, role: str, cache: dict) -> torch.nn.Module:
         key = json.dumps(part.get("model_config") or part.get("model_name"), sort_keys=True) + part["weights"]
@@ -255,6 +265,14 @@ class Encoder:
     def features(self, pixels, texts: list[str | None], head: bool = True) -> np.ndarray:
         return self.combine(self.embed_images(pixels), self.embed_texts(texts), head).cpu().numpy().astype(np.float32)
 
+    def strength(self, sha256s: list[str]) -> np.ndarray:
+        """Each training image's influence strength: learned, or 1 when the bundle has none for it."""
+        return np.array([self.strengths.get(sha, 1.0) for sha in sha256s], np.float32)
+
+    def index_features(self, pixels, texts: list[str | None], sha256s: list[str]) -> np.ndarray:
+        """The vectors of training images, as the index stores them: their features times their strengths."""
+        return self.features(pixels, texts) * self.strength(sha256s)[:, None]
+
 
 def read_config(directory: str | Path) -> tuple[Path, dict]:
     directory = Path(directory).expanduser()
@@ -271,7 +289,7 @@ def read_config(directory: str | Path) -> tuple[Path, dict]:
         raise BundleError(f"encoder bundle {directory}: {CONFIG_NAME} format is {config.get('format')!r}, expected {FORMAT!r}")
     if "image_tower" not in config:
         raise BundleError(f"encoder bundle {directory}: {CONFIG_NAME} has no image_tower")
-    for role in ("image_tower", "text_tower", "head"):
+    for role in ("image_tower", "text_tower", "head", "strengths"):
         part = config.get(role)
         if part and not (directory / part.get("weights", "")).is_file():
             raise BundleError(f"encoder bundle {directory}: {role} weights file {part.get('weights')} is missing")
@@ -308,6 +326,26 @@ def open_clip_bundle_config(name: str, model_config: dict, *, image_size: int, m
     }
 
 
+def strengths_state(strengths: dict[str, float]) -> dict[str, torch.Tensor]:
+    """{sha256 hex: strength} as safetensors tensors: the digests as bytes, the strengths as their logs."""
+    shas = sorted(strengths)
+    return {
+        "sha256": torch.tensor(np.frombuffer(b"".join(bytes.fromhex(sha) for sha in shas), np.uint8).reshape(len(shas), 32).copy()),
+        "log_strength": torch.tensor(np.log([strengths[sha] for sha in shas]), dtype=torch.float32),
+    }
+
+
+def read_strengths(directory: Path, part: dict) -> dict[str, float]:
+    state = _load_weights(directory, part)
+    try:
+        digests, logs = state["sha256"].numpy(), state["log_strength"].double().numpy()
+    except KeyError as exc:
+        raise BundleError(f"encoder bundle {directory}: {part['weights']} lacks the {exc} tensor") from None
+    if digests.ndim != 2 or digests.shape[1] != 32 or len(digests) != len(logs):
+        raise BundleError(f"encoder bundle {directory}: {part['weights']} must hold (N, 32) sha256 digests and N log strengths")
+    return {bytes(row).hex(): float(np.exp(value)) for row, value in zip(digests, logs)}
+
+
 def softmax_shares(scores: np.ndarray, temperature: float) -> np.ndarray:
     """p_i ∝ exp((s_i − s_max)/τ) along the last axis (AbC's soft attribution)."""
     z = (scores - scores.max(axis=-1, keepdims=True)) / max(temperature, 1e-12)
@@ -317,5 +355,5 @@ def softmax_shares(scores: np.ndarray, temperature: float) -> np.ndarray:
 
 __all__ = [
     "Encoder", "ProjectionHead", "Preprocess", "load", "save", "read_config",
-    "open_clip_bundle_config", "resolve_device", "softmax_shares",
+    "open_clip_bundle_config", "resolve_device", "softmax_shares", "strengths_state",
 ]

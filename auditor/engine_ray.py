@@ -83,7 +83,7 @@ class _Embedder:
         self.skip = skip
         self.searcher = None
         if search is not None:
-            table = VectorTable(search["uri"], self.encoder.id, self.encoder.dim, IndexSettings(**search["settings"]))
+            table = VectorTable.for_encoder(search["uri"], self.encoder, IndexSettings(**search["settings"]))
             self.searcher = table.searcher()
             self.k = search["k"]
 
@@ -119,7 +119,9 @@ class _Embedder:
         )
         features = np.zeros((len(items), self.encoder.dim), np.float32)
         if good:
-            features[good] = self.encoder.features(np.stack([items[n].pixels for n in good]), [items[n].text for n in good])
+            pixels, texts = np.stack([items[n].pixels for n in good]), [items[n].text for n in good]
+            features[good] = (self.encoder.features(pixels, texts) if self.searcher is not None
+                              else self.encoder.index_features(pixels, texts, [items[n].sha256 for n in good]))
         if self.searcher is None:
             return meta.append_column("vector", _fixed(features))
         ids = np.full((len(items), self.k), -1, np.int64)
@@ -190,7 +192,7 @@ def index_training(ws: Workspace, entries, *, device: str | None, batch_size: in
     device = device or ws.config["encoder"]["device"]
     with ws.writing(), Store(ws.db_path) as store:
         encoder = embed.load(ws.encoder_dir(), "cpu")  # id, dim and the store's records; the actors embed
-        table = VectorTable(ws.lancedb_uri, encoder.id, encoder.dim, IndexSettings.from_config(ws.config["index"]))
+        table = VectorTable.for_encoder(ws.lancedb_uri, encoder, IndexSettings.from_config(ws.config["index"]))
         ledger = IndexLedger(store, encoder, table, entries, ws.lancedb_uri)
         skip = frozenset(sha for sha, i in ledger.registered.items() if i in ledger.embedded)
         entries = list(ledger.by_path.values())
@@ -237,7 +239,7 @@ def scan(ws: Workspace, root: str, paths: list[str], *, top_k: int, device: str 
     with ws.writing(), Store(ws.db_path) as store:
         encoder = embed.load(ws.encoder_dir(), "cpu")
         settings = IndexSettings.from_config(ws.config["index"])
-        table = VectorTable(ws.lancedb_uri, encoder.id, encoder.dim, settings)
+        table = VectorTable.for_encoder(ws.lancedb_uri, encoder, settings)
         table.searcher()  # fails here, with the local engine's message, when the table is empty
         actor_device, _, _ = _pool(ray, device)
         ledger = ScanLedger(store, root, encoder, table, top_k, device=actor_device)

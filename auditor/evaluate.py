@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import embed, metrics
-from .distill import joint, load_rankings, query_embeddings, training_embeddings
+from .distill import head_scores, joint, load_rankings, query_embeddings, training_digests, training_embeddings
 from .errors import AuditError
 from .store import Store
 from .workspace import Workspace
@@ -64,6 +63,7 @@ def evaluate(ws: Workspace, *, encoders: list[str | os.PathLike] | None = None, 
     base = embed.load(bundles[0], "cpu")
     with Store(ws.db_path, read_only=True) as store:
         ids, img, txt = training_embeddings(ws, store, base)
+        digests = training_digests(store)
         index_of = {int(i): j for j, i in enumerate(ids)}
         queries = load_rankings(store, "test", index_of)
     if not queries:
@@ -87,10 +87,8 @@ def evaluate(ws: Workspace, *, encoders: list[str | os.PathLike] | None = None, 
             continue  # its features are the untuned image ⊕ text above
         if enc.image_dim != img.shape[1] or enc.text_dim != txt.shape[1]:
             raise AuditError(f"encoder {path} has a different backbone from {bundles[0]}; evaluate them separately")
-        with torch.no_grad():
-            t_out = enc.head(torch.as_tensor(np.concatenate([img, txt], 1))).numpy()
-            q_out = enc.head(torch.as_tensor(np.concatenate([q_img, q_txt], 1))).numpy()
-        results.append(_evaluate(f"distilled ({enc.name}, {enc.id})", _scores_for(q_out, t_out), queries, ks, recall_ks))
+        scores = head_scores(enc, np.concatenate([q_img, q_txt], 1), np.concatenate([img, txt], 1), digests)
+        results.append(_evaluate(f"distilled ({enc.name}, {enc.id})", scores, queries, ks, recall_ks))
     return results, len(queries)
 
 

@@ -77,7 +77,7 @@ def scan(
     # model and the decoders need (docs/benchmarks.md: scan/bare 0.69 -> 0.89-0.98 in an A/B run on 2 cores).
     with ws.writing(), Store(ws.db_path) as store, threadpool_limits(1, user_api="blas"):
         encoder = embed.load(ws.encoder_dir(), device or ws.config["encoder"]["device"])
-        table = VectorTable(ws.lancedb_uri, encoder.id, encoder.dim, IndexSettings.from_config(ws.config["index"]))
+        table = VectorTable.for_encoder(ws.lancedb_uri, encoder, IndexSettings.from_config(ws.config["index"]))
         searcher = table.searcher()
         ledger = ScanLedger(store, root, encoder, table, top_k)
         k = ledger.k

@@ -1,7 +1,8 @@
 """Search: the training vectors in a LanceDB table, and nearest-neighbour lookup over them.
 
 One table per encoder (`training_<encoder id>`), so switching encoders never mixes
-vector spaces and earlier tables stay readable. Below `index.ann_threshold` rows the
+vector spaces and earlier tables stay readable. The encoder also sets the metric: cosine,
+or the inner product for a bundle with influence strengths (embed.py). Below `index.ann_threshold` rows the
 search is exact (a matrix product over all vectors, the highest precision); from it on
 LanceDB's ANN index (IVF_PQ by default) is built and used with a refine step that
 re-ranks by exact distance.
@@ -43,11 +44,14 @@ def _divisor_near(dim: int, target: int) -> int:
 class VectorTable:
     """The training vectors of one encoder."""
 
-    def __init__(self, uri: str, encoder_id: str, dim: int, settings: IndexSettings):
+    def __init__(self, uri: str, encoder_id: str, dim: int, settings: IndexSettings, metric: str = "cosine"):
+        if metric not in ("cosine", "dot"):
+            raise AuditError(f"unknown vector metric {metric!r}; use cosine or dot")
         self.uri = uri
         self.name = table_name(encoder_id)
         self.dim = dim
         self.settings = settings
+        self.metric = metric
         try:
             self.db = lancedb.connect(uri)
         except Exception as exc:
@@ -59,6 +63,11 @@ class VectorTable:
         stored = self.table.schema.field("vector").type.list_size
         if stored != dim:
             raise AuditError(f"LanceDB table {self.name} holds {stored}-d vectors but the encoder makes {dim}-d; the bundle changed without a new id")
+
+    @classmethod
+    def for_encoder(cls, uri: str, encoder, settings: IndexSettings) -> "VectorTable":
+        """The table of an encoder (embed.Encoder): its id, width and metric."""
+        return cls(uri, encoder.id, encoder.dim, settings, encoder.metric)
 
     def count(self) -> int:
         return self.table.count_rows()
@@ -128,7 +137,7 @@ class VectorTable:
         sub_vectors = self.settings.num_sub_vectors or _divisor_near(self.dim, self.dim // 4)
         self.table.create_index(
             "vector",
-            config=IvfPq(distance_type="cosine", num_partitions=partitions, num_sub_vectors=sub_vectors),
+            config=IvfPq(distance_type=self.metric, num_partitions=partitions, num_sub_vectors=sub_vectors),
             replace=True,
         )
 
@@ -141,7 +150,7 @@ class VectorTable:
 
 class Searcher:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, cosine scores), both (n, k), best first."""
+        """(ids, scores), both (n, k), best first: cosine or inner product, by the table's metric."""
         raise NotImplementedError
 
 
@@ -170,7 +179,7 @@ class AnnSearcher(Searcher):
         settings = self.table.settings
         result = (
             self.table.table.search(queries.astype(np.float32))
-            .distance_type("cosine")
+            .distance_type(self.table.metric)
             .nprobes(settings.nprobes)
             .refine_factor(settings.refine_factor)
             .limit(k)
@@ -182,7 +191,7 @@ class AnnSearcher(Searcher):
         scores = np.full((n, k), -np.inf, np.float32)
         qi = result["query_index"].to_numpy() if n > 1 or "query_index" in result.column_names else np.zeros(result.num_rows, int)
         found_ids = result["id"].to_numpy()
-        found_scores = 1.0 - result["_distance"].to_numpy()
+        found_scores = 1.0 - result["_distance"].to_numpy()  # LanceDB's distance is 1 − cosine, or 1 − dot
         fill = np.zeros(n, int)
         for q, i, s in zip(qi, found_ids, found_scores):
             if fill[q] < k:

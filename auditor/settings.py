@@ -108,6 +108,8 @@ class DistillSettings(_Section):
     dropout: float = 0.1
     # Start from the untuned feature (identity skip, zero last layer); see embed.ProjectionHead.
     residual: bool = True
+    strengths: bool = True  # a learned influence strength per training image (distill.py)
+    strength_decay: float = 1e-4  # L2 on the log strengths, per batch
     epochs: int = 40
     batch_size: int = 4096
     lr: float = 1e-3

@@ -144,7 +144,7 @@ def index_training(
 
     with ws.writing(), Store(ws.db_path) as store:
         encoder = embed.load(ws.encoder_dir(), device or ws.config["encoder"]["device"])
-        table = VectorTable(ws.lancedb_uri, encoder.id, encoder.dim, IndexSettings.from_config(ws.config["index"]))
+        table = VectorTable.for_encoder(ws.lancedb_uri, encoder, IndexSettings.from_config(ws.config["index"]))
         ledger = IndexLedger(store, encoder, table, entries, ws.lancedb_uri)
         by_path = ledger.by_path
 
@@ -158,7 +158,8 @@ def index_training(
             if not batch:
                 return
             ids, new_rows = ledger.assign(batch)
-            vectors = encoder.features(np.stack([item.pixels for _, item in batch]), [item.text for _, item in batch])
+            vectors = encoder.index_features(np.stack([item.pixels for _, item in batch]), [item.text for _, item in batch],
+                                             [item.sha256 for _, item in batch])
             table.add(ids, [entry.contributor_id for entry, _ in batch], vectors)
             ledger.commit(ids, new_rows, len(batch))
             batch.clear()

@@ -10,8 +10,9 @@ from auditor.settings import DistillSettings
 from .helpers import sql_value
 
 
-def _synthetic(n_train=100, n_queries=300, dim=16, true_dim=4, candidates=100, seed=0):
-    """A ranking problem whose true embedding is known: the teacher ranks by cosine after a hidden projection."""
+def _synthetic(n_train=100, n_queries=300, dim=16, true_dim=4, candidates=100, seed=0, strengths=None):
+    """A ranking problem whose true embedding is known: the teacher ranks by cosine after a hidden projection
+    (times a per-training-item strength, when given)."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((dim, true_dim))
     t = rng.standard_normal((n_train, dim)).astype(np.float32)
@@ -21,7 +22,7 @@ def _synthetic(n_train=100, n_queries=300, dim=16, true_dim=4, candidates=100, s
         a, b = a @ w, b @ w
         return (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
 
-    sims = true_sims(q, t)
+    sims = true_sims(q, t) * (1.0 if strengths is None else strengths[None, :])
     cands, ranks = [], []
     for row in sims:
         # Candidates in random order (the backbone knows nothing); the teacher ranks them by the hidden similarity.
@@ -56,6 +57,27 @@ def test_head_recovers_a_known_ranking_embedding():
     print(f"val mAP@5: raw cosine {raw:.3f} → distilled {fit.best_val_map:.3f} after {fit.epochs} epochs")
     assert fit.best_val_map >= 0.9
     assert fit.best_val_map > raw + 0.3
+
+
+def test_strengths_recover_a_known_per_image_factor():
+    from scipy.stats import spearmanr
+
+    # The teacher ranks by strength × cosine, the strengths spread over a factor of ~10: a head alone, whose scores are
+    # cosines, cannot rank a strong image above a weak one at the same angle; one free strength per image can.
+    true_log = np.random.default_rng(5).normal(0.0, 0.8, 100)
+    q, t, cands, ranks = _synthetic(strengths=np.exp(true_log))
+    fit_rows, val_rows = slice(0, 240), slice(240, 300)
+    train = distill.Rankings(q[fit_rows], cands[fit_rows], ranks[fit_rows])
+    val = distill.Rankings(q[val_rows], cands[val_rows], ranks[val_rows])
+    s = DistillSettings(hidden_dims=(64,), out_dim=16, dropout=0.0, layernorm=False, epochs=80, batch_size=512, lr=3e-3,
+                        patience=15, k=5, strength_decay=1e-5)
+    without = distill.fit_head(train, val, t, DistillSettings(**{**s.__dict__, "strengths": False}))
+    fit = distill.fit_head(train, val, t, s)
+    rho = spearmanr(fit.log_strength[fit.touched], true_log[fit.touched])[0]
+    print(f"val mAP@5: without strengths {without.best_val_map:.3f}, with {fit.best_val_map:.3f}; strength Spearman {rho:.3f}")
+    assert fit.touched.all() and without.log_strength is None
+    assert rho >= 0.9
+    assert fit.best_val_map >= 0.85 and fit.best_val_map > without.best_val_map + 0.1
 
 
 def test_an_untrained_residual_head_ranks_like_the_untuned_feature():
@@ -106,6 +128,11 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path)
     assert bundle.head is not None and bundle.dim == 16 and bundle.id == result.encoder_id
     assert bundle.temperature == pytest.approx(result.temperature) and result.temperature > 0
     assert embed.load(old_encoder).head is None  # the old bundle is untouched
+    # One learned strength per training image a training pair reached, keyed by content; the index ranks by inner product.
+    assert bundle.metric == "dot" and 0 < len(bundle.strengths) <= 120
+    digests = [d for (d,) in sql.query(ws, "select sha256 from training_images order by id").rows()]
+    assert set(bundle.strengths) <= set(digests)
+    assert np.exp(np.mean(np.log(list(bundle.strengths.values())))) == pytest.approx(1.0, rel=1e-4)
 
     results, n = evaluate.evaluate(ws, encoders=[old_encoder, result.path], ks=(3, 5))
     names = [r.name for r in results]
@@ -130,6 +157,11 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path)
 
     switched = reindex(ws, result.path)
     assert switched.re_embedded == 120 and switched.encoder_id == result.encoder_id
+    from auditor.search import IndexSettings, VectorTable
+
+    table = VectorTable.for_encoder(ws.lancedb_uri, bundle, IndexSettings())
+    norms = np.linalg.norm(table.vectors(np.arange(1, 121)), axis=1)
+    np.testing.assert_allclose(norms, bundle.strength(digests), rtol=1e-5)  # each vector carries its image's strength
     rescan = scan(ws, _outputs(ws), top_k=5)
     assert rescan.attributed == 24
     by_encoder = dict(sql.query(ws, "select encoder_id, count(*) from attributions group by 1").rows())

@@ -75,6 +75,33 @@ def test_head_is_applied_and_checked(tiny_encoder, tmp_path):
     assert out.shape == (1, 8) and np.isclose(np.linalg.norm(out), 1.0, atol=1e-5)
 
 
+def test_strengths_scale_index_vectors_by_content_and_are_checked(tiny_encoder, tmp_path):
+    import hashlib
+
+    config = json.loads((tiny_encoder / "encoder.json").read_text())
+    config.pop("format")
+    known, other = hashlib.sha256(b"known").hexdigest(), hashlib.sha256(b"other").hexdigest()
+    target = tmp_path / "strong"
+    shutil.copytree(tiny_encoder, target)
+    embed.save(target, {**config, "strengths": {"weights": "strengths.safetensors"}},
+               {"strengths.safetensors": embed.strengths_state({known: 2.5})})
+    enc = embed.load(target)
+    assert enc.metric == "dot" and embed.load(tiny_encoder).metric == "cosine"
+    assert enc.strengths == {known: pytest.approx(2.5)}
+    img = enc.preprocess(Image.new("RGB", (32, 32), (0, 90, 0)))
+    pixels = np.stack([img, img])
+    vectors = enc.index_features(pixels, ["a", "a"], [known, other])
+    # The known image's vector is its feature times its strength; an image without one keeps strength 1.
+    np.testing.assert_allclose(vectors, enc.features(pixels, ["a", "a"]) * np.array([[2.5], [1.0]]), rtol=1e-6)
+
+    save_file({"log_strength": torch.zeros(3)}, str(target / "strengths.safetensors"))
+    with pytest.raises(BundleError, match="lacks the 'sha256' tensor"):
+        embed.load(target)
+    (target / "strengths.safetensors").unlink()
+    with pytest.raises(BundleError, match="strengths weights file strengths.safetensors is missing"):
+        embed.load(target)
+
+
 def test_softmax_shares_sum_to_one_and_sharpen_with_lower_temperature():
     scores = np.array([[0.9, 0.8, 0.1]])
     warm, cold = embed.softmax_shares(scores, 1.0), embed.softmax_shares(scores, 0.01)
