@@ -215,13 +215,15 @@ def distill_collect(
 def distill_train(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Directory for the new encoder bundle."),
     epochs: Optional[int] = typer.Option(None, help="Maximum epochs (early stopping on validation mAP)."),
+    strengths: Optional[bool] = typer.Option(None, "--strengths/--no-strengths",
+                                             help="Learn an influence strength per training image (default from audit.toml [distill])."),
     use: bool = typer.Option(False, "--use", help="Switch the workspace to the new encoder and re-index."),
 ):
     """Train the distilled head on the collected rankings and write a new encoder bundle (the old one is untouched)."""
     from .distill import train
 
     ws = _ws()
-    result = train(ws, out=out_dir, epochs=epochs,
+    result = train(ws, out=out_dir, epochs=epochs, strengths=strengths,
                    progress_row=lambda r: console.print(f"epoch {r['epoch']}: loss {r['loss']:.4f}, val mAP {r['val_map']:.3f}", highlight=False))
     out.print(
         f"encoder {result.encoder_id} written to {result.path}: val mAP@k {result.best_val_map:.3f} (epoch {result.epochs}), "
