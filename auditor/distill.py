@@ -528,7 +528,7 @@ def train(
     if strengths:
         config["strengths"] = {"weights": "strengths.safetensors", "images": len(strengths)}
         weights["strengths.safetensors"] = embed.strengths_state(strengths)
-    config.update(name=f"{encoder.name}-distilled", head=head_cfg, temperature=tau,
+    config.update(name=f"{encoder.name}-distilled{'' if strengths else '-no-strengths'}", head=head_cfg, temperature=tau,
                   distilled={"from_encoder": encoder.id, "val_map_at_k": fit.best_val_map, "k": s.k, "epochs": fit.epochs,
                              "train_queries": int((~is_val).sum()), "val_queries": int(is_val.sum()),
                              "calibration_nll": nll, "calibration_ece": ece, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}})

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ class MethodScores:
     name: str
     map_at: dict[int, tuple[float, float]]  # k → (mean, standard error)
     recall_at: dict[int, float]
+    per_query: dict[int, list[float]] = field(default_factory=dict)  # k → AP of each query, for paired comparisons
 
 
 def _scores_for(q: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -51,6 +52,7 @@ def _evaluate(name: str, sims: np.ndarray, queries, ks, recall_ks) -> MethodScor
         name,
         {k: mean_se(v) for k, v in maps.items()},
         {K: hits[K] / n for K in recall_ks},
+        maps,
     )
 
 
@@ -95,6 +97,11 @@ def evaluate(ws: Workspace, *, encoders: list[str | os.PathLike] | None = None, 
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def paired_difference(a: MethodScores, b: MethodScores, k: int) -> tuple[float, float]:
+    """mAP@k of a minus b, with the standard error of the per-query differences (both ranked the same queries)."""
+    return mean_se(np.array(a.per_query[k]) - np.array(b.per_query[k]))
 
 
 def mean_se(values) -> tuple[float, float]:

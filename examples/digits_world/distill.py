@@ -1,12 +1,13 @@
 """Distil the example world's teacher into its encoder and measure it: the shipped `encoder-distilled/` and EVAL.md.
 
-    python examples/digits_world/distill.py [--workdir build/distill-world] [--queries 240]
+    python examples/digits_world/distill.py [--workdir build/distill-world] [--queries 800]
 
 Runs what a user would: a workspace on the world, `distill collect` (query images generated
 from the world's captions, ranked by the AbU teacher over each query's 100 nearest training
-images by the untuned backbone), `distill train`, `eval` on the held-out prompts, then a diagnosis of where the teacher's top-10 comes from
-(the last section of EVAL.md). Resumable: rerunning continues the collection where it stopped, and the
-teacher replicate is kept in the workdir.
+images by the untuned backbone), `distill train` (with per-image strengths, and without them
+for the ablation row), `eval` on the held-out prompts with the teacher's replicate, then a
+diagnosis of where the gain comes from (the last section of EVAL.md). Resumable: rerunning
+continues the collection where it stopped, and the teacher replicate is kept in the workdir.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ sys.path.insert(0, str(HERE.parent.parent))
 sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from auditor import distill, embed, evaluate, metrics  # noqa: E402
+from auditor import diffusion, distill, embed, evaluate, metrics  # noqa: E402
 from auditor.store import Store  # noqa: E402
 from world import open_workspace  # noqa: E402
 
@@ -42,11 +44,35 @@ def replicate_cached(ws, root: Path) -> dict[int, tuple[np.ndarray, np.ndarray]]
     return replica
 
 
-def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], k: int = 10) -> str:
-    """Where the teacher's top-k comes from on this world, and which of it a student could see (EVAL.md's last section)."""
-    encoder = embed.load(ws.encoder_dir(), "cpu")
+def diffusion_features(ws, training: list[tuple[str, str]], queries: list[tuple[str, str]], t: int = 400) -> dict:
+    """The diffusion model's own view of the images: VAE latents, and the UNet's mid-block activations on the latents
+    noised to timestep t (zero noise) under their caption or prompt; name → (query features, training features)."""
+    model = diffusion.load(ws.model_dir(), torch.device("cpu"), ws.dir / "cache", "auto")
+    captured = {}
+    hook = model.unet.mid_block.register_forward_hook(lambda module, args, out: captured.__setitem__("mid", out))
+
+    def features(pairs):
+        latents = model.latents(torch.stack([model.pixels(Image.open(path).convert("RGB")) for path, _ in pairs]))
+        texts = model.text_embeddings([text for _, text in pairs])
+        timesteps = torch.full((len(pairs),), t)
+        with torch.no_grad():
+            model.unet(model.scheduler.add_noise(latents, torch.zeros_like(latents), timesteps), timesteps, encoder_hidden_states=texts)
+        return latents.flatten(1).numpy(), captured["mid"].flatten(1).numpy()
+
+    try:
+        (q_lat, q_mid), (t_lat, t_mid) = features(queries), features(training)
+    finally:
+        hook.remove()
+    return {"VAE latent cosine (the model's own space)": (q_lat, t_lat), f"UNet mid-block cosine (t = {t})": (q_mid, t_mid)}
+
+
+def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: Path, k: int = 10) -> str:
+    """Where the teacher's top-k comes from on this world, and what of it the distilled encoder reproduces (EVAL.md's
+    last section)."""
+    encoder, student = embed.load(ws.encoder_dir(), "cpu"), embed.load(distilled, "cpu")
     with Store(ws.db_path, read_only=True) as store:
         ids, img, txt = distill.training_embeddings(ws, store, encoder)
+        digests = distill.training_digests(store)
         index_of = {int(i): j for j, i in enumerate(ids)}
         train, test = (distill.load_rankings(store, split, index_of) for split in ("train", "test"))
         paths_captions = dict((i, (p, c)) for i, p, c in store.rows("SELECT id, path, caption FROM training_images"))
@@ -81,57 +107,87 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], k: int = 10)
     q_pix = pixels([q[1] for q in test])
     q_img, q_txt = distill.query_embeddings(encoder, test)
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
-    backbone_img = unit(q_img) @ unit(img).T
-    within = {"teacher replicate (independent noise)": [], "pixel cosine": [], "backbone image cosine": []}
+    cos = distill.joint(q_img, q_txt) @ distill.joint(img, txt).T
+    strength = student.strength(digests)
+    head_only = distill.head_scores(student, np.concatenate([q_img, q_txt], 1), np.concatenate([img, txt], 1), digests) / strength
+    model_space = diffusion_features(ws, [paths_captions[int(i)] for i in ids], [(q[1], q[2]) for q in test])
+    similarities = {"pixel cosine": q_pix @ t_pix.T, "backbone image cosine": unit(q_img) @ unit(img).T,
+                    **{name: unit(q) @ unit(t).T for name, (q, t) in model_space.items()},
+                    "distilled head, cosine alone": head_only, "distilled (head × strength)": head_only * strength}
+    within = {"teacher replicate (independent noise)": [], **{name: [] for name in similarities}}
     for i, (qid, _, prompt, cands, ranks) in enumerate(test):
         same = np.array([captions[j] == prompt for j in cands])
         if same.sum() < 5:
             continue
-        c, strength = cands[same], -ranks[same]
+        c, by_teacher = cands[same], -ranks[same]
         rep = dict(zip((index_of[int(t)] for t in replica[qid][0]), replica[qid][1]))
-        within["teacher replicate (independent noise)"].append(spearmanr(strength, [rep[j] for j in c])[0])
-        within["pixel cosine"].append(spearmanr(strength, q_pix[i] @ t_pix[c].T)[0])
-        within["backbone image cosine"].append(spearmanr(strength, backbone_img[i, c])[0])
+        within["teacher replicate (independent noise)"].append(spearmanr(by_teacher, [rep[j] for j in c])[0])
+        for name, sim in similarities.items():
+            within[name].append(spearmanr(by_teacher, sim[i, c])[0])
     n_within = len(within["pixel cosine"])
     lines2 = ["| ordering of the same-caption candidates | Spearman with the teacher (mean ± SE) |", "|---|---|"]
     lines2 += [f"| {name} | {evaluate.mean_se(v)[0]:.3f} ± {evaluate.mean_se(v)[1]:.3f} |" for name, v in within.items()]
 
-    # 3. A per-training-image part: each image's mean normalised teacher rank over the *training* queries, added to
-    # the untuned cosine, scored on the test queries against the teacher and against its replicate.
+    # 3. The per-image part: each image's mean normalised teacher rank over the *training* queries (the 'prior'), what
+    # image ⊕ text features can predict of it, and the strengths the distillation learnt.
     total_target, count = np.zeros(len(ids)), np.zeros(len(ids))
     for _, _, _, cands, ranks in train:
         total_target[cands] += 1.0 - (ranks - 1) / len(ranks)
         count[cands] += 1
     prior = np.where(count > 0, total_target / np.maximum(count, 1), 0.5)
-    cos = distill.joint(q_img, q_txt) @ distill.joint(img, txt).T
     teacher_top = [set(c[np.argsort(r)[:k]].tolist()) for _, _, _, c, r in test]
     replica_top = [set(np.array([index_of[int(t)] for t in replica[q[0]][0]])[np.argsort(-replica[q[0]][1])[:k]].tolist()) for q in test]
 
     def map_at(scores, tops):
         return evaluate.mean_se([metrics.average_precision(np.argsort(-row, kind="stable"), top) for row, top in zip(scores, tops)])
 
+    seen = count > 0
+    caption_of = np.array(captions)
+
+    def minus_caption_mean(v):  # what is left of a per-image value once its caption's mean is taken out
+        return v - np.array([v[seen & (caption_of == c)].mean() for c in caption_of])
+
+    # Could a function of the image ⊕ text features carry it? Ridge regression, fitted on half the images.
+    x = np.concatenate([img, txt, np.ones((len(img), 1))], axis=1)
+    half = np.random.default_rng(0).permutation(np.flatnonzero(seen))
+    fit, held = half[: len(half) // 2], half[len(half) // 2:]
+    ridge = lambda rows: np.linalg.solve(x[rows].T @ x[rows] + np.eye(x.shape[1]), x[rows].T @ prior[rows])  # noqa: E731
+    guess = x @ ridge(fit)
+    held_r = float(np.corrcoef(guess[held], prior[held])[0, 1])
+    held_r_within = float(np.corrcoef(minus_caption_mean(guess)[held], minus_caption_mean(prior)[held])[0, 1])
+    predicted = x @ ridge(np.flatnonzero(seen))
+    log_strength = np.log(strength)
+    r_strength = float(np.corrcoef(minus_caption_mean(log_strength)[seen], minus_caption_mean(prior)[seen])[0, 1])
+    rows = [*[(f"image ⊕ text cosine + {w} × prior", cos + w * prior) for w in (0.0, 0.2, 0.5)],
+            ("image ⊕ text cosine + 0.2 × prior predicted from image ⊕ text", cos + 0.2 * predicted),
+            ("image ⊕ text cosine × learnt strength (no head)", cos * strength[None]),
+            ("distilled head, cosine alone", head_only), ("distilled (head × strength)", head_only * strength)]
     lines3 = [f"| score | mAP@{k} vs the teacher | mAP@{k} vs its replicate |", "|---|---|---|"]
-    for weight in (0.0, 0.1, 0.2, 0.5):
-        a, b = map_at(cos + weight * prior, teacher_top), map_at(cos + weight * prior, replica_top)
-        lines3.append(f"| image ⊕ text cosine + {weight} × prior | {a[0]:.3f} ± {a[1]:.3f} | {b[0]:.3f} ± {b[1]:.3f} |")
+    for name, scores in rows:
+        a, b = map_at(scores, teacher_top), map_at(scores, replica_top)
+        lines3.append(f"| {name} | {a[0]:.3f} ± {a[1]:.3f} | {b[0]:.3f} ± {b[1]:.3f} |")
     return (
-        "## Why the head gains little on this world\n\n"
-        f"Made by `distill.py --stage diagnose` from the same collection, {len(test)} test queries.\n\n"
+        "## Where the gain comes from\n\n"
+        f"Made by `distill.py --stage diagnose` from the same collection and the shipped bundle, {len(test)} test queries.\n\n"
         f"**Where the teacher's top-{k} comes from.** Captions here are `a <ink> handwritten <digit> on <paper> paper`; "
         "the prompts are captions too.\n\n" + "\n".join(lines) + "\n\n"
-        f"**Inside the same-caption group** (text cannot separate these; {n_within} queries with ≥ 5 such candidates):\n\n"
-        + "\n".join(lines2) + "\n\n"
+        f"**Inside the same-caption group** (text cannot separate these; {n_within} queries with ≥ 5 such candidates). "
+        "Not even the diffusion model's own spaces order them much better than pixels do:\n\n" + "\n".join(lines2) + "\n\n"
         "**A per-image part.** Each training image's mean normalised teacher rank over the training queries "
-        "(the 'prior'), added to the untuned cosine and scored on the test queries:\n\n" + "\n".join(lines3) + "\n"
+        "(the 'prior'), against the test queries' teacher and its replicate:\n\n" + "\n".join(lines3) + "\n\n"
+        f"Predicted from the backbone's image ⊕ text features by ridge regression, the prior correlates {held_r:.2f} with the "
+        f"real one on training images left out of the fit, {held_r_within:.2f} once each caption's mean is taken out: a "
+        "function of these features cannot carry it, which is why the bundle learns one free strength per training image. "
+        f"The learnt log strengths correlate {r_strength:.2f} with the prior within captions.\n"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, default=Path("build/distill-world"))
-    parser.add_argument("--queries", type=int, default=240)
+    parser.add_argument("--queries", type=int, default=800)
     parser.add_argument("--candidates", type=int, default=100)
-    parser.add_argument("--timesteps", type=int, default=10)
+    parser.add_argument("--timesteps", type=int, default=12)
     parser.add_argument("--stage", choices=["collect", "train", "diagnose"], action="append")
     args = parser.parse_args()
     stages = args.stage or ["collect", "train", "diagnose"]
@@ -139,60 +195,78 @@ def main() -> None:
     ws = open_workspace(root)
     ws.config["confirm"]["timesteps"] = args.timesteps
     ws.save()
+    target, staging = HERE / "encoder-distilled", root / "encoder-distilled"
     if "collect" in stages:
         t0 = time.perf_counter()
         result = distill.collect(ws, queries=args.queries, candidates=args.candidates, announce=print)
         print(f"collect: {result} in {time.perf_counter() - t0:.0f} s", flush=True)
     if "train" in stages:
-        target = HERE / "encoder-distilled"
-        staging = root / "encoder-distilled"
-        shutil.rmtree(staging, ignore_errors=True)
-        trained = distill.train(ws, out=staging, progress_row=lambda r: print(r, flush=True))
-        print(trained, flush=True)
+        main_k = 10
+        runs = {}
+        for name, strengths in (("encoder-distilled", True), ("encoder-distilled-no-strengths", False)):
+            shutil.rmtree(root / name, ignore_errors=True)
+            runs[name] = distill.train(ws, out=root / name, strengths=strengths, progress_row=lambda r: print(r, flush=True))
+            print(runs[name], flush=True)
+        trained = runs["encoder-distilled"]
         # The teacher again with independent noise: how well it agrees with itself bounds every student.
         replica = replicate_cached(ws, root)
-        results, n = evaluate.evaluate(ws, encoders=[HERE / "encoder", staging], ks=(5, 10, 20, 50), replicate=replica)
+        results, n = evaluate.evaluate(ws, encoders=[HERE / "encoder", staging, root / "encoder-distilled-no-strengths"],
+                                       ks=(5, 10, 20, 50), replicate=replica)
         table = evaluate.to_markdown(results, n, args.candidates)
-        main_k = 10
-        untuned = max(r.map_at[main_k][0] for r in results if r.name.startswith("untuned"))
-        distilled = next((r.map_at[main_k][0] for r in results if r.name.startswith("distilled")), untuned)
+        untuned = max((r for r in results if r.name.startswith("untuned")), key=lambda r: r.map_at[main_k][0])
+        distilled = next(r for r in results if r.name.startswith("distilled") and trained.encoder_id in r.name)
         replica_map = next(r.map_at[main_k][0] for r in results if r.name.startswith("teacher replicate"))
-        shipped = trained.epochs > 0 and distilled > untuned
+        gain, gain_se = evaluate.paired_difference(distilled, untuned, main_k)
+        shipped = trained.epochs > 0 and gain > 0
         shutil.rmtree(target, ignore_errors=True)
         if shipped:
             shutil.copytree(staging, target)
         n_queries = trained.train_queries + trained.val_queries
+        collection = collection_line(ws)
         (HERE / "EVAL.md").write_text(
             "# Distilled vs untuned encoders on the example world\n\n"
-            + ("" if shipped else
-               f"**The distilled head is not shipped**: it does not beat the best untuned feature on held-out queries "
-               f"(mAP@{main_k} {distilled:.3f} vs {untuned:.3f}), so `make demo` uses the untuned `encoder/`.\n\n")
-            + f"Made by `python examples/digits_world/distill.py --queries {args.queries} --candidates {args.candidates} "
+            + (f"**Shipped** as `encoder-distilled/` ({trained.encoder_id}); `make demo` uses it. " if shipped else
+               "**The distilled encoder is not shipped**: it does not beat the best untuned feature on held-out queries, so "
+               "`make demo` uses the untuned `encoder/`. ")
+            + f"On {n} held-out queries, mAP@{main_k} is {distilled.map_at[main_k][0]:.3f} distilled against "
+            f"{untuned.map_at[main_k][0]:.3f} for the best untuned feature ({untuned.name}): "
+            f"**{gain:+.3f} ± {gain_se:.3f}** (mean ± standard error of the per-query differences); the bar is +0.15 "
+            f"({'met' if gain >= 0.15 else 'not met'}). The teacher agrees with itself at {replica_map:.3f}.\n\n"
+            f"Made by `python examples/digits_world/distill.py --queries {args.queries} --candidates {args.candidates} "
             f"--timesteps {args.timesteps}` on {time.strftime('%Y-%m-%d')} (2 CPU cores). "
-            f"Teacher: AbU with `audit confirm` defaults except {args.timesteps} scoring timesteps; "
+            f"Teacher: AbU with `audit confirm` defaults (scoring noise drawn per query) except {args.timesteps} scoring timesteps; "
             f"{args.candidates} candidates per query (its nearest training images by the untuned backbone). "
-            f"The main k is {main_k} = {main_k / args.candidates:.0%} of the candidate set: the teacher's top set, small enough to be the images that matter, "
-            f"large enough to be stable against its noise.\n\n"
-            f"Head training: {trained.train_queries} train / {trained.val_queries} validation queries ({n_queries} in all, validation by prompt), "
-            f"best epoch {trained.epochs} (0 = the untrained residual head, i.e. the untuned ranking), "
-            f"{trained.seconds:.0f} s on CPU; share temperature {trained.temperature:.4g} "
-            f"(validation NLL {trained.calibration_nll:.3f}, ECE {trained.calibration_ece:.4f}).\n\n" + table
+            f"The main k is {main_k} = {main_k / args.candidates:.0%} of the candidate set: about the number of candidates that "
+            f"share the query's caption and rank high (the section below), so it scores the ordering the money depends on, "
+            f"and it is large enough to be stable against the teacher's noise (k = 5 is in the table too).\n\n"
+            f"Head training: {trained.train_queries} train / {trained.val_queries} validation queries ({n_queries} in all, "
+            f"validation by prompt), best epoch {trained.epochs} (0 = the untrained residual head, i.e. the untuned ranking), "
+            f"{trained.seconds:.0f} s on 2 CPU cores; share temperature {trained.temperature:.4g} "
+            f"(validation NLL {trained.calibration_nll:.3f}, ECE {trained.calibration_ece:.4f}). "
+            f"The ablation without strengths (`--no-strengths`) stopped at epoch {runs['encoder-distilled-no-strengths'].epochs}.\n\n"
+            + table
             + "\nThe 'teacher replicate' row is the same teacher run again on the held-out queries with independent noise "
               "(a new Fisher sample, unlearning draws and scoring noise; `audit eval --replicate`): how well the teacher agrees "
-              "with itself, and so roughly the most any student can be expected to agree with it. "
-            + f"Here it is {replica_map:.3f} at mAP@{main_k}: the best untuned feature already reaches {untuned / replica_map:.0%} of it, "
-              f"and untuned + 0.15 = {untuned + 0.15:.3f} would {'exceed' if untuned + 0.15 > replica_map else 'come within ' + format(replica_map - untuned - 0.15, '.3f') + ' of'} "
-              "the teacher's agreement with itself.\n"
+              "with itself, and so roughly the most any student can be expected to agree with it.\n\n"
+            + collection + "\n"
         )
         (HERE / "eval.json").write_text(evaluate.to_json(results, n))
         print(table)
     if "diagnose" in stages:
-        section = diagnose(ws, replicate_cached(ws, root))
+        section = diagnose(ws, replicate_cached(ws, root), staging)
         eval_md = HERE / "EVAL.md"
         text = eval_md.read_text()
-        marker = "## Why the head gains little on this world"
+        marker = "## Where the gain comes from"
         eval_md.write_text((text.split(marker)[0].rstrip() + "\n\n" if marker in text else text + "\n") + section)
         print(section)
+
+
+def collection_line(ws) -> str:
+    """How long the collection took, from the store."""
+    with Store(ws.db_path, read_only=True) as store:
+        n, seconds = store.rows("SELECT count(*), sum(seconds) FROM distill_queries WHERE collected_at IS NOT NULL")[0]
+    return f"Collection: {n} queries ranked by the teacher in {seconds:,.0f} s on 2 CPU cores ({seconds / n:.1f} s per query)."
+
 
 if __name__ == "__main__":
     main()
