@@ -303,6 +303,13 @@ class FitResult:
     log_strength: np.ndarray | None = None  # per training row; 0 for rows no training pair touched
     touched: np.ndarray | None = None  # the training rows some training pair (candidate or negative) reached
 
+    def scores(self, q_feat: np.ndarray, t_feat: np.ndarray) -> np.ndarray:
+        """Queries × training rows, as the bundle made from this fit ranks them."""
+        with torch.no_grad():
+            t_out = self.head(torch.as_tensor(t_feat, dtype=torch.float32)).numpy()
+            q_out = self.head(torch.as_tensor(q_feat, dtype=torch.float32)).numpy()
+        return q_out @ (t_out if self.log_strength is None else t_out * np.exp(self.log_strength)[:, None]).T
+
 
 def _calibrate(head: embed.ProjectionHead, q_feat: torch.Tensor, t_feat: torch.Tensor, q_idx, t_idx, target) -> None:
     """Fit the score's scale and bias to the untrained head's cosines (a logistic regression) before training: from the
@@ -463,6 +470,19 @@ def load_rankings(store: Store, split: str, index_of: dict[int, int]) -> list[tu
     return [(qid, path, prompt, np.array([index_of[t] for t in tids]), np.array(ranks)) for qid, path, prompt, tids, ranks in rows]
 
 
+def split_validation(queries, q_feat: np.ndarray, s: DistillSettings) -> tuple[Rankings, Rankings, np.ndarray]:
+    """(fit, validation, is_val) of load_rankings rows: validation by prompt, like the test split, so validation prompts
+    are never fitted."""
+    prompts = sorted({q[2] or "" for q in queries})
+    val_prompts = set(np.random.default_rng(s.seed).permutation(prompts)[: max(1, int(round(len(prompts) * s.val_fraction)))].tolist())
+    is_val = np.array([(q[2] or "") in val_prompts for q in queries])
+
+    def subset(mask):
+        return Rankings(q_feat[mask], [q[3] for q, m in zip(queries, mask) if m], [q[4] for q, m in zip(queries, mask) if m])
+
+    return subset(~is_val), subset(is_val), is_val
+
+
 def query_embeddings(encoder: embed.Encoder, queries) -> tuple[np.ndarray, np.ndarray]:
     images = [ingest.decode(ingest.read_bytes(q[1], ingest.Limits()), ingest.Limits())[0] for q in queries]
     return embed_images(encoder, images, [q[2] for q in queries])
@@ -489,23 +509,14 @@ def train(
     q_img, q_txt = query_embeddings(encoder, queries)
     q_feat = np.concatenate([q_img, q_txt], axis=1)
     t_feat = np.concatenate([img, txt], axis=1)
-    rng = np.random.default_rng(s.seed)
-    # Validation by prompt, like the test split: validation prompts are never fitted.
-    prompts = sorted({q[2] or "" for q in queries})
-    val_prompts = set(rng.permutation(prompts)[: max(1, int(round(len(prompts) * s.val_fraction)))].tolist())
-    is_val = np.array([(q[2] or "") in val_prompts for q in queries])
-
-    def subset(mask):
-        return Rankings(q_feat[mask], [q[3] for q, m in zip(queries, mask) if m], [q[4] for q, m in zip(queries, mask) if m])
-
-    fit = fit_head(subset(~is_val), subset(is_val), t_feat, s, progress_row)
+    fit_set, val, is_val = split_validation(queries, q_feat, s)
+    fit = fit_head(fit_set, val, t_feat, s, progress_row)
     strengths = {}
     if fit.log_strength is not None:
         # Centred on the images the training reached, so an image without one (strength 1) counts as a typical one.
         learned = fit.log_strength - fit.log_strength[fit.touched].mean()
         strengths = {digests[j]: float(np.exp(learned[j])) for j in np.flatnonzero(fit.touched)}
     # Calibrate shares on the validation queries, over the scan's top-k.
-    val = subset(is_val)
     with torch.no_grad():
         t_out = fit.head(torch.as_tensor(t_feat)).numpy() * np.array([strengths.get(d, 1.0) for d in digests], np.float32)[:, None]
         q_out = fit.head(torch.as_tensor(val.query_features)).numpy()

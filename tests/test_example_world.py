@@ -117,3 +117,25 @@ def test_encoder_bundle_zero_shot_digits():
         scores = model.encode_image(x, normalize=True) @ model.encode_text(tokens, normalize=True).T
     accuracy = (scores.argmax(1).numpy() == np.array([int(r["digit"]) for r in rows])).mean()
     assert accuracy > 0.5, accuracy  # chance is 0.1
+
+
+def test_distilled_encoder_ships_with_strengths_for_the_world_s_training_images():
+    # EVAL.md's shipped bundle: the world's backbone under a trained head, and one strength per training image the
+    # distillation reached, keyed by the image's content.
+    import hashlib
+
+    from auditor import embed
+
+    bundle = WORLD / "encoder-distilled"
+    if not (bundle / "encoder.json").is_file():
+        assert "**The distilled encoder is not shipped**" in (WORLD / "EVAL.md").read_text()
+        return
+    enc = embed.load(bundle)
+    base = embed.load(WORLD / "encoder")
+    assert enc.head is not None and enc.metric == "dot" and enc.image_dim + enc.text_dim == base.dim
+    assert (bundle / "backbone.safetensors").read_bytes() == (WORLD / "encoder" / "backbone.safetensors").read_bytes()
+    digests = {hashlib.sha256((WORLD / "training" / r["path"]).read_bytes()).hexdigest() for r in read_csv(WORLD / "training" / "contributors.csv")}
+    assert set(enc.strengths) <= digests and len(enc.strengths) >= 0.9 * len(digests)
+    logs = np.log(list(enc.strengths.values()))
+    assert abs(logs.mean()) < 1e-4 and logs.std() > 0.05  # centred on a typical image, and not all alike
+    assert enc.id in (WORLD / "EVAL.md").read_text()

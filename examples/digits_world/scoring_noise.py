@@ -54,11 +54,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, default=Path("build/distill-world"))
     parser.add_argument("--splits", type=int, default=20, help="random query halvings to average over")
+    parser.add_argument("--queries", type=int, default=0, help="use the first N collected test queries (0: all)")
     args = parser.parse_args()
     ws = open_workspace(args.workdir)
     settings = AbuSettings.from_config(ws.config["confirm"])
     with Store(ws.db_path, read_only=True) as store:
-        rows = distill.collected_queries(store, "test")
+        rows = distill.collected_queries(store, "test")[: args.queries or None]
         training = training_set(ws, store, ws.model_dir(), torch.device("cpu"), "auto")
     if not rows:
         raise SystemExit(f"no collected test queries in {args.workdir}; run distill.py --stage collect first")
