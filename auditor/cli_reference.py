@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import click
 import typer
 
 from .cli import app

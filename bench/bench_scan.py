@@ -127,7 +127,7 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from auditor import embed, workspace
+    from auditor import workspace
     from auditor.training import index_training
     from tests import small_world
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from auditor import confirm, counterfactual, diffusion, ingest, retrain
+from auditor import confirm, counterfactual, diffusion, retrain
 from auditor.errors import AuditError
 
 
