@@ -75,12 +75,17 @@ def training_digests(store: Store) -> list[str]:
     return [r[0] for r in store.rows("SELECT sha256 FROM training_images ORDER BY id")]
 
 
-def head_scores(encoder: embed.Encoder, q_feat: np.ndarray, t_feat: np.ndarray, digests: list[str]) -> np.ndarray:
-    """A distilled bundle's scores (queries × training images) from untuned image ⊕ text features, as its index ranks them."""
+def _scores(head: embed.ProjectionHead, q_feat: np.ndarray, t_feat: np.ndarray, strength: np.ndarray | None) -> np.ndarray:
+    """Queries × training rows from untuned image ⊕ text features: the inner product the index searches."""
     with torch.no_grad():
-        t_out = encoder.head(torch.as_tensor(t_feat, dtype=torch.float32)).numpy() * encoder.strength(digests)[:, None]
-        q_out = encoder.head(torch.as_tensor(q_feat, dtype=torch.float32)).numpy()
-    return q_out @ t_out.T
+        t_out = head(torch.as_tensor(t_feat, dtype=torch.float32)).numpy()
+        q_out = head(torch.as_tensor(q_feat, dtype=torch.float32)).numpy()
+    return q_out @ (t_out if strength is None else t_out * strength[:, None]).T
+
+
+def head_scores(encoder: embed.Encoder, q_feat: np.ndarray, t_feat: np.ndarray, digests: list[str]) -> np.ndarray:
+    """A distilled bundle's scores (queries × training images), as its index ranks them."""
+    return _scores(encoder.head, q_feat, t_feat, encoder.strength(digests))
 
 
 def joint(img: np.ndarray, txt: np.ndarray) -> np.ndarray:
@@ -301,15 +306,14 @@ class FitResult:
     best_val_map: float
     epochs: int
     history: list[dict] = field(default_factory=list)
-    log_strength: np.ndarray | None = None  # per training row; 0 for rows no training pair touched
+    # Per training row, centred on the rows some training pair reached and 0 (strength 1) for the others: the bundle's
+    # convention, in which an image without a strength counts as a typical one.
+    log_strength: np.ndarray | None = None
     touched: np.ndarray | None = None  # the training rows some training pair (candidate or negative) reached
 
     def scores(self, q_feat: np.ndarray, t_feat: np.ndarray) -> np.ndarray:
         """Queries × training rows, as the bundle made from this fit ranks them."""
-        with torch.no_grad():
-            t_out = self.head(torch.as_tensor(t_feat, dtype=torch.float32)).numpy()
-            q_out = self.head(torch.as_tensor(q_feat, dtype=torch.float32)).numpy()
-        return q_out @ (t_out if self.log_strength is None else t_out * np.exp(self.log_strength)[:, None]).T
+        return _scores(self.head, q_feat, t_feat, None if self.log_strength is None else np.exp(self.log_strength))
 
 
 def _calibrate(head: embed.ProjectionHead, q_feat: torch.Tensor, t_feat: torch.Tensor, q_idx, t_idx, target) -> None:
@@ -405,8 +409,11 @@ def fit_head(train: Rankings, val: Rankings, train_features: np.ndarray, s: Dist
             break
     head.load_state_dict(best[1][0])
     head.eval()
-    strengths = None if best[1][1] is None else best[1][1].numpy()
-    return FitResult(head, best[0], best[2], history, strengths, touched)
+    log_strength = None
+    if best[1][1] is not None:
+        learned = best[1][1].numpy()
+        log_strength = np.where(touched, learned - learned[touched].mean(), 0.0)
+    return FitResult(head, best[0], best[2], history, log_strength, touched)
 
 
 def fit_temperature(scores: list[np.ndarray], positives: list[np.ndarray]) -> tuple[float, float]:
@@ -514,17 +521,11 @@ def train(
     fit = fit_head(fit_set, val, t_feat, s, progress_row)
     strengths = {}
     if fit.log_strength is not None:
-        # Centred on the images the training reached, so an image without one (strength 1) counts as a typical one.
-        learned = fit.log_strength - fit.log_strength[fit.touched].mean()
-        strengths = {digests[j]: float(np.exp(learned[j])) for j in np.flatnonzero(fit.touched)}
+        strengths = {digests[j]: float(np.exp(fit.log_strength[j])) for j in np.flatnonzero(fit.touched)}
     # Calibrate shares on the validation queries, over the scan's top-k.
-    with torch.no_grad():
-        t_out = fit.head(torch.as_tensor(t_feat)).numpy() * np.array([strengths.get(d, 1.0) for d in digests], np.float32)[:, None]
-        q_out = fit.head(torch.as_tensor(val.query_features)).numpy()
     top_k = int(ws.config["scan"]["top_k"])
     scores, positives = [], []
-    for q, cand, ranks in zip(q_out, val.candidates, val.ranks):
-        sims = t_out @ q
+    for sims, cand, ranks in zip(fit.scores(val.query_features, t_feat), val.candidates, val.ranks):
         top = np.argsort(-sims, kind="stable")[:top_k]
         true = set(cand[np.argsort(ranks)[: s.calibration_k]].tolist())
         scores.append(sims[top])

@@ -78,13 +78,14 @@ def seen_prompts(ws, k: int = 10) -> str:
         ids, img, txt = distill.training_embeddings(ws, store, encoder)
         queries = distill.load_rankings(store, "train", {int(i): j for j, i in enumerate(ids)})
     q_img, q_txt = distill.query_embeddings(encoder, queries)
+    q_feat, t_feat = np.concatenate([q_img, q_txt], 1), np.concatenate([img, txt], 1)
     last = {q[2]: i for i, q in enumerate(queries)}  # load_rankings orders by id: the last query of each prompt
     held = np.zeros(len(queries), bool)
     held[list(last.values())] = True
     rest = [q for q, h in zip(queries, held) if not h]
-    fit_set, val, _ = distill.split_validation(rest, np.concatenate([q_img, q_txt], 1)[~held], s)
+    fit_set, val, _ = distill.split_validation(rest, q_feat[~held], s)
     t0 = time.perf_counter()
-    fit = distill.fit_head(fit_set, val, np.concatenate([img, txt], 1), s)
+    fit = distill.fit_head(fit_set, val, t_feat, s)
     seconds = time.perf_counter() - t0
     held_rows = [q for q, h in zip(queries, held) if h]
     tops = [set(c[np.argsort(r)[:k]].tolist()) for _, _, _, c, r in held_rows]
@@ -92,7 +93,7 @@ def seen_prompts(ws, k: int = 10) -> str:
     def aps(scores):
         return np.array([metrics.average_precision(np.argsort(-row, kind="stable"), top) for row, top in zip(scores, tops)])
 
-    distilled = aps(fit.scores(np.concatenate([q_img, q_txt], 1)[held], np.concatenate([img, txt], 1)))
+    distilled = aps(fit.scores(q_feat[held], t_feat))
     untuned = aps(distill.joint(q_img[held], q_txt[held]) @ distill.joint(img, txt).T)
     (d, d_se), (u, u_se), (g, g_se) = (evaluate.mean_se(v) for v in (distilled, untuned, distilled - untuned))
     return (
