@@ -234,6 +234,27 @@ def distill_train(
         use_encoder(result.path)
 
 
+@distill_app.command("export")
+def distill_export(out_dir: Path = typer.Argument(..., help="New folder for the collection (queries.parquet, rankings.parquet, images/).")):
+    """Write the collected rankings and their query images to a folder another workspace can import (collect where the teacher is fast, train anywhere)."""
+    from .distill import export_collection
+
+    n = export_collection(_ws(), out_dir)
+    out.print(f"{n} collected queries written to {out_dir}")
+
+
+@distill_app.command("import")
+def distill_import(
+    folder: Path = typer.Argument(..., help="A folder written by `audit distill export`."),
+    model: Optional[Path] = typer.Option(None, help="Diffusers pipeline folder (default: [paths] model); must be the model the collection was ranked on."),
+):
+    """Add an exported collection to this workspace (same model and training set; importing twice adds nothing)."""
+    from .distill import import_collection
+
+    result = import_collection(_ws(), folder, model=model)
+    out.print(f"{result.queries} queries ({result.rankings} ranked candidates) imported; {result.skipped} already here")
+
+
 @app.command("use-encoder")
 def use_encoder(
     bundle: Path = typer.Argument(..., help="Encoder bundle directory."),

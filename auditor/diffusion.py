@@ -209,8 +209,8 @@ class TrainingSet:
         )
 
 
-def load(folder: str | os.PathLike, device: torch.device, cache_dir: Path | None = None, flip: str = "auto") -> DiffusionModel:
-    """Load unet, vae, text encoder, tokenizer and scheduler from a local Stable Diffusion folder (no hub access)."""
+def checked_folder(folder: str | os.PathLike) -> Path:
+    """The model folder, resolved, once it is known to hold every pipeline component."""
     folder = Path(folder).expanduser().resolve()
     if not folder.is_dir():
         raise AuditError(f"model folder {folder} does not exist; set [paths] model in audit.toml or pass --model")
@@ -219,6 +219,12 @@ def load(folder: str | os.PathLike, device: torch.device, cache_dir: Path | None
         raise AuditError(
             f"model folder {folder} lacks {', '.join(missing)}; expected a diffusers Stable Diffusion folder (unet, vae, text_encoder, tokenizer, scheduler)"
         )
+    return folder
+
+
+def load(folder: str | os.PathLike, device: torch.device, cache_dir: Path | None = None, flip: str = "auto") -> DiffusionModel:
+    """Load unet, vae, text encoder, tokenizer and scheduler from a local Stable Diffusion folder (no hub access)."""
+    folder = checked_folder(folder)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer

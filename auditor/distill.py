@@ -31,6 +31,7 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from . import diffusion, embed, ingest, metrics
@@ -244,27 +245,141 @@ def replicate(
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """The teacher again on the collected queries of a split, with independent noise: query id → (candidate training ids,
     influence). How well the teacher agrees with itself bounds what any student can reach against it (`audit eval
-    --replicate`). Uses the workspace's [confirm] settings, which should be those the rankings were collected with."""
+    --replicate`). Uses the workspace's [confirm] settings, which should be those the rankings were collected with.
+    Stored in distill_replicates per query as it goes: a rerun (or an interrupted one) only scores what is missing."""
     progress = progress or Silent()
-    settings = AbuSettings.from_config(ws.config["confirm"])
-    model_path = ws.model_dir(model)
-    torch_device = embed.resolve_device(device or ws.config["encoder"]["device"])
+    base = AbuSettings.from_config(ws.config["confirm"])
+    settings = replace(base, seed=base.seed + REPLICATE_SEED)
+    model_path = diffusion.checked_folder(ws.model_dir(model))
+    key = settings.hash("replicate", diffusion.model_hash(model_path, ws.dir / "cache"))
     with Store(ws.db_path, read_only=True) as store:
         rows = collected_queries(store, split)
-        training = training_set(ws, store, model_path, torch_device, str(ws.config["confirm"].get("flip", "auto")))
+        stored = {int(q): dict(zip(t, v)) for q, t, v in store.rows(
+            "SELECT query_id, list(training_id), list(influence) FROM distill_replicates WHERE settings_hash = ? GROUP BY 1", [key])}
     if not rows:
         raise AuditError(f"no collected {split} queries; run `audit distill collect` first")
-    session = TeacherSession(training, replace(settings, seed=settings.seed + REPLICATE_SEED), ws.dir / "cache")
-    announce(f"replicating the teacher on {len(rows)} {split} queries with independent noise; "
-             f"estimated {session.estimate(len(rows), len(rows[0][3])):.0f} s")
-    progress.start("replicating", len(rows))
-    out = {}
-    for qid, path, prompt, candidates in rows:
-        image = diffusion.read_image(path, ingest.Limits())
-        _, influence = session.score(image, prompt, np.array(candidates, np.int64), qid)
-        out[int(qid)] = (np.array(candidates, np.int64), influence)
-        progress.advance()
-    return out
+    todo = [r for r in rows if int(r[0]) not in stored]
+    if todo:
+        torch_device = embed.resolve_device(device or ws.config["encoder"]["device"])
+        with ws.writing(), Store(ws.db_path) as store:
+            training = training_set(ws, store, model_path, torch_device, str(ws.config["confirm"].get("flip", "auto")))
+            session = TeacherSession(training, settings, ws.dir / "cache")
+            announce(f"replicating the teacher on {len(todo)} of {len(rows)} {split} queries with independent noise; "
+                     f"estimated {session.estimate(len(todo), len(todo[0][3])):.0f} s")
+            progress.start("replicating", len(todo))
+            for qid, path, prompt, candidates in todo:
+                image = diffusion.read_image(path, ingest.Limits())
+                _, influence = session.score(image, prompt, np.array(candidates, np.int64), qid)
+                with store.transaction():
+                    store.insert_arrow("distill_replicates", pa.table({
+                        "query_id": pa.array([qid] * len(candidates), pa.int64()), "training_id": pa.array(candidates, pa.int64()),
+                        "settings_hash": [key] * len(candidates), "influence": pa.array(influence, pa.float64())}))
+                stored[int(qid)] = dict(zip(candidates, influence.tolist()))
+                progress.advance()
+    return {int(q): (np.array(c, np.int64), np.array([stored[int(q)][t] for t in c])) for q, _, _, c in rows}
+
+
+# ---------------------------------------------------------------------- sharing a collection
+# A collection folder: queries.parquet (distill_queries rows, path relative to the folder), rankings.parquet
+# (distill_rankings rows with the candidate named by its image's sha256, not by a workspace's id), replicates.parquet
+# (distill_replicates rows, named the same way) and images/.
+QUERIES_FILE, RANKINGS_FILE, REPLICATES_FILE = "queries.parquet", "rankings.parquet", "replicates.parquet"
+_BY_CONTENT = "{columns} FROM {table} r JOIN training_images t ON t.id = r.training_id JOIN distill_queries q ON q.id = r.query_id WHERE q.collected_at IS NOT NULL"
+
+
+@dataclass
+class ImportResult:
+    queries: int = 0
+    rankings: int = 0
+    replicates: int = 0  # replicate scores (distill_replicates rows)
+    skipped: int = 0  # queries of a collection (settings hash) the store already holds
+    ids: dict[int, int] = field(default_factory=dict)  # the collection's query id → this workspace's
+
+
+def export_collection(ws: Workspace, out: str | os.PathLike) -> int:
+    """Write every collected query (its image, prompt, split and the teacher's ranking of its candidates) to a folder that
+    `import_collection` reads into another workspace on the same model and training set: collect once where the
+    teacher runs fast, train and evaluate anywhere. Returns the number of queries written."""
+    out = Path(out)
+    if (out / QUERIES_FILE).exists():
+        raise AuditError(f"{out} already holds a collection; export into a new folder")
+    with Store(ws.db_path, read_only=True) as store:
+        queries = store.con.sql("SELECT * FROM distill_queries WHERE collected_at IS NOT NULL ORDER BY id").to_arrow_table()
+        rankings = store.con.sql(_BY_CONTENT.format(
+            columns="SELECT r.query_id, t.sha256 AS training_sha256, r.influence, r.raw_influence, r.teacher_rank, r.backbone_rank",
+            table="distill_rankings") + " ORDER BY r.query_id, r.backbone_rank").to_arrow_table()
+        replicates = store.con.sql(_BY_CONTENT.format(
+            columns="SELECT r.query_id, t.sha256 AS training_sha256, r.settings_hash, r.influence",
+            table="distill_replicates") + " ORDER BY r.settings_hash, r.query_id, r.training_id").to_arrow_table()
+    if queries.num_rows == 0:
+        raise AuditError("no collected queries to export; run `audit distill collect` first")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    names = []
+    for qid, path in zip(queries.column("id").to_pylist(), queries.column("path").to_pylist()):
+        if not os.path.isfile(path):
+            raise AuditError(f"query image {path} (query {qid}) is gone; the collection cannot be exported without it")
+        names.append(f"images/q{qid:06d}{Path(path).suffix.lower() or '.png'}")
+        shutil.copy2(path, out / names[-1])
+    pq.write_table(queries.set_column(queries.column_names.index("path"), "path", pa.array(names)), out / QUERIES_FILE)
+    pq.write_table(rankings, out / RANKINGS_FILE)
+    pq.write_table(replicates, out / REPLICATES_FILE)
+    return queries.num_rows
+
+
+def import_collection(ws: Workspace, folder: str | os.PathLike, *, model: str | os.PathLike | None = None) -> ImportResult:
+    """Add an exported collection to this workspace's store (new query ids; images copied into the workspace).
+    Refuses one ranked with another diffusion model, or over training images this workspace has not registered;
+    importing the same collection twice adds nothing."""
+    folder = Path(folder)
+    missing = [name for name in (QUERIES_FILE, RANKINGS_FILE, REPLICATES_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise AuditError(f"{folder} is not a collection folder (no {', '.join(missing)}); make one with `audit distill export DIR`")
+    queries, rankings, replicates = (pq.read_table(folder / name) for name in (QUERIES_FILE, RANKINGS_FILE, REPLICATES_FILE))
+    ours = diffusion.model_hash(diffusion.checked_folder(ws.model_dir(model)), ws.dir / "cache")
+    theirs = sorted(set(queries.column("model_hash").to_pylist()))
+    if theirs != [ours]:
+        raise AuditError(f"the collection was ranked by the teacher on model {', '.join(theirs)}, this workspace's model is {ours}; "
+                         "rankings hold only for the model they were made with: import into a workspace on that model")
+    result = ImportResult()
+    with ws.writing(), Store(ws.db_path) as store:
+        id_of = {sha: tid for sha, tid in store.rows("SELECT sha256, min(id) FROM training_images GROUP BY 1")}
+        unknown = {h for t in (rankings, replicates) for h in t.column("training_sha256").to_pylist()} - id_of.keys()
+        if unknown:
+            raise AuditError(f"{len(unknown)} training images the collection ranks are not registered in this workspace; "
+                             "`audit index` the training set it was collected on first")
+        held = {h for (h,) in store.rows("SELECT DISTINCT settings_hash FROM distill_queries")}
+        new = queries.filter(pa.array([h not in held for h in queries.column("settings_hash").to_pylist()]))
+        result.skipped = queries.num_rows - new.num_rows
+        if new.num_rows == 0:
+            return result
+        next_id = store.next_id("distill_queries")
+        result.ids = {qid: next_id + i for i, qid in enumerate(new.column("id").to_pylist())}
+        paths = []
+        for qid, name, settings_hash in zip(*(new.column(c).to_pylist() for c in ("id", "path", "settings_hash"))):
+            target = ws.dir / "distill" / settings_hash / f"q{result.ids[qid]:06d}{Path(name).suffix}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(folder / name, target)
+            paths.append(str(target))
+        new = new.set_column(new.column_names.index("path"), "path", pa.array(paths))
+        new = new.set_column(new.column_names.index("id"), "id", pa.array([result.ids[q] for q in new.column("id").to_pylist()], pa.int64()))
+
+        def by_id(table: pa.Table, rest: tuple[str, ...]) -> pa.Table:
+            """The rows of the imported queries, with this workspace's query and training ids."""
+            table = table.filter(pa.array([q in result.ids for q in table.column("query_id").to_pylist()], pa.bool_()))
+            return pa.table({
+                "query_id": pa.array([result.ids[q] for q in table.column("query_id").to_pylist()], pa.int64()),
+                "training_id": pa.array([id_of[h] for h in table.column("training_sha256").to_pylist()], pa.int64()),
+                **{c: table.column(c) for c in rest},
+            })
+
+        ranked = by_id(rankings, ("influence", "raw_influence", "teacher_rank", "backbone_rank"))
+        replicated = by_id(replicates, ("settings_hash", "influence"))
+        with store.transaction():
+            store.insert_arrow("distill_queries", new)
+            store.insert_arrow("distill_rankings", ranked)
+            store.insert_arrow("distill_replicates", replicated)
+        result.queries, result.rankings, result.replicates = new.num_rows, ranked.num_rows, replicated.num_rows
+    return result
 
 
 # ---------------------------------------------------------------------- head training

@@ -1,6 +1,7 @@
 """distill + eval: the head learns a teacher's ranking, shares are calibrated, the pipeline runs end to end."""
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from auditor import distill, embed, evaluate, sql
@@ -108,7 +109,7 @@ def test_temperature_fit_recovers_a_known_temperature():
     assert distill.calibration_error(scores, positives, tau) < distill.calibration_error(scores, positives, true_tau * 20)
 
 
-def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path):
+def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path, monkeypatch):
     ws = scanned_ws
     ws.config["confirm"].update(draws=4, timesteps=2, fisher_samples=8, reference_samples=4)
     ws.save()
@@ -148,6 +149,12 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path)
     stored = dict(sql.query(ws, "select q.id, list(r.influence order by r.backbone_rank) from distill_queries q "
                                 "join distill_rankings r on r.query_id = q.id where q.split = 'test' group by 1").rows())
     assert all(not np.allclose(influence, stored[q]) for q, (_, influence) in replica.items())
+    # Stored as it goes: asking again runs no teacher and returns the same scores.
+    assert sql_value(ws, "select count(*) from distill_replicates") == sum(len(c) for c, _ in replica.values())
+    monkeypatch.setattr(distill, "TeacherSession", None)
+    again = distill.replicate(ws)
+    assert again.keys() == replica.keys() and all(np.array_equal(again[q][1], replica[q][1]) for q in replica)
+    monkeypatch.undo()
     with_replica, _ = evaluate.evaluate(ws, encoders=[old_encoder], ks=(3,), replicate=replica)
     assert with_replica[-1].name == "teacher replicate (independent noise)" and 0 < with_replica[-1].map_at[3][0] <= 1
 
@@ -170,3 +177,60 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path)
 
 def _outputs(ws):
     return sql_value(ws, "select root from scans order by id limit 1")
+
+
+def test_a_collection_exported_from_one_workspace_imports_into_another(indexed_ws, indexed_template, tiny_pipeline, tmp_path, monkeypatch):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from auditor import workspace
+    from auditor.errors import AuditError
+
+    def configured(ws):
+        ws.config["paths"]["model"] = str(tiny_pipeline)
+        ws.config["confirm"].update(draws=4, timesteps=2, fisher_samples=8, reference_samples=4)
+        ws.save()
+        return ws
+
+    source = configured(indexed_ws)
+    distill.collect(source, queries=6, candidates=8, sample_steps=2, test_fraction=0.3)
+    replica = distill.replicate(source)
+    assert distill.export_collection(source, tmp_path / "collection") == 6
+    with pytest.raises(AuditError, match="already holds a collection"):
+        distill.export_collection(source, tmp_path / "collection")
+
+    shutil.copytree(indexed_template.root, tmp_path / "other", symlinks=True)
+    target = configured(workspace.load(tmp_path / "other"))
+    sql.query(target, "insert into distill_queries (id, split, source, path, prompt, model_hash, backbone_id, settings_hash) "
+                      "values (1, 'train', 'folder', 'elsewhere.png', 'x', 'm', 'b', 'another collection')", write=True)
+    imported = distill.import_collection(target, tmp_path / "collection")
+    assert (imported.queries, imported.rankings, imported.replicates, imported.skipped) == (6, 48, 8 * len(replica), 0)
+    assert sorted(imported.ids.values()) == list(range(2, 8))  # after the store's own query: ids never collide
+
+    # The same queries, splits, images and teacher ranks, with candidates matched by content, not by id.
+    ranked = ("select q.prompt, q.split, q.seed, t.sha256, r.teacher_rank, r.influence from distill_rankings r "
+              "join distill_queries q on q.id = r.query_id join training_images t on t.id = r.training_id "
+              "where q.settings_hash <> 'another collection' order by q.seed, t.sha256")
+    assert sql.query(target, ranked).rows() == sql.query(source, ranked).rows()
+    images = lambda ws: [open(p, "rb").read() for (p,) in sql.query(  # noqa: E731
+        ws, "select path from distill_queries where settings_hash <> 'another collection' order by seed").rows()]
+    assert images(target) == images(source)
+    # The teacher's replicate came along: the target answers it from the store, without a teacher run.
+    monkeypatch.setattr(distill, "TeacherSession", None)
+    moved = distill.replicate(target)
+    assert sorted(moved) == sorted(imported.ids[q] for q in replica)
+    assert all(np.array_equal(moved[imported.ids[q]][1], replica[q][1]) for q in replica)
+    monkeypatch.undo()
+    # Collecting with the same settings finds the imported queries done; a second import adds nothing.
+    assert distill.collect(target, queries=6, candidates=8, sample_steps=2, test_fraction=0.3).collected == 0
+    assert distill.import_collection(target, tmp_path / "collection").skipped == 6
+
+    # A collection ranked on another model is refused, with what to do.
+    queries = pq.read_table(tmp_path / "collection" / distill.QUERIES_FILE)
+    foreign = tmp_path / "foreign"
+    shutil.copytree(tmp_path / "collection", foreign)
+    pq.write_table(queries.set_column(queries.column_names.index("model_hash"), "model_hash",
+                                      pa.array(["0123456789abcdef"] * queries.num_rows)), foreign / distill.QUERIES_FILE)
+    with pytest.raises(AuditError, match="on model 0123456789abcdef.*import into a workspace on that model"):
+        distill.import_collection(target, foreign)
