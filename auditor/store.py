@@ -41,8 +41,18 @@ class Store:
         self.path = Path(path)
         if read_only and not self.path.exists():
             raise AuditError(f"no audit store at {self.path}; run `audit init` first")
+        self.con = self._connect(read_only)
+        if not read_only:
+            self.migrate()
+        elif self.pending():
+            # A store an older version made: a reader must see every table, so bring it up to date first.
+            self.con.close()
+            Store(self.path).close()
+            self.con = self._connect(read_only)
+
+    def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         try:
-            self.con = duckdb.connect(str(self.path), read_only=read_only)
+            return duckdb.connect(str(self.path), read_only=read_only)
         except duckdb.IOException as exc:
             if _is_lock_conflict(exc):
                 raise WorkspaceBusy(
@@ -50,8 +60,11 @@ class Store:
                     "wait for it to finish and run the command again"
                 ) from None
             raise AuditError(f"cannot open the audit store {self.path}: {exc}") from None
-        if not read_only:
-            self.migrate()
+
+    def pending(self) -> list[int]:
+        """Versions of the migrations this store has not had yet."""
+        done = {row[0] for row in self.rows("SELECT version FROM schema_migrations")}
+        return [version for version, _, _ in migrations() if version not in done]
 
     def close(self) -> None:
         self.con.close()
@@ -69,10 +82,10 @@ class Store:
             " version INTEGER PRIMARY KEY, name VARCHAR NOT NULL,"
             " applied_at TIMESTAMP NOT NULL DEFAULT current_timestamp)"
         )
-        done = {row[0] for row in self.rows("SELECT version FROM schema_migrations")}
+        todo = set(self.pending())
         applied = []
         for version, name, sql in migrations():
-            if version in done:
+            if version not in todo:
                 continue
             with self.transaction():
                 self.con.execute(sql)

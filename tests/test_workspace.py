@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 
@@ -60,6 +61,18 @@ def test_migrations_are_applied_once_and_recorded(tmp_path):
         versions = [row[0] for row in store.rows("SELECT version FROM schema_migrations ORDER BY version")]
     assert versions == [m[0] for m in migrations()]
     assert versions == sorted(versions) and versions[0] == 1
+
+
+def test_a_store_an_older_version_made_is_brought_up_to_date_for_readers_too(tmp_path):
+    ws = workspace.init(tmp_path)
+    latest, name, sql = migrations()[-1]
+    with Store(ws.db_path) as store:  # as the version before the latest migration left it
+        table = re.search(r"CREATE TABLE (\w+)", sql)[1]
+        store.con.execute(f"DROP TABLE {table}")
+        store.con.execute("DELETE FROM schema_migrations WHERE version = ?", [latest])
+    with Store(ws.db_path, read_only=True) as store:
+        assert store.pending() == []
+        assert store.value(f"SELECT count(*) FROM {table}") == 0
 
 
 def test_second_writer_gets_workspace_busy(tmp_path):
