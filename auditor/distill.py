@@ -14,7 +14,7 @@ default). The teacher's score is a loss change, to first order the inner product
 query's update with the candidate's gradient, so a training image whose loss moves a lot
 under any update ranks high for every query it is a candidate of; a cosine cannot say
 that, a per-image factor on it can. On the example world it more than doubles the head's
-gain over the untuned ranking (held-out mAP@10 +0.049 → +0.112, EVAL.md). Strengths are
+gain over the untuned ranking (held-out mAP@10 +0.049 → +0.111, EVAL.md). Strengths are
 kept for the training images the teacher ranked.
 """
 

@@ -1,19 +1,22 @@
 """Distil the example world's teacher into its encoder and measure it: the shipped `encoder-distilled/` and EVAL.md.
 
-    python examples/digits_world/distill.py [--workdir build/distill-world] [--queries 800]
+    python examples/digits_world/distill.py [--workdir build/distill-world] [--queries 800] [--stage collect|train|diagnose]
 
 Runs what a user would: a workspace on the world, `distill collect` (query images generated
 from the world's captions, ranked by the AbU teacher over each query's 100 nearest training
-images by the untuned backbone), `distill train` (with per-image strengths, and without them
-for the ablation row), `eval` on the held-out prompts with the teacher's replicate, then a
-diagnosis of where the gain comes from (the last section of EVAL.md). Resumable: rerunning
-continues the collection where it stopped, and the teacher replicate is kept in the workdir.
+images by the untuned backbone) and the teacher's replicate on the test queries (`eval
+--replicate`), both exported to `distill-collection/` (`distill export`); then `distill train`
+(with per-image strengths, and without them for the ablation row), `eval` on the held-out
+prompts, and a diagnosis of where the gain comes from (the last section of EVAL.md).
+
+The collection took 80 minutes on 2 cores, so it ships: `--stage train` and `--stage diagnose`
+on a new workdir import it (`distill import`) instead of collecting again. Resumable: rerunning
+continues the collection where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -34,15 +37,16 @@ from auditor.store import Store  # noqa: E402
 from world import open_workspace  # noqa: E402
 
 
-def replicate_cached(ws, root: Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """The teacher re-run on the test queries (distill.replicate), kept in the workdir: it costs minutes."""
-    path = root / "replicate-test.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        return {int(q): (np.array(c, np.int64), np.array(v)) for q, (c, v) in saved.items()}
-    replica = distill.replicate(ws, announce=print)
-    path.write_text(json.dumps({q: (c.tolist(), v.tolist()) for q, (c, v) in replica.items()}))
-    return replica
+COLLECTION = HERE / "distill-collection"
+
+
+def with_collection(ws) -> None:
+    """Import the shipped collection into a workdir that has collected nothing itself."""
+    with Store(ws.db_path, read_only=True) as store:
+        collected = store.value("SELECT count(*) FROM distill_queries WHERE collected_at IS NOT NULL")
+    if not collected:
+        result = distill.import_collection(ws, COLLECTION)
+        print(f"imported the shipped collection: {result.queries} queries, {result.replicates} replicate scores", flush=True)
 
 
 def diffusion_features(ws, training: list[tuple[str, str]], queries: list[tuple[str, str]], t: int = 400) -> dict:
@@ -239,6 +243,12 @@ def main() -> None:
         t0 = time.perf_counter()
         result = distill.collect(ws, queries=args.queries, candidates=args.candidates, announce=print)
         print(f"collect: {result} in {time.perf_counter() - t0:.0f} s", flush=True)
+        # The teacher again with independent noise: how well it agrees with itself bounds every student.
+        distill.replicate(ws, announce=print)
+        shutil.rmtree(COLLECTION, ignore_errors=True)
+        print(f"exported {distill.export_collection(ws, COLLECTION)} queries to {COLLECTION}", flush=True)
+    if "train" in stages or "diagnose" in stages:
+        with_collection(ws)
     if "train" in stages:
         main_k = 10
         runs = {}
@@ -247,8 +257,7 @@ def main() -> None:
             runs[name] = distill.train(ws, out=root / name, strengths=strengths, progress_row=lambda r: print(r, flush=True))
             print(runs[name], flush=True)
         trained = runs["encoder-distilled"]
-        # The teacher again with independent noise: how well it agrees with itself bounds every student.
-        replica = replicate_cached(ws, root)
+        replica = distill.replicate(ws, announce=print)
         results, n = evaluate.evaluate(ws, encoders=[HERE / "encoder", staging, root / "encoder-distilled-no-strengths"],
                                        ks=(5, 10, 20, 50), replicate=replica)
         table = evaluate.to_markdown(results, n, args.candidates)
@@ -292,7 +301,7 @@ def main() -> None:
         (HERE / "eval.json").write_text(evaluate.to_json(results, n))
         print(table)
     if "diagnose" in stages:
-        section = seen_prompts(ws) + diagnose(ws, replicate_cached(ws, root), staging)
+        section = seen_prompts(ws) + diagnose(ws, distill.replicate(ws), staging)
         eval_md = HERE / "EVAL.md"
         text = eval_md.read_text()
         marker = "## New generations of prompts the distillation saw"
@@ -304,7 +313,10 @@ def collection_line(ws) -> str:
     """How long the collection took, from the store."""
     with Store(ws.db_path, read_only=True) as store:
         n, seconds = store.rows("SELECT count(*), sum(seconds) FROM distill_queries WHERE collected_at IS NOT NULL")[0]
-    return f"Collection: {n} queries ranked by the teacher in {seconds:,.0f} s on 2 CPU cores ({seconds / n:.1f} s per query)."
+    return (f"Collection: {n} queries ranked by the teacher in {seconds:,.0f} s on 2 CPU cores ({seconds / n:.1f} s per query). "
+            "It ships with the teacher's replicate as `distill-collection/` (`audit distill export`): `audit distill import` "
+            "reads it into a workspace on this world, and `distill.py --stage train` on a new workdir does so itself, so the "
+            "table can be remade without the teacher (tests/test_example_world.py recomputes it).")
 
 
 if __name__ == "__main__":
