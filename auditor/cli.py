@@ -235,7 +235,7 @@ def distill_train(
 
 
 @distill_app.command("export")
-def distill_export(out_dir: Path = typer.Argument(..., help="New folder for the collection (queries.parquet, rankings.parquet, images/).")):
+def distill_export(out_dir: Path = typer.Argument(..., help="New folder for the collection (queries.parquet, rankings.parquet, replicates.parquet, images/).")):
     """Write the collected rankings and their query images to a folder another workspace can import (collect where the teacher is fast, train anywhere)."""
     from .distill import export_collection
 
@@ -252,7 +252,8 @@ def distill_import(
     from .distill import import_collection
 
     result = import_collection(_ws(), folder, model=model)
-    out.print(f"{result.queries} queries ({result.rankings} ranked candidates) imported; {result.skipped} already here")
+    out.print(f"{result.queries} queries ({result.rankings} ranked candidates, {result.replicates} replicate scores) imported; "
+              f"{result.skipped} already here")
 
 
 @app.command("use-encoder")

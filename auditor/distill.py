@@ -284,7 +284,15 @@ def replicate(
 # (distill_rankings rows with the candidate named by its image's sha256, not by a workspace's id), replicates.parquet
 # (distill_replicates rows, named the same way) and images/.
 QUERIES_FILE, RANKINGS_FILE, REPLICATES_FILE = "queries.parquet", "rankings.parquet", "replicates.parquet"
-_BY_CONTENT = "{columns} FROM {table} r JOIN training_images t ON t.id = r.training_id JOIN distill_queries q ON q.id = r.query_id WHERE q.collected_at IS NOT NULL"
+
+
+def _by_content(store: Store, table: str, columns: str, order: str) -> pa.Table:
+    """A per-candidate table's rows for the collected queries, each candidate named by its image's sha256."""
+    return store.con.sql(
+        f"SELECT r.query_id, t.sha256 AS training_sha256, {columns} FROM {table} r"
+        " JOIN training_images t ON t.id = r.training_id JOIN distill_queries q ON q.id = r.query_id"
+        f" WHERE q.collected_at IS NOT NULL ORDER BY {order}"
+    ).to_arrow_table()
 
 
 @dataclass
@@ -305,12 +313,9 @@ def export_collection(ws: Workspace, out: str | os.PathLike) -> int:
         raise AuditError(f"{out} already holds a collection; export into a new folder")
     with Store(ws.db_path, read_only=True) as store:
         queries = store.con.sql("SELECT * FROM distill_queries WHERE collected_at IS NOT NULL ORDER BY id").to_arrow_table()
-        rankings = store.con.sql(_BY_CONTENT.format(
-            columns="SELECT r.query_id, t.sha256 AS training_sha256, r.influence, r.raw_influence, r.teacher_rank, r.backbone_rank",
-            table="distill_rankings") + " ORDER BY r.query_id, r.backbone_rank").to_arrow_table()
-        replicates = store.con.sql(_BY_CONTENT.format(
-            columns="SELECT r.query_id, t.sha256 AS training_sha256, r.settings_hash, r.influence",
-            table="distill_replicates") + " ORDER BY r.settings_hash, r.query_id, r.training_id").to_arrow_table()
+        rankings = _by_content(store, "distill_rankings", "r.influence, r.raw_influence, r.teacher_rank, r.backbone_rank",
+                               "r.query_id, r.backbone_rank")
+        replicates = _by_content(store, "distill_replicates", "r.settings_hash, r.influence", "r.settings_hash, r.query_id, r.training_id")
     if queries.num_rows == 0:
         raise AuditError("no collected queries to export; run `audit distill collect` first")
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -360,8 +365,7 @@ def import_collection(ws: Workspace, folder: str | os.PathLike, *, model: str | 
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(folder / name, target)
             paths.append(str(target))
-        new = new.set_column(new.column_names.index("path"), "path", pa.array(paths))
-        new = new.set_column(new.column_names.index("id"), "id", pa.array([result.ids[q] for q in new.column("id").to_pylist()], pa.int64()))
+        new = new.drop_columns(["id", "path"]).append_column("id", pa.array(list(result.ids.values()), pa.int64())).append_column("path", pa.array(paths))
 
         def by_id(table: pa.Table, rest: tuple[str, ...]) -> pa.Table:
             """The rows of the imported queries, with this workspace's query and training ids."""
