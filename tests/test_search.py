@@ -31,7 +31,9 @@ def test_ann_matches_exact_search_and_survives_appends(tmp_path):
     print(f"ANN recall@50 vs exact on {n} vectors: {recall:.3f}")
     assert recall >= 0.95
     # Refined ANN scores are exact cosines of the vectors it returns.
-    assert np.allclose(ann_scores[:, 0], exact_scores[:, 0], atol=1e-4)
+    # The index's k-means is unseeded, so an odd query may miss its top hit; what it returns is scored exactly.
+    assert (ann_ids[:, 0] == exact_ids[:, 0]).mean() >= 0.95
+    assert np.allclose(ann_scores, np.take_along_axis(queries @ vectors.T, ann_ids - 1, axis=1), atol=1e-4)
 
     # Appending keeps the index usable: the new rows are found at once (exact delta)...
     table.add(np.arange(n + 1, n + 501), ["c"] * 500, vectors[n:])
@@ -89,7 +91,9 @@ def test_inner_product_tables_rank_by_strength_times_cosine_exact_and_ann(tmp_pa
     recall = _recall(ann_ids, exact_ids)
     print(f"inner-product ANN recall@20: {recall:.3f}")
     assert recall >= 0.95
-    assert np.allclose(ann_scores[:, 0], exact_scores[:, 0], atol=1e-4)
+    # The index's k-means is unseeded, so an odd query may miss its top hit; what it returns is scored exactly.
+    assert (ann_ids[:, 0] == exact_ids[:, 0]).mean() >= 0.95
+    assert np.allclose(ann_scores, np.take_along_axis(queries @ vectors.T, ann_ids - 1, axis=1), atol=1e-4)
     # The cosine order differs: the strengths matter.
     cosine_ids = np.argsort(-(queries @ unit.T), axis=1)[:, :20] + 1
     assert _recall(cosine_ids, exact_ids) < 0.9
