@@ -310,10 +310,10 @@ def planted(
 
 
 def _fast_space(encoder: embed.Encoder, img: np.ndarray, txt: np.ndarray):
-    def features(i, t):
-        return encoder.combine(torch.as_tensor(i, device=encoder.device), torch.as_tensor(t, device=encoder.device)).cpu().numpy()
+    def features(i, t, query=True):
+        return encoder.combine(torch.as_tensor(i, device=encoder.device), torch.as_tensor(t, device=encoder.device), query=query).cpu().numpy()
 
-    return features(img, txt), features
+    return features(img, txt, query=False), features
 
 
 def _tuned(model, params: dict, training: diffusion.TrainingSet, c_dir: Path, exemplar_ids, prompt: str, prior, s: PlantedSettings,

@@ -109,6 +109,9 @@ class DistillSettings(_Section):
     dropout: float = 0.1
     # Start from the untuned feature (identity skip, zero last layer); see embed.ProjectionHead.
     residual: bool = True
+    # Queries pass through a learned linear map the training side does not (embed.ProjectionHead): the teacher's
+    # influence is not symmetric.
+    query_map: bool = True
     strengths: bool = True  # a learned influence strength per training image (distill.py)
     strength_decay: float = 1e-4  # L2 on the log strengths, per batch
     epochs: int = 40

@@ -11,16 +11,16 @@ from auditor.settings import DistillSettings
 from .helpers import sql_value
 
 
-def _synthetic(n_train=100, n_queries=300, dim=16, true_dim=4, candidates=100, seed=0, strengths=None):
+def _synthetic(n_train=100, n_queries=300, dim=16, true_dim=4, candidates=100, seed=0, strengths=None, query_turn=None):
     """A ranking problem whose true embedding is known: the teacher ranks by cosine after a hidden projection
-    (times a per-training-item strength, when given)."""
+    (times a per-training-item strength, when given; with the queries' projection turned by `query_turn`, when given)."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((dim, true_dim))
     t = rng.standard_normal((n_train, dim)).astype(np.float32)
     q = rng.standard_normal((n_queries, dim)).astype(np.float32)
 
     def true_sims(a, b):
-        a, b = a @ w, b @ w
+        a, b = a @ w @ (np.eye(true_dim) if query_turn is None else query_turn), b @ w
         return (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
 
     sims = true_sims(q, t) * (1.0 if strengths is None else strengths[None, :])
@@ -71,7 +71,7 @@ def test_strengths_recover_a_known_per_image_factor():
     train = distill.Rankings(q[fit_rows], cands[fit_rows], ranks[fit_rows])
     val = distill.Rankings(q[val_rows], cands[val_rows], ranks[val_rows])
     s = DistillSettings(hidden_dims=(64,), out_dim=16, dropout=0.0, layernorm=False, epochs=80, batch_size=512, lr=3e-3,
-                        patience=15, k=5, strength_decay=1e-5)
+                        patience=15, k=5, strength_decay=1e-5, query_map=False)  # the strengths alone
     without = distill.fit_head(train, val, t, DistillSettings(**{**s.__dict__, "strengths": False}))
     fit = distill.fit_head(train, val, t, s)
     rho = spearmanr(fit.log_strength[fit.touched], true_log[fit.touched])[0]
@@ -81,16 +81,35 @@ def test_strengths_recover_a_known_per_image_factor():
     assert fit.best_val_map >= 0.85 and fit.best_val_map > without.best_val_map + 0.1
 
 
+def test_a_query_map_recovers_an_asymmetric_ranking():
+    # The teacher ranks training items by their cosine with the query's hidden projection turned by 90° in one plane:
+    # q scores t unlike t scores q. A shared head scores both ways alike; the query map can learn the turn.
+    turn = np.eye(4)
+    turn[:2, :2] = [[0.0, -1.0], [1.0, 0.0]]
+    q, t, cands, ranks = _synthetic(query_turn=turn)
+    fit_rows, val_rows = slice(0, 240), slice(240, 300)
+    train = distill.Rankings(q[fit_rows], cands[fit_rows], ranks[fit_rows])
+    val = distill.Rankings(q[val_rows], cands[val_rows], ranks[val_rows])
+    s = DistillSettings(hidden_dims=(64,), out_dim=16, dropout=0.0, layernorm=False, epochs=80, batch_size=512, lr=3e-3, patience=15, k=5,
+                        strengths=False)
+    shared = distill.fit_head(train, val, t, DistillSettings(**{**s.__dict__, "query_map": False}))
+    fit = distill.fit_head(train, val, t, s)
+    print(f"val mAP@5: shared head {shared.best_val_map:.3f}, with the query map {fit.best_val_map:.3f}")
+    assert shared.head.query_map is None and fit.head.query_map is not None
+    assert fit.best_val_map >= 0.85 and fit.best_val_map > shared.best_val_map + 0.2
+
+
 def test_an_untrained_residual_head_ranks_like_the_untuned_feature():
     import torch
 
     rng = np.random.default_rng(2)
     x = rng.standard_normal((50, 24)).astype(np.float32)
-    head = embed.ProjectionHead(24, [32, 32], 40, layernorm=True, dropout=0.1, residual=True).eval()
+    head = embed.ProjectionHead(24, [32, 32], 40, layernorm=True, dropout=0.1, residual=True, query_map=True).eval()
     with torch.no_grad():
-        out = head(torch.as_tensor(x)).numpy()
+        out, as_query = head(torch.as_tensor(x)).numpy(), head(torch.as_tensor(x), query=True).numpy()
     joint = x / np.linalg.norm(x, axis=1, keepdims=True)
     np.testing.assert_allclose(out @ out.T, joint @ joint.T, atol=1e-5)
+    np.testing.assert_allclose(as_query @ out.T, joint @ joint.T, atol=1e-5)  # the query map starts at zero
 
 
 def test_temperature_fit_recovers_a_known_temperature():

@@ -75,6 +75,31 @@ def test_head_is_applied_and_checked(tiny_encoder, tmp_path):
     assert out.shape == (1, 8) and np.isclose(np.linalg.norm(out), 1.0, atol=1e-5)
 
 
+def test_a_query_map_moves_queries_and_not_training_images(tiny_encoder, tmp_path):
+    config = json.loads((tiny_encoder / "encoder.json").read_text())
+    config.pop("format")
+    head_cfg = {"in_dim": embed.load(tiny_encoder).dim, "hidden_dims": [16], "out_dim": 8, "layernorm": True, "dropout": 0.1,
+                "residual": True, "weights": "head.safetensors"}
+    torch.manual_seed(0)
+    head = embed.ProjectionHead.from_config({**head_cfg, "query_map": True})
+    with torch.no_grad():
+        head.query_map.weight.copy_(torch.randn(8, 8))  # as if trained
+    paths = {}
+    for name, cfg, state in (("mapped", {**head_cfg, "query_map": True}, head.state_dict()),
+                             ("shared", head_cfg, {k: v for k, v in head.state_dict().items() if not k.startswith("query_map")})):
+        paths[name] = tmp_path / name
+        shutil.copytree(tiny_encoder, paths[name])
+        embed.save(paths[name], {**config, "head": cfg}, {"head.safetensors": state})
+    mapped, shared = embed.load(paths["mapped"]), embed.load(paths["shared"])
+    img = mapped.preprocess(Image.new("RGB", (32, 32), (200, 0, 0)))
+    # Training images: the same vectors with or without the map. Queries: moved by it, still unit vectors.
+    np.testing.assert_allclose(mapped.index_features(img[None], ["x"], ["0" * 64]), shared.index_features(img[None], ["x"], ["0" * 64]), atol=1e-6)
+    query = mapped.features(img[None], ["x"])
+    assert np.isclose(np.linalg.norm(query), 1.0, atol=1e-5)
+    assert (query @ shared.features(img[None], ["x"]).T).item() < 0.99
+    assert mapped.id != shared.id
+
+
 def test_strengths_scale_index_vectors_by_content_and_are_checked(tiny_encoder, tmp_path):
     import hashlib
 

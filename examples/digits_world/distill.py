@@ -120,6 +120,7 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
         train, test = (distill.load_rankings(store, split, index_of) for split in ("train", "test"))
         paths_captions = dict((i, (p, c)) for i, p, c in store.rows("SELECT id, path, caption FROM training_images"))
     captions = [paths_captions[int(i)][1] for i in ids]
+    caption_of = np.array(captions)
 
     def pixels(paths):
         x = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32).ravel() for p in paths])
@@ -145,6 +146,20 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
     lines = [f"| candidate's caption vs prompt | share of candidates | share of the teacher's top-{k} | P(in top-{k}) |", "|---|---|---|---|"]
     lines += [f"| {key} | {n / total:.2f} | {t / tops:.2f} | {t / n:.3f} |" for key, (n, t) in sorted(groups.items(), key=lambda g: -g[1][1])]
 
+    # 1b. Which other digits of the prompt's palette reach the top-k: not symmetric, which a shared head cannot say.
+    pairs = {}
+    for _, _, prompt, cands, ranks in test:
+        digit, palette = words(prompt)
+        for j, r in zip(cands, ranks):
+            d, p = words(captions[j])
+            if p == palette and d != digit:
+                n, top = pairs.get((digit, d), (0, 0))
+                pairs[(digit, d)] = (n + 1, top + (r <= k))
+    rate = {pair: top / n for pair, (n, top) in pairs.items() if n >= 20}
+    lines_pairs = [f"| prompt's digit → candidate's digit | P(in top-{k}) | the reverse |", "|---|---|---|"]
+    lines_pairs += [f"| {a} → {b} | {rate[(a, b)]:.3f} | {rate[(b, a)]:.3f} |" if (b, a) in rate else f"| {a} → {b} | {rate[(a, b)]:.3f} | (no test prompt) |"
+                    for a, b in sorted(rate, key=lambda pair: -rate[pair])[:5]]
+
     # 2. Within the same-caption candidates (text cannot tell them apart): what orders them like the teacher?
     t_pix = pixels([paths_captions[int(i)][0] for i in ids])
     q_pix = pixels([q[1] for q in test])
@@ -157,6 +172,8 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
     similarities = {"pixel cosine": q_pix @ t_pix.T, "backbone image cosine": unit(q_img) @ unit(img).T,
                     **{name: unit(q) @ unit(t).T for name, (q, t) in model_space.items()},
                     "distilled head, cosine alone": head_only, "distilled (head × strength)": head_only * strength}
+    student_same = float(np.mean([np.mean(caption_of[np.argsort(-row, kind="stable")[:k]] == q[2])
+                                  for row, q in zip(similarities["distilled (head × strength)"], test)]))
     within = {"teacher replicate (independent noise)": [], **{name: [] for name in similarities}}
     for i, (qid, _, prompt, cands, ranks) in enumerate(test):
         same = np.array([captions[j] == prompt for j in cands])
@@ -185,7 +202,6 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
         return evaluate.mean_se([metrics.average_precision(np.argsort(-row, kind="stable"), top) for row, top in zip(scores, tops)])
 
     seen = count > 0
-    caption_of = np.array(captions)
 
     def minus_caption_mean(v):  # what is left of a per-image value once its caption's mean is taken out
         return v - np.array([v[seen & (caption_of == c)].mean() for c in caption_of])
@@ -214,6 +230,10 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
         f"Made by `distill.py --stage diagnose` from the same collection and the shipped bundle, {len(test)} test queries.\n\n"
         f"**Where the teacher's top-{k} comes from.** Captions here are `a <ink> handwritten <digit> on <paper> paper`; "
         "the prompts are captions too.\n\n" + "\n".join(lines) + "\n\n"
+        f"Of the distilled encoder's own top-{k}, {student_same:.2f} share the prompt's caption. The other captions that reach "
+        f"the teacher's top-{k} are mostly the same palette's other digits, and not symmetrically (the five most frequent, "
+        "on the test prompts; the reverse where a test prompt has that digit and palette), which is why queries get their own "
+        "map in the head (`query_map`):\n\n" + "\n".join(lines_pairs) + "\n\n"
         f"**Inside the same-caption group** (text cannot separate these; {n_within} queries with ≥ 5 such candidates). "
         "Not even the diffusion model's own spaces order them much better than pixels do:\n\n" + "\n".join(lines2) + "\n\n"
         "**A per-image part.** Each training image's mean normalised teacher rank over the training queries "
@@ -252,13 +272,18 @@ def main() -> None:
     if "train" in stages:
         main_k = 10
         runs = {}
-        for name, strengths in (("encoder-distilled", True), ("encoder-distilled-no-strengths", False)):
+        # The shipped bundle, and the two ablations: no per-image strengths, and one head shared by queries and training
+        # images (no query map).
+        for name, strengths, query_map in (("encoder-distilled", True, True), ("encoder-distilled-no-strengths", False, True),
+                                           ("encoder-distilled-shared-head", True, False)):
             shutil.rmtree(root / name, ignore_errors=True)
-            runs[name] = distill.train(ws, out=root / name, strengths=strengths, progress_row=lambda r: print(r, flush=True))
+            runs[name] = distill.train(ws, out=root / name, strengths=strengths, query_map=query_map,
+                                       progress_row=lambda r: print(r, flush=True))
             print(runs[name], flush=True)
         trained = runs["encoder-distilled"]
         replica = distill.replicate(ws, announce=print)
-        results, n = evaluate.evaluate(ws, encoders=[HERE / "encoder", staging, root / "encoder-distilled-no-strengths"],
+        results, n = evaluate.evaluate(ws, encoders=[HERE / "encoder", staging, root / "encoder-distilled-no-strengths",
+                                                     root / "encoder-distilled-shared-head"],
                                        ks=(5, 10, 20, 50), replicate=replica)
         table = evaluate.to_markdown(results, n, args.candidates)
         untuned = max((r for r in results if r.name.startswith("untuned")), key=lambda r: r.map_at[main_k][0])
@@ -291,7 +316,8 @@ def main() -> None:
             f"validation by prompt), best epoch {trained.epochs} (0 = the untrained residual head, i.e. the untuned ranking), "
             f"{trained.seconds:.0f} s on 2 CPU cores; share temperature {trained.temperature:.4g} "
             f"(validation NLL {trained.calibration_nll:.3f}, ECE {trained.calibration_ece:.4f}). "
-            f"The ablation without strengths (`--no-strengths`) stopped at epoch {runs['encoder-distilled-no-strengths'].epochs}.\n\n"
+            f"The ablations stopped at epoch {runs['encoder-distilled-no-strengths'].epochs} (no strengths, `--no-strengths`) "
+            f"and {runs['encoder-distilled-shared-head'].epochs} (one head for queries and training images, `distill.query_map = false`).\n\n"
             + table
             + "\nThe 'teacher replicate' row is the same teacher run again on the held-out queries with independent noise "
               "(a new Fisher sample, unlearning draws and scoring noise; `audit eval --replicate`): how well the teacher agrees "
