@@ -20,6 +20,7 @@ import argparse
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -71,17 +72,33 @@ def diffusion_features(ws, training: list[tuple[str, str]], queries: list[tuple[
     return {"VAE latent cosine (the model's own space)": (q_lat, t_lat), f"UNet mid-block cosine (t = {t})": (q_mid, t_mid)}
 
 
+def _split_features(ws, split: str):
+    """(training image and caption embeddings, one split's rankings, their query image and prompt embeddings), all by the
+    untuned backbone."""
+    encoder = embed.load(ws.encoder_dir(), "cpu")
+    with Store(ws.db_path, read_only=True) as store:
+        ids, img, txt = distill.training_embeddings(ws, store, encoder)
+        queries = distill.load_rankings(store, split, {int(i): j for j, i in enumerate(ids)})
+    q_img, q_txt = distill.query_embeddings(encoder, queries)
+    return img, txt, queries, q_img, q_txt
+
+
+def _teacher_tops(rows, k: int) -> list[set[int]]:
+    return [set(c[np.argsort(r)[:k]].tolist()) for _, _, _, c, r in rows]
+
+
+def _aps(scores: np.ndarray, tops: list[set[int]]) -> np.ndarray:
+    """Per query, AP of the scores' full ranking against its true top set."""
+    return np.array([metrics.average_precision(np.argsort(-row, kind="stable"), top) for row, top in zip(scores, tops)])
+
+
 def seen_prompts(ws, k: int = 10) -> str:
     """New generations of prompts the distillation saw: the last collected query of each training prompt is held out of
     the fit, the rest trained as `distill train` does, and the held-out ones ranked by the result and by the untuned
     feature. (EVAL.md's table holds out whole prompts, which is stricter: there the images of a test caption reach
     training only as candidates of other captions' queries.)"""
-    encoder = embed.load(ws.encoder_dir(), "cpu")
     s = DistillSettings.from_config(ws.config["distill"])
-    with Store(ws.db_path, read_only=True) as store:
-        ids, img, txt = distill.training_embeddings(ws, store, encoder)
-        queries = distill.load_rankings(store, "train", {int(i): j for j, i in enumerate(ids)})
-    q_img, q_txt = distill.query_embeddings(encoder, queries)
+    img, txt, queries, q_img, q_txt = _split_features(ws, "train")
     q_feat, t_feat = np.concatenate([q_img, q_txt], 1), np.concatenate([img, txt], 1)
     last = {q[2]: i for i, q in enumerate(queries)}  # load_rankings orders by id: the last query of each prompt
     held = np.zeros(len(queries), bool)
@@ -92,13 +109,9 @@ def seen_prompts(ws, k: int = 10) -> str:
     fit = distill.fit_head(fit_set, val, t_feat, s)
     seconds = time.perf_counter() - t0
     held_rows = [q for q, h in zip(queries, held) if h]
-    tops = [set(c[np.argsort(r)[:k]].tolist()) for _, _, _, c, r in held_rows]
-
-    def aps(scores):
-        return np.array([metrics.average_precision(np.argsort(-row, kind="stable"), top) for row, top in zip(scores, tops)])
-
-    distilled = aps(fit.scores(q_feat[held], t_feat))
-    untuned = aps(distill.joint(q_img[held], q_txt[held]) @ distill.joint(img, txt).T)
+    tops = _teacher_tops(held_rows, k)
+    distilled = _aps(fit.scores(q_feat[held], t_feat), tops)
+    untuned = _aps(distill.joint(q_img[held], q_txt[held]) @ distill.joint(img, txt).T, tops)
     (d, d_se), (u, u_se), (g, g_se) = (evaluate.mean_se(v) for v in (distilled, untuned, distilled - untuned))
     return (
         "## New generations of prompts the distillation saw\n\n"
@@ -106,6 +119,35 @@ def seen_prompts(ws, k: int = 10) -> str:
         f"prompts (new images of prompts whose other queries were fitted; {len(rest)} queries fitted, validation by prompt "
         f"as in `distill train`, best epoch {fit.epochs}, {seconds:.0f} s): mAP@{k} {d:.3f} ± {d_se:.3f} distilled against "
         f"{u:.3f} ± {u_se:.3f} for untuned image ⊕ text, **{g:+.3f} ± {g_se:.3f}** (paired, per query).\n\n"
+    )
+
+
+def training_seeds(ws, shipped: Path, seeds: tuple[int, ...] = (1, 2), k: int = 10) -> str:
+    """How much the held-out gain owes to the training seed (initialisation, batch order, negatives, dropout): the
+    shipped bundle is seed 0; the same fit and validation queries trained again with other seeds."""
+    s = DistillSettings.from_config(ws.config["distill"])
+    img, txt, train, q_img, q_txt = _split_features(ws, "train")
+    _, _, test, tq_img, tq_txt = _split_features(ws, "test")
+    t_feat, tq_feat = np.concatenate([img, txt], 1), np.concatenate([tq_img, tq_txt], 1)
+    fit_set, val, _ = distill.split_validation(train, np.concatenate([q_img, q_txt], 1), s)
+    tops = _teacher_tops(test, k)
+    untuned = _aps(distill.joint(tq_img, tq_txt) @ distill.joint(img, txt).T, tops)
+    with Store(ws.db_path, read_only=True) as store:
+        digests = distill.training_digests(store)
+    rows = [(s.seed, _aps(distill.head_scores(embed.load(shipped, "cpu"), tq_feat, t_feat, digests), tops), None)]
+    for seed in seeds:
+        fit = distill.fit_head(fit_set, val, t_feat, replace(s, seed=seed))
+        rows.append((seed, _aps(fit.scores(tq_feat, t_feat), tops), fit.epochs))
+    gains = [evaluate.mean_se(aps - untuned) for _, aps, _ in rows]
+    lines = [f"| training seed | mAP@{k} | gain over untuned image ⊕ text (paired) | best epoch |", "|---|---|---|---|"]
+    lines += [f"| {seed}{' (shipped)' if epochs is None else ''} | {aps.mean():.3f} | {g:+.3f} ± {g_se:.3f} | "
+              f"{'table above' if epochs is None else epochs} |" for (seed, aps, epochs), (g, g_se) in zip(rows, gains)]
+    return (
+        "## Training seeds\n\n"
+        f"The same {len(fit_set.candidates)} fit and {len(val.candidates)} validation queries trained with other seeds "
+        f"(initialisation, batch order, negatives, dropout), on the {len(test)} test queries. The ± is over queries only; "
+        f"the seeds add their own spread (mean gain over the {len(rows)} seeds {np.mean([g for g, _ in gains]):+.3f}):\n\n"
+        + "\n".join(lines) + "\n\n"
     )
 
 
@@ -195,11 +237,11 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
         total_target[cands] += 1.0 - (ranks - 1) / len(ranks)
         count[cands] += 1
     prior = np.where(count > 0, total_target / np.maximum(count, 1), 0.5)
-    teacher_top = [set(c[np.argsort(r)[:k]].tolist()) for _, _, _, c, r in test]
+    teacher_top = _teacher_tops(test, k)
     replica_top = [set(np.array([index_of[int(t)] for t in replica[q[0]][0]])[np.argsort(-replica[q[0]][1])[:k]].tolist()) for q in test]
 
     def map_at(scores, tops):
-        return evaluate.mean_se([metrics.average_precision(np.argsort(-row, kind="stable"), top) for row, top in zip(scores, tops)])
+        return evaluate.mean_se(_aps(scores, tops))
 
     seen = count > 0
 
@@ -327,7 +369,7 @@ def main() -> None:
         (HERE / "eval.json").write_text(evaluate.to_json(results, n))
         print(table)
     if "diagnose" in stages:
-        section = seen_prompts(ws) + diagnose(ws, distill.replicate(ws), staging)
+        section = seen_prompts(ws) + training_seeds(ws, staging) + diagnose(ws, distill.replicate(ws), staging)
         eval_md = HERE / "EVAL.md"
         text = eval_md.read_text()
         marker = "## New generations of prompts the distillation saw"
