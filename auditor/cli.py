@@ -198,6 +198,8 @@ def distill_collect(
     prompts: Optional[Path] = typer.Option(None, help="Prompt set, one per line (default: the training captions)."),
     folder: Optional[Path] = typer.Option(None, help="Use these images as queries instead of generating them."),
     candidates: Optional[int] = typer.Option(None, help="Nearest training images (untuned backbone) the teacher ranks per query."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the generated query images (default from audit.toml [distill]); "
+                                                  "a new seed adds new images, ranked by the same teacher."),
     model: Optional[Path] = typer.Option(None, help="Diffusers pipeline folder (default: [paths] model)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
 ):
@@ -207,7 +209,8 @@ def distill_collect(
     ws = _ws()
     with _progress() as bar:
         result = collect(ws, prompts_file=prompts, folder=folder, model=model, device=device, progress=RichProgress(bar),
-                         announce=lambda m: console.print(m, highlight=False, soft_wrap=True), queries=queries, candidates=candidates)
+                         announce=lambda m: console.print(m, highlight=False, soft_wrap=True), queries=queries, candidates=candidates,
+                         seed=seed)
     out.print(f"{result.collected} ranked now; {result.train} train + {result.test} test queries collected of {result.planned}; {result.seconds:.0f} s")
 
 

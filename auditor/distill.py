@@ -158,11 +158,14 @@ def collect(
     device: str | None = None,
     progress: Progress | None = None,
     announce: Callable[[str], None] = lambda message: None,
+    seed: int | None = None,
     **overrides,
 ) -> CollectResult:
-    """Plan the queries (once), then rank every uncollected one with the teacher; resumable per query."""
+    """Plan the queries (once), then rank every uncollected one with the teacher; resumable per query. `seed` draws the
+    generated query images ([distill] seed by default) and nothing of the teacher, so a collection with a new seed adds
+    new images of the same prompts, ranked by the same teacher as the queries already collected."""
     progress = progress or Silent()
-    s = DistillSettings.from_config(ws.config["distill"], **overrides)
+    s = DistillSettings.from_config(ws.config["distill"], seed=seed, **overrides)
     teacher = AbuSettings.from_config(ws.config["confirm"], **overrides)
     model_path = ws.model_dir(model)
     prompts = None

@@ -132,6 +132,9 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
     ws = scanned_ws
     ws.config["confirm"].update(draws=4, timesteps=2, fisher_samples=8, reference_samples=4)
     ws.save()
+    teachers = []  # the teacher settings each collection ranks with
+    session = distill.TeacherSession
+    monkeypatch.setattr(distill, "TeacherSession", lambda training, settings, cache: teachers.append(settings) or session(training, settings, cache))
     collected = distill.collect(ws, queries=10, candidates=12, sample_steps=2, test_fraction=0.3)
     assert collected.collected == 10 and collected.train + collected.test == 10 and collected.test > 0
     assert sql_value(ws, "select count(*) from distill_rankings") == 10 * 12
@@ -141,6 +144,14 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
     assert overlap == 0
     again = distill.collect(ws, queries=10, candidates=12, sample_steps=2, test_fraction=0.3)
     assert again.collected == 0  # resumable: nothing left to do
+    # A new seed adds new images of the same prompts, ranked by the same teacher.
+    more = distill.collect(ws, queries=4, candidates=12, sample_steps=2, test_fraction=0.3, seed=1)
+    assert more.collected == 4 and more.planned == 4
+    assert sql_value(ws, "select count(distinct seed) from distill_queries") == 14
+    assert sql_value(ws, "select count(*) from distill_queries where id > 10 and prompt not in "
+                         "(select prompt from distill_queries where id <= 10)") == 0
+    assert len(teachers) == 3 and teachers[2] == teachers[0]
+    monkeypatch.setattr(distill, "TeacherSession", session)
 
     old_encoder = ws.encoder_dir()
     result = distill.train(ws, out=tmp_path / "distilled", epochs=3, hidden_dims=(32,), out_dim=16, batch_size=64)
