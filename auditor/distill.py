@@ -16,7 +16,7 @@ image whose loss moves a lot under any update ranks high for every query it is a
 of; a cosine cannot say that, a per-image factor on it can. And it is not symmetric (a
 generated 'five' pulls in training 'sevens' far more often than the reverse), which one head
 shared by both sides cannot say; a linear map on the query side can. On the example world,
-held-out mAP@10 over the untuned ranking: +0.134 with both, +0.091 without strengths, +0.111
+held-out mAP@10 over the untuned ranking: +0.138 with both, +0.099 without strengths, +0.115
 with one shared head (EVAL.md). Strengths are kept for the training images the teacher ranked.
 """
 
