@@ -194,9 +194,11 @@ app.add_typer(distill_app, name="distill")
 
 @distill_app.command("collect")
 def distill_collect(
-    queries: Optional[int] = typer.Option(None, help="Query images to generate (default from audit.toml [distill])."),
+    queries: Optional[int] = typer.Option(None, help="Query images to generate (default from audit.toml [distill]); a larger "
+                                                     "count than an earlier run with the same settings adds the missing ones."),
     prompts: Optional[Path] = typer.Option(None, help="Prompt set, one per line (default: the training captions)."),
-    folder: Optional[Path] = typer.Option(None, help="Use these images as queries instead of generating them."),
+    folder: Optional[Path] = typer.Option(None, help="Use these images as queries instead of generating them; a rerun adds "
+                                                     "images new to the folder, and skips files that are no readable image."),
     candidates: Optional[int] = typer.Option(None, help="Nearest training images (untuned backbone) the teacher ranks per query."),
     seed: Optional[int] = typer.Option(None, help="Seed of the generated query images (default from audit.toml [distill]); "
                                                   "a new seed adds new images, ranked by the same teacher."),

@@ -110,30 +110,40 @@ class CollectResult:
     test: int = 0
     seconds: float = 0.0
     estimate_seconds: float = 0.0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # folder files that are no readable image: (path, reason)
 
 
 def _plan(store: Store, ws: Workspace, session: TeacherSession, encoder: embed.Encoder, s: DistillSettings, settings_hash: str,
-          prompts: list[str] | None, folder: Path | None) -> None:
-    existing = store.value("SELECT count(*) FROM distill_queries WHERE settings_hash = ?", [settings_hash])
-    if existing:
-        return
-    rows = []
+          prompts: list[str] | None, folder: Path | None) -> list[tuple[str, str]]:
+    """Add the queries the collection lacks: generated ones up to `s.queries` (a larger count than before extends the
+    collection, continuing its prompts and seeds), or the folder's images not planned yet. Returns the folder's files
+    that are no readable image, (path, reason): they are left out, and looked at again by the next run."""
+    planned = store.rows("SELECT path FROM distill_queries WHERE settings_hash = ?", [settings_hash])
+    rows, skipped = [], []
     next_id = store.next_id("distill_queries")
     if folder is not None:
+        known = {p for (p,) in planned}
         for path in ingest.discover(folder):
-            data = ingest.read_bytes(path, ingest.Limits())
-            _, info = ingest.decode(data, ingest.Limits())
+            if str(path) in known:
+                continue
+            try:
+                _, info = ingest.decode(ingest.read_bytes(path, ingest.Limits()), ingest.Limits())
+            except ingest.IngestError as exc:
+                skipped.append((str(path), exc.reason))
+                continue
             prompt, _ = ingest.read_prompt(path, info)
-            rows.append((path, prompt, None, "folder"))
-    else:
+            rows.append((str(path), prompt, None, "folder"))
+    elif len(planned) < s.queries:
         if not prompts:
             prompts = [r[0] for r in store.rows("SELECT DISTINCT caption FROM training_images WHERE caption IS NOT NULL ORDER BY 1")]
         if not prompts:
             raise AuditError("no prompts: pass --prompts FILE (one per line) or index captioned training images")
         query_dir = ws.dir / "distill" / settings_hash
-        for i in range(s.queries):
+        for j, i in enumerate(range(len(planned), s.queries)):
             prompt = prompts[i % len(prompts)]
-            rows.append((str(query_dir / f"q{next_id + i:06d}.png"), prompt, s.seed * 100_003 + i, "generated"))
+            rows.append((str(query_dir / f"q{next_id + j:06d}.png"), prompt, s.seed * 100_003 + i, "generated"))
+    if not rows:
+        return skipped
     table = pa.table({
         "id": pa.array(range(next_id, next_id + len(rows)), pa.int64()),
         "split": ["test" if is_test_prompt(r[1], s.test_fraction) else "train" for r in rows],
@@ -147,6 +157,7 @@ def _plan(store: Store, ws: Workspace, session: TeacherSession, encoder: embed.E
     })
     with store.transaction():
         store.insert_arrow("distill_queries", table)
+    return skipped
 
 
 def collect(
@@ -177,14 +188,17 @@ def collect(
         training = training_set(ws, store, model_path, torch_device, str(ws.config["confirm"].get("flip", "auto")))
         session = TeacherSession(training, teacher, ws.dir / "cache")
         encoder = embed.load(ws.encoder_dir(), torch_device)
-        settings_hash = teacher.hash(session.model.hash, encoder.id, str(s.candidates), str(s.queries),
+        # Not the query count: a later run with a larger one extends this collection instead of starting another.
+        settings_hash = teacher.hash(session.model.hash, encoder.id, str(s.candidates),
                                      str(s.test_fraction), str(folder or ""), json.dumps(prompts or []), str(s.seed))
-        _plan(store, ws, session, encoder, s, settings_hash, prompts, Path(folder) if folder else None)
+        result = CollectResult(skipped=_plan(store, ws, session, encoder, s, settings_hash, prompts, Path(folder) if folder else None))
+        for path, reason in result.skipped:
+            announce(f"skipped {path}: {reason}")
         todo = store.rows(
             "SELECT id, path, prompt, seed, source FROM distill_queries WHERE settings_hash = ? AND collected_at IS NULL ORDER BY id",
             [settings_hash],
         )
-        result = CollectResult(planned=store.value("SELECT count(*) FROM distill_queries WHERE settings_hash = ?", [settings_hash]))
+        result.planned = store.value("SELECT count(*) FROM distill_queries WHERE settings_hash = ?", [settings_hash])
         ids, img, txt = training_embeddings(ws, store, encoder)
         backbone = joint(img, txt)
         n_cand = min(s.candidates, len(ids))

@@ -1,5 +1,7 @@
 """distill + eval: the head learns a teacher's ranking, shares are calibrated, the pipeline runs end to end."""
 
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -144,13 +146,19 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
     assert overlap == 0
     again = distill.collect(ws, queries=10, candidates=12, sample_steps=2, test_fraction=0.3)
     assert again.collected == 0  # resumable: nothing left to do
+    # A larger count extends the collection: only the missing queries are planned and ranked, continuing its seeds.
+    extended = distill.collect(ws, queries=12, candidates=12, sample_steps=2, test_fraction=0.3)
+    assert extended.collected == 2 and extended.planned == 12
+    assert sql_value(ws, "select count(*) from distill_queries") == 12
+    assert sql_value(ws, "select count(distinct seed) from distill_queries") == 12
+    assert sql_value(ws, "select count(*) from distill_rankings") == 12 * 12
     # A new seed adds new images of the same prompts, ranked by the same teacher.
     more = distill.collect(ws, queries=4, candidates=12, sample_steps=2, test_fraction=0.3, seed=1)
     assert more.collected == 4 and more.planned == 4
-    assert sql_value(ws, "select count(distinct seed) from distill_queries") == 14
-    assert sql_value(ws, "select count(*) from distill_queries where id > 10 and prompt not in "
-                         "(select prompt from distill_queries where id <= 10)") == 0
-    assert len(teachers) == 3 and teachers[2] == teachers[0]
+    assert sql_value(ws, "select count(distinct seed) from distill_queries") == 16
+    assert sql_value(ws, "select count(*) from distill_queries where id > 12 and prompt not in "
+                         "(select prompt from distill_queries where id <= 12)") == 0
+    assert len(teachers) == 4 and teachers[3] == teachers[0]
     monkeypatch.setattr(distill, "TeacherSession", session)
 
     old_encoder = ws.encoder_dir()
@@ -205,12 +213,44 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
     assert by_encoder[result.encoder_id] == 24 * 5 and sum(by_encoder.values()) == before + 24 * 5
 
 
+def test_distill_collect_from_a_folder_skips_unreadable_files_and_picks_up_new_ones(indexed_ws, outputs_dir, tiny_pipeline, tmp_path):
+    ws = indexed_ws
+    ws.config["paths"]["model"] = str(tiny_pipeline)
+    ws.config["confirm"].update(draws=4, timesteps=2, fisher_samples=8, reference_samples=4)
+    ws.save()
+    folder = tmp_path / "queries"
+    folder.mkdir()
+    images = sorted(outputs_dir.glob("*.png"))
+
+
+    def add(path):  # with its sidecar prompt, where it has one
+        for source in (path, path.with_suffix(".txt")):
+            if source.exists():
+                shutil.copy2(source, folder / source.name)
+
+    for path in images[:2]:
+        add(path)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    messages = []
+    first = distill.collect(ws, folder=folder, candidates=8, announce=messages.append)
+    assert first.collected == 2 and first.planned == 2
+    assert first.skipped == [(str(folder / "broken.png"), first.skipped[0][1])] and "image" in first.skipped[0][1]
+    assert any(m.startswith(f"skipped {folder / 'broken.png'}") for m in messages)
+    # Prompts come from the images' metadata, as in a scan.
+    assert sql_value(ws, "select count(*) from distill_queries where source = 'folder' and prompt like 'a %'") == 2
+    # Images added to the folder later are planned and ranked; those already collected are not ranked again.
+    add(images[2])
+    second = distill.collect(ws, folder=folder, candidates=8)
+    assert second.collected == 1 and second.planned == 3 and len(second.skipped) == 1
+    assert sql_value(ws, "select count(*) from distill_rankings") == 3 * 8
+    assert sql_value(ws, "select count(distinct path) from distill_queries") == 3
+
+
 def _outputs(ws):
     return sql_value(ws, "select root from scans order by id limit 1")
 
 
 def test_a_collection_exported_from_one_workspace_imports_into_another(indexed_ws, indexed_template, tiny_pipeline, tmp_path, monkeypatch):
-    import shutil
 
     import pyarrow.parquet as pq
 
