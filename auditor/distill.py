@@ -124,15 +124,15 @@ def _plan(store: Store, ws: Workspace, session: TeacherSession, encoder: embed.E
     if folder is not None:
         known = {p for (p,) in planned}
         for path in ingest.discover(folder):
-            if str(path) in known:
+            if path in known:
                 continue
             try:
                 _, info = ingest.decode(ingest.read_bytes(path, ingest.Limits()), ingest.Limits())
             except ingest.IngestError as exc:
-                skipped.append((str(path), exc.reason))
+                skipped.append((path, exc.reason))
                 continue
             prompt, _ = ingest.read_prompt(path, info)
-            rows.append((str(path), prompt, None, "folder"))
+            rows.append((path, prompt, None, "folder"))
     elif len(planned) < s.queries:
         if not prompts:
             prompts = [r[0] for r in store.rows("SELECT DISTINCT caption FROM training_images WHERE caption IS NOT NULL ORDER BY 1")]
@@ -511,8 +511,9 @@ def fit_head(train: Rankings, val: Rankings, train_features: np.ndarray, s: Dist
         return _val_map(average.module.head, val, t_feat, s.k, average.module.log_strength)
 
     def state():
-        return ({k: v.detach().clone() for k, v in average.module.head.state_dict().items()},
-                None if log_strength is None else average.module.log_strength.detach().clone())
+        kept = average.module
+        return ({k: v.detach().clone() for k, v in kept.head.state_dict().items()},
+                None if kept.log_strength is None else kept.log_strength.detach().clone())
 
     # Epoch 0 is the untrained head: with `residual` that is the untuned ranking, the bar training must clear.
     best = (validate(), state(), 0)

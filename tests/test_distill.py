@@ -238,7 +238,6 @@ def test_distill_collect_from_a_folder_skips_unreadable_files_and_picks_up_new_o
     folder.mkdir()
     images = sorted(outputs_dir.glob("*.png"))
 
-
     def add(path):  # with its sidecar prompt, where it has one
         for source in (path, path.with_suffix(".txt")):
             if source.exists():
@@ -267,7 +266,6 @@ def _outputs(ws):
 
 
 def test_a_collection_exported_from_one_workspace_imports_into_another(indexed_ws, indexed_template, tiny_pipeline, tmp_path, monkeypatch):
-
     import pyarrow.parquet as pq
 
     from auditor import workspace
