@@ -66,6 +66,10 @@ class RichProgress:
         self.progress.advance(self.task, n)
 
 
+def _announce(message: str) -> None:
+    console.print(message, highlight=False, soft_wrap=True)
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -173,7 +177,7 @@ def confirm(
     with _progress() as bar:
         result = confirm_api(
             ws, method=method, top=top, where=where, generation=generation, model=model, device=device, progress=RichProgress(bar),
-            announce=lambda message: console.print(message, highlight=False, soft_wrap=True),
+            announce=_announce,
             candidates=candidates, controls=controls, steps=steps, step_size=step_size, draws=draws, timesteps=timesteps,
         )
     if result.run_id is None:
@@ -198,7 +202,7 @@ def distill_collect(
                                                      "count than an earlier run with the same settings adds the missing ones."),
     prompts: Optional[Path] = typer.Option(None, help="Prompt set, one per line (default: the training captions)."),
     folder: Optional[Path] = typer.Option(None, help="Use these images as queries instead of generating them; a rerun adds "
-                                                     "images new to the folder, and skips files that are no readable image."),
+                                                     "images new to the folder or changed since, and skips files that are no readable image."),
     candidates: Optional[int] = typer.Option(None, help="Nearest training images (untuned backbone) the teacher ranks per query."),
     seed: Optional[int] = typer.Option(None, help="Seed of the generated query images (default from audit.toml [distill]); "
                                                   "a new seed adds new images, ranked by the same teacher."),
@@ -211,7 +215,7 @@ def distill_collect(
     ws = _ws()
     with _progress() as bar:
         result = collect(ws, prompts_file=prompts, folder=folder, model=model, device=device, progress=RichProgress(bar),
-                         announce=lambda m: console.print(m, highlight=False, soft_wrap=True), queries=queries, candidates=candidates,
+                         announce=_announce, queries=queries, candidates=candidates,
                          seed=seed)
     out.print(f"{result.collected} ranked now; {result.train} train + {result.test} test queries collected of {result.planned}; {result.seconds:.0f} s")
 
@@ -229,6 +233,7 @@ def distill_train(
 
     ws = _ws()
     result = train(ws, out=out_dir, epochs=epochs, strengths=strengths,
+                   announce=_announce,
                    progress_row=lambda r: console.print(f"epoch {r['epoch']}: loss {r['loss']:.4f}, val mAP {r['val_map']:.3f}", highlight=False))
     out.print(
         f"encoder {result.encoder_id} written to {result.path}: val mAP@k {result.best_val_map:.3f} (epoch {result.epochs}), "
@@ -304,7 +309,7 @@ def eval_command(
         with _progress() as bar:
             report = counterfactual_api.counterfactual(
                 ws, generations=generation, model=model, device=device, progress=RichProgress(bar),
-                announce=lambda message: console.print(message, highlight=False, soft_wrap=True),
+                announce=_announce,
                 k=remove, retrain_steps=retrain_steps,
             )
         markdown, data, stem = counterfactual_api.to_markdown(report), counterfactual_api.to_json(report), "counterfactual"
@@ -316,7 +321,7 @@ def eval_command(
         with _progress() as bar:
             report = planted_api.planted(
                 ws, exemplars=exemplars, model=model, device=device, progress=RichProgress(bar),
-                announce=lambda message: console.print(message, highlight=False, soft_wrap=True),
+                announce=_announce,
                 style=style, tune=tune, customisations=customisations, generations=generations, steps=steps,
             )
         markdown, data, stem = planted_api.to_markdown(report), planted_api.to_json(report), "planted"
@@ -329,8 +334,9 @@ def eval_command(
 
             with _progress() as bar:
                 replica = replicate_teacher(ws, model=model, device=device, progress=RichProgress(bar),
-                                            announce=lambda message: console.print(message, highlight=False, soft_wrap=True))
-        results, n = evaluate(ws, encoders=encoder, ks=tuple(k) if k else (5, 10, 20, 50), replicate=replica)
+                                            announce=_announce)
+        results, n = evaluate(ws, encoders=encoder, ks=tuple(k) if k else (5, 10, 20, 50), replicate=replica,
+                              announce=_announce)
         markdown, data, stem = to_markdown(results, n), to_json(results, n), "eval"
     out.print(markdown, markup=False, highlight=False)
     if out_dir:

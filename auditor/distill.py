@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 from . import diffusion, embed, ingest, metrics
 from .confirm import TeacherSession, training_set
@@ -116,21 +117,27 @@ class CollectResult:
 def _plan(store: Store, ws: Workspace, session: TeacherSession, encoder: embed.Encoder, s: DistillSettings, settings_hash: str,
           prompts: list[str] | None, folder: Path | None) -> list[tuple[str, str]]:
     """Add the queries the collection lacks: generated ones up to `s.queries` (a larger count than before extends the
-    collection, continuing its prompts and seeds), or the folder's images not planned yet. Returns the folder's files
-    that are no readable image, (path, reason): they are left out, and looked at again by the next run."""
-    planned = store.rows("SELECT path FROM distill_queries WHERE settings_hash = ?", [settings_hash])
-    rows, skipped = [], []
+    collection, continuing its prompts and seeds), or the folder's images not planned yet, and a new query for each
+    ranked folder image whose file has changed since (the old one is marked replaced). Returns the folder's files that
+    are no readable image, (path, reason): they are left out, and looked at again by the next run."""
+    planned = store.rows("SELECT id, path, sha256 FROM distill_queries WHERE settings_hash = ? AND replaced_at IS NULL", [settings_hash])
+    rows, skipped, replaced = [], [], []
     next_id = store.next_id("distill_queries")
     if folder is not None:
-        known = {p for (p,) in planned}
+        known = {path: (qid, sha) for qid, path, sha in planned}
         for path in ingest.discover(folder):
-            if path in known:
-                continue
+            if path in known and known[path][1] is None:
+                continue  # not ranked yet: the loop ranks whatever the file holds then
             try:
-                _, info = ingest.decode(ingest.read_bytes(path, ingest.Limits()), ingest.Limits())
+                data = ingest.read_bytes(path, ingest.Limits())
+                if path in known and hashlib.sha256(data).hexdigest() == known[path][1]:
+                    continue
+                _, info = ingest.decode(data, ingest.Limits())
             except ingest.IngestError as exc:
                 skipped.append((path, exc.reason))
                 continue
+            if path in known:
+                replaced.append(known[path][0])
             prompt, _ = ingest.read_prompt(path, info)
             rows.append((path, prompt, None, "folder"))
     elif len(planned) < s.queries:
@@ -156,6 +163,8 @@ def _plan(store: Store, ws: Workspace, session: TeacherSession, encoder: embed.E
         "settings_hash": [settings_hash] * len(rows),
     })
     with store.transaction():
+        for qid in replaced:
+            store.con.execute("UPDATE distill_queries SET replaced_at = ? WHERE id = ?", [utcnow(), qid])
         store.insert_arrow("distill_queries", table)
     return skipped
 
@@ -195,10 +204,11 @@ def collect(
         for path, reason in result.skipped:
             announce(f"skipped {path}: {reason}")
         todo = store.rows(
-            "SELECT id, path, prompt, seed, source FROM distill_queries WHERE settings_hash = ? AND collected_at IS NULL ORDER BY id",
+            "SELECT id, path, prompt, seed, source FROM distill_queries WHERE settings_hash = ? AND collected_at IS NULL"
+            " AND replaced_at IS NULL ORDER BY id",
             [settings_hash],
         )
-        result.planned = store.value("SELECT count(*) FROM distill_queries WHERE settings_hash = ?", [settings_hash])
+        result.planned = store.value("SELECT count(*) FROM distill_queries WHERE settings_hash = ? AND replaced_at IS NULL", [settings_hash])
         ids, img, txt = training_embeddings(ws, store, encoder)
         backbone = joint(img, txt)
         n_cand = min(s.candidates, len(ids))
@@ -210,11 +220,16 @@ def collect(
             t0 = time.perf_counter()
             if source == "generated" and not os.path.isfile(path):
                 pipe = pipe or diffusion.pipeline(session.model)
-                image = diffusion.generate(pipe, prompt, seed, s.sample_steps, s.guidance)
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-                image.save(path)
-            else:
-                image = ingest.decode(ingest.read_bytes(path, ingest.Limits()), ingest.Limits())[0]
+                diffusion.generate(pipe, prompt, seed, s.sample_steps, s.guidance).save(path)
+            try:
+                data = ingest.read_bytes(path, ingest.Limits())
+                image = ingest.decode(data, ingest.Limits())[0]
+            except ingest.IngestError as exc:
+                result.skipped.append((path, exc.reason))
+                announce(f"skipped {path}: {exc.reason}")
+                progress.advance()
+                continue
             q_img, q_txt = embed_images(encoder, [image], [prompt])
             sims = backbone @ joint(q_img, q_txt)[0]
             order = np.argsort(-sims, kind="stable")[:n_cand]
@@ -229,28 +244,53 @@ def collect(
                     "backbone_rank": pa.array(np.arange(1, len(cand) + 1, dtype=np.int32)),
                 }))
                 store.con.execute(
-                    "UPDATE distill_queries SET n_candidates = ?, seconds = ?, collected_at = ? WHERE id = ?",
-                    [len(cand), time.perf_counter() - t0, utcnow(), qid],
+                    "UPDATE distill_queries SET n_candidates = ?, seconds = ?, collected_at = ?, sha256 = ? WHERE id = ?",
+                    [len(cand), time.perf_counter() - t0, utcnow(), hashlib.sha256(data).hexdigest(), qid],
                 )
             result.collected += 1
             progress.advance()
         counts = dict(store.rows(
-            "SELECT split, count(*) FROM distill_queries WHERE settings_hash = ? AND collected_at IS NOT NULL GROUP BY 1", [settings_hash]
+            "SELECT split, count(*) FROM distill_queries WHERE settings_hash = ? AND collected_at IS NOT NULL AND replaced_at IS NULL"
+            " GROUP BY 1", [settings_hash]
         ))
         result.train, result.test = counts.get("train", 0), counts.get("test", 0)
     result.seconds = time.perf_counter() - started
     return result
 
 
+def read_query(path: str, sha256: str | None) -> Image.Image:
+    """A collected query's image as the teacher ranked it. Raises ingest.IngestError when the file is gone, unreadable,
+    or holds other bytes than those ranked (`sha256`; None for queries collected before it was recorded)."""
+    data = ingest.read_bytes(path, ingest.Limits())
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ingest.IngestError("changed", "the file has changed since the teacher ranked it")
+    return ingest.decode(data, ingest.Limits())[0]
+
+
+def current_queries(rows: list[tuple], announce: Callable[[str], None]) -> tuple[list[tuple], list[Image.Image]]:
+    """The rows (id, path, …, sha256 last) whose image is still the one ranked, and those images; the others are left
+    out and announced: a ranking is only worth what the image beside it is."""
+    kept, images = [], []
+    for row in rows:
+        try:
+            images.append(read_query(row[1], row[-1]))
+        except ingest.IngestError as exc:
+            announce(f"left out query {row[0]} ({row[1]}): {exc.reason}; `audit distill collect` ranks a folder's new file again")
+            continue
+        kept.append(row[:-1])
+    return kept, images
+
+
 REPLICATE_SEED = 1_000_003  # added to the teacher's seed: new unlearning draws and new scoring noise, overlapping no query's
 
 
-def collected_queries(store: Store, split: str) -> list[tuple[int, str, str | None, list[int]]]:
-    """The collected queries of a split: (id, image path, prompt, candidate training ids in backbone order)."""
+def collected_queries(store: Store, split: str) -> list[tuple[int, str, str | None, list[int], str | None]]:
+    """The current collected queries of a split: (id, image path, prompt, candidate training ids in backbone order,
+    sha256 of the image ranked)."""
     return store.rows(
-        "SELECT q.id, q.path, q.prompt, list(r.training_id ORDER BY r.backbone_rank) FROM distill_queries q"
-        " JOIN distill_rankings r ON r.query_id = q.id WHERE q.split = ? AND q.collected_at IS NOT NULL"
-        " GROUP BY q.id, q.path, q.prompt ORDER BY q.id", [split])
+        "SELECT q.id, q.path, q.prompt, list(r.training_id ORDER BY r.backbone_rank), q.sha256 FROM distill_queries q"
+        " JOIN distill_rankings r ON r.query_id = q.id WHERE q.split = ? AND q.collected_at IS NOT NULL AND q.replaced_at IS NULL"
+        " GROUP BY q.id, q.path, q.prompt, q.sha256 ORDER BY q.id", [split])
 
 
 def replicate(
@@ -277,17 +317,17 @@ def replicate(
             "SELECT query_id, list(training_id), list(influence) FROM distill_replicates WHERE settings_hash = ? GROUP BY 1", [key])}
     if not rows:
         raise AuditError(f"no collected {split} queries; run `audit distill collect` first")
-    todo = [r for r in rows if int(r[0]) not in stored]
+    rows, images = current_queries(rows, announce)
+    todo = [(row, image) for row, image in zip(rows, images) if int(row[0]) not in stored]
     if todo:
         torch_device = embed.resolve_device(device or ws.config["encoder"]["device"])
         with ws.writing(), Store(ws.db_path) as store:
             training = training_set(ws, store, model_path, torch_device, str(ws.config["confirm"].get("flip", "auto")))
             session = TeacherSession(training, settings, ws.dir / "cache")
             announce(f"replicating the teacher on {len(todo)} of {len(rows)} {split} queries with independent noise; "
-                     f"estimated {session.estimate(len(todo), len(todo[0][3])):.0f} s")
+                     f"estimated {session.estimate(len(todo), len(todo[0][0][3])):.0f} s")
             progress.start("replicating", len(todo))
-            for qid, path, prompt, candidates in todo:
-                image = diffusion.read_image(path, ingest.Limits())
+            for (qid, path, prompt, candidates), image in todo:
                 _, influence = session.score(image, prompt, np.array(candidates, np.int64), qid)
                 with store.transaction():
                     store.insert_arrow("distill_replicates", pa.table({
@@ -310,7 +350,7 @@ def _by_content(store: Store, table: str, columns: str, order: str) -> pa.Table:
     return store.con.sql(
         f"SELECT r.query_id, t.sha256 AS training_sha256, {columns} FROM {table} r"
         " JOIN training_images t ON t.id = r.training_id JOIN distill_queries q ON q.id = r.query_id"
-        f" WHERE q.collected_at IS NOT NULL ORDER BY {order}"
+        f" WHERE q.collected_at IS NOT NULL AND q.replaced_at IS NULL ORDER BY {order}"
     ).to_arrow_table()
 
 
@@ -331,7 +371,8 @@ def export_collection(ws: Workspace, out: str | os.PathLike) -> int:
     if (out / QUERIES_FILE).exists():
         raise AuditError(f"{out} already holds a collection; export into a new folder")
     with Store(ws.db_path, read_only=True) as store:
-        queries = store.con.sql("SELECT * FROM distill_queries WHERE collected_at IS NOT NULL ORDER BY id").to_arrow_table()
+        queries = store.con.sql("SELECT * EXCLUDE (replaced_at) FROM distill_queries WHERE collected_at IS NOT NULL AND replaced_at IS NULL"
+                                " ORDER BY id").to_arrow_table()
         rankings = _by_content(store, "distill_rankings", "r.influence, r.raw_influence, r.teacher_rank, r.backbone_rank",
                                "r.query_id, r.backbone_rank")
         replicates = _by_content(store, "distill_replicates", "r.settings_hash, r.influence", "r.settings_hash, r.query_id, r.training_id")
@@ -339,9 +380,11 @@ def export_collection(ws: Workspace, out: str | os.PathLike) -> int:
         raise AuditError("no collected queries to export; run `audit distill collect` first")
     (out / "images").mkdir(parents=True, exist_ok=True)
     names = []
-    for qid, path in zip(queries.column("id").to_pylist(), queries.column("path").to_pylist()):
-        if not os.path.isfile(path):
-            raise AuditError(f"query image {path} (query {qid}) is gone; the collection cannot be exported without it")
+    for qid, path, sha in zip(*(queries.column(c).to_pylist() for c in ("id", "path", "sha256"))):
+        try:
+            read_query(path, sha)
+        except ingest.IngestError as exc:
+            raise AuditError(f"query image {path} (query {qid}): {exc.reason}; the collection cannot be exported without the image it ranked")
         names.append(f"images/q{qid:06d}{Path(path).suffix.lower() or '.png'}")
         shutil.copy2(path, out / names[-1])
     pq.write_table(queries.set_column(queries.column_names.index("path"), "path", pa.array(names)), out / QUERIES_FILE)
@@ -378,13 +421,19 @@ def import_collection(ws: Workspace, folder: str | os.PathLike, *, model: str | 
             return result
         next_id = store.next_id("distill_queries")
         result.ids = {qid: next_id + i for i, qid in enumerate(new.column("id").to_pylist())}
-        paths = []
-        for qid, name, settings_hash in zip(*(new.column(c).to_pylist() for c in ("id", "path", "settings_hash"))):
+        paths, digests = [], []
+        # Collections exported before query digests were recorded have none: the image as shipped is taken for the one ranked.
+        recorded = new.column("sha256").to_pylist() if "sha256" in new.column_names else [None] * new.num_rows
+        for qid, name, settings_hash, sha in zip(*(new.column(c).to_pylist() for c in ("id", "path", "settings_hash")), recorded):
+            digests.append(hashlib.sha256((folder / name).read_bytes()).hexdigest())
+            if sha is not None and digests[-1] != sha:
+                raise AuditError(f"{folder / name} is not the image the teacher ranked for query {qid}; export the collection again")
             target = ws.dir / "distill" / settings_hash / f"q{result.ids[qid]:06d}{Path(name).suffix}"
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(folder / name, target)
             paths.append(str(target))
-        new = new.drop_columns(["id", "path"]).append_column("id", pa.array(list(result.ids.values()), pa.int64())).append_column("path", pa.array(paths))
+        new = new.drop_columns([c for c in ("id", "path", "sha256") if c in new.column_names]).append_column(
+            "id", pa.array(list(result.ids.values()), pa.int64())).append_column("path", pa.array(paths)).append_column("sha256", pa.array(digests))
 
         def by_id(table: pa.Table, rest: tuple[str, ...]) -> pa.Table:
             """The rows of the imported queries, with this workspace's query and training ids."""
@@ -618,14 +667,18 @@ class TrainResult:
     history: list[dict]
 
 
-def load_rankings(store: Store, split: str, index_of: dict[int, int]) -> list[tuple[int, str, str, np.ndarray, np.ndarray]]:
+def load_rankings(store: Store, split: str, index_of: dict[int, int], announce: Callable[[str], None] = lambda message: None
+                  ) -> tuple[list[tuple[int, str, str, np.ndarray, np.ndarray]], list[Image.Image]]:
+    """A split's rankings, (query id, path, prompt, candidate rows of the training matrix, teacher ranks), and the query
+    images; a query whose image is gone or changed since it was ranked is left out (current_queries)."""
     rows = store.rows(
-        "SELECT q.id, q.path, q.prompt, list(r.training_id ORDER BY r.teacher_rank), list(r.teacher_rank ORDER BY r.teacher_rank)"
-        " FROM distill_queries q JOIN distill_rankings r ON r.query_id = q.id"
-        " WHERE q.split = ? AND q.collected_at IS NOT NULL GROUP BY q.id, q.path, q.prompt ORDER BY q.id",
+        "SELECT q.id, q.path, q.prompt, list(r.training_id ORDER BY r.teacher_rank), list(r.teacher_rank ORDER BY r.teacher_rank), q.sha256"
+        " FROM distill_queries q JOIN distill_rankings r ON r.query_id = q.id WHERE q.split = ? AND q.collected_at IS NOT NULL"
+        " AND q.replaced_at IS NULL GROUP BY q.id, q.path, q.prompt, q.sha256 ORDER BY q.id",
         [split],
     )
-    return [(qid, path, prompt, np.array([index_of[t] for t in tids]), np.array(ranks)) for qid, path, prompt, tids, ranks in rows]
+    rows, images = current_queries(rows, announce)
+    return [(qid, path, prompt, np.array([index_of[t] for t in tids]), np.array(ranks)) for qid, path, prompt, tids, ranks in rows], images
 
 
 def split_validation(queries, q_feat: np.ndarray, s: DistillSettings) -> tuple[Rankings, Rankings, np.ndarray]:
@@ -641,8 +694,8 @@ def split_validation(queries, q_feat: np.ndarray, s: DistillSettings) -> tuple[R
     return subset(~is_val), subset(is_val), is_val
 
 
-def query_embeddings(encoder: embed.Encoder, queries) -> tuple[np.ndarray, np.ndarray]:
-    images = [ingest.decode(ingest.read_bytes(q[1], ingest.Limits()), ingest.Limits())[0] for q in queries]
+def query_embeddings(encoder: embed.Encoder, queries, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+    """Image and prompt features of load_rankings' queries and images."""
     return embed_images(encoder, images, [q[2] for q in queries])
 
 
@@ -651,6 +704,7 @@ def train(
     *,
     out: str | os.PathLike | None = None,
     progress_row: Callable[[dict], None] = lambda row: None,
+    announce: Callable[[str], None] = lambda message: None,
     **overrides,
 ) -> TrainResult:
     """Train the head on the collected train-split rankings and write a new encoder bundle with it."""
@@ -661,10 +715,10 @@ def train(
         ids, img, txt = training_embeddings(ws, store, encoder)
         digests = training_digests(store)
         index_of = {int(i): j for j, i in enumerate(ids)}
-        queries = load_rankings(store, "train", index_of)
+        queries, images = load_rankings(store, "train", index_of, announce)
     if len(queries) < 4:
         raise AuditError(f"only {len(queries)} collected training queries; run `audit distill collect` first")
-    q_img, q_txt = query_embeddings(encoder, queries)
+    q_img, q_txt = query_embeddings(encoder, queries, images)
     q_feat = np.concatenate([q_img, q_txt], axis=1)
     t_feat = np.concatenate([img, txt], axis=1)
     fit_set, val, is_val = split_validation(queries, q_feat, s)

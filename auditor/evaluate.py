@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -57,7 +58,8 @@ def _evaluate(name: str, sims: np.ndarray, queries, ks, recall_ks) -> MethodScor
 
 
 def evaluate(ws: Workspace, *, encoders: list[str | os.PathLike] | None = None, ks=(5, 10, 20, 50), recall_ks=(1, 10, 50),
-             replicate: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[list[MethodScores], int]:
+             replicate: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+             announce: Callable[[str], None] = lambda message: None) -> tuple[list[MethodScores], int]:
     """Untuned baselines (image, text, image ⊕ text of the workspace encoder's backbone) and every given bundle
     (default: the workspace's encoder), on the held-out queries; with `replicate` (distill.replicate), also the teacher
     run again with independent noise: its candidates by its own scores, then the rest by image ⊕ text."""
@@ -67,10 +69,10 @@ def evaluate(ws: Workspace, *, encoders: list[str | os.PathLike] | None = None, 
         ids, img, txt = training_embeddings(ws, store, base)
         digests = training_digests(store)
         index_of = {int(i): j for j, i in enumerate(ids)}
-        queries = load_rankings(store, "test", index_of)
+        queries, images = load_rankings(store, "test", index_of, announce)
     if not queries:
         raise AuditError("no held-out queries with teacher rankings; run `audit distill collect` first")
-    q_img, q_txt = query_embeddings(base, queries)
+    q_img, q_txt = query_embeddings(base, queries, images)
     results = [
         _evaluate("untuned image", _scores_for(q_img, img), queries, ks, recall_ks),
         _evaluate("untuned text", _scores_for(q_txt, txt), queries, ks, recall_ks),

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from auditor import distill, embed, evaluate, sql
+from auditor.errors import AuditError
 from auditor.scan import scan
 from auditor.settings import DistillSettings
+from auditor.store import Store
 
 from .helpers import sql_value
 
@@ -229,7 +231,8 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
     assert by_encoder[result.encoder_id] == 24 * 5 and sum(by_encoder.values()) == before + 24 * 5
 
 
-def test_distill_collect_from_a_folder_skips_unreadable_files_and_picks_up_new_ones(indexed_ws, outputs_dir, tiny_pipeline, tmp_path):
+def test_distill_collect_from_a_folder_skips_unreadable_files_picks_up_new_ones_and_ranks_replaced_ones_again(
+        indexed_ws, outputs_dir, tiny_pipeline, tmp_path):
     ws = indexed_ws
     ws.config["paths"]["model"] = str(tiny_pipeline)
     ws.config["confirm"].update(draws=4, timesteps=2, fisher_samples=8, reference_samples=4)
@@ -260,6 +263,34 @@ def test_distill_collect_from_a_folder_skips_unreadable_files_and_picks_up_new_o
     assert sql_value(ws, "select count(*) from distill_rankings") == 3 * 8
     assert sql_value(ws, "select count(distinct path) from distill_queries") == 3
 
+    left_out = []
+
+    def current():  # the queries training and evaluation would use
+        with Store(ws.db_path, read_only=True) as store:
+            index_of = {int(i): j for j, (i,) in enumerate(store.rows("select id from training_images order by id"))}
+            return sum(len(distill.load_rankings(store, split, index_of, left_out.append)[0]) for split in ("train", "test"))
+
+    assert current() == 3 and not left_out
+    # A file replaced under its path no longer matches its ranking: left out until a rerun ranks it as a new query.
+    replaced = folder / images[0].name
+    shutil.copy2(images[3], replaced)
+    assert current() == 2 and left_out == [f"left out query 1 ({replaced}): the file has changed since the teacher ranked it; "
+                                            "`audit distill collect` ranks a folder's new file again"]
+    third = distill.collect(ws, folder=folder, candidates=8)
+    assert third.collected == 1 and third.planned == 3
+    with Store(ws.db_path, read_only=True) as store:
+        rows = store.rows("select id, replaced_at is not null from distill_queries where path = ? order by id", [str(replaced)])
+    assert rows == [(1, True), (4, False)]
+    assert sql_value(ws, "select count(*) from distill_rankings") == 4 * 8  # the old ranking stays, for SQL
+    left_out.clear()
+    assert current() == 3 and not left_out
+    assert distill.export_collection(ws, tmp_path / "exported") == 3  # current queries only
+    # A query image that is gone is left out too, and a collection cannot be exported without it.
+    (folder / images[1].name).unlink()
+    assert current() == 2 and "cannot read" in left_out[0]
+    with pytest.raises(AuditError, match=f"query image {folder / images[1].name} .*cannot read"):
+        distill.export_collection(ws, tmp_path / "exported-again")
+
 
 def _outputs(ws):
     return sql_value(ws, "select root from scans order by id limit 1")
@@ -269,7 +300,6 @@ def test_a_collection_exported_from_one_workspace_imports_into_another(indexed_w
     import pyarrow.parquet as pq
 
     from auditor import workspace
-    from auditor.errors import AuditError
 
     def configured(ws):
         ws.config["paths"]["model"] = str(tiny_pipeline)
@@ -293,7 +323,7 @@ def test_a_collection_exported_from_one_workspace_imports_into_another(indexed_w
     assert sorted(imported.ids.values()) == list(range(2, 8))  # after the store's own query: ids never collide
 
     # The same queries, splits, images and teacher ranks, with candidates matched by content, not by id.
-    ranked = ("select q.prompt, q.split, q.seed, t.sha256, r.teacher_rank, r.influence from distill_rankings r "
+    ranked = ("select q.prompt, q.split, q.seed, q.sha256, t.sha256, r.teacher_rank, r.influence from distill_rankings r "
               "join distill_queries q on q.id = r.query_id join training_images t on t.id = r.training_id "
               "where q.settings_hash <> 'another collection' order by q.seed, t.sha256")
     assert sql.query(target, ranked).rows() == sql.query(source, ranked).rows()
@@ -318,3 +348,11 @@ def test_a_collection_exported_from_one_workspace_imports_into_another(indexed_w
                                       pa.array(["0123456789abcdef"] * queries.num_rows)), foreign / distill.QUERIES_FILE)
     with pytest.raises(AuditError, match="on model 0123456789abcdef.*import into a workspace on that model"):
         distill.import_collection(target, foreign)
+    # An image swapped inside the folder is not the one its ranking was made from: refused.
+    tampered = tmp_path / "tampered"
+    shutil.copytree(tmp_path / "collection", tampered)
+    names = queries.column("path").to_pylist()
+    shutil.copy2(tampered / names[1], tampered / names[0])
+    shutil.copytree(indexed_template.root, tmp_path / "third", symlinks=True)
+    with pytest.raises(AuditError, match=f"{tampered / names[0]} is not the image the teacher ranked"):
+        distill.import_collection(configured(workspace.load(tmp_path / "third")), tampered)

@@ -81,8 +81,8 @@ def _split_features(ws, split: str):
     encoder = embed.load(ws.encoder_dir(), "cpu")
     with Store(ws.db_path, read_only=True) as store:
         ids, img, txt = distill.training_embeddings(ws, store, encoder)
-        queries = distill.load_rankings(store, split, {int(i): j for j, i in enumerate(ids)})
-    q_img, q_txt = distill.query_embeddings(encoder, queries)
+        queries, images = distill.load_rankings(store, split, {int(i): j for j, i in enumerate(ids)}, print)
+    q_img, q_txt = distill.query_embeddings(encoder, queries, images)
     return img, txt, queries, q_img, q_txt
 
 
@@ -162,7 +162,7 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
         ids, img, txt = distill.training_embeddings(ws, store, encoder)
         digests = distill.training_digests(store)
         index_of = {int(i): j for j, i in enumerate(ids)}
-        train, test = (distill.load_rankings(store, split, index_of) for split in ("train", "test"))
+        (train, _), (test, test_images) = (distill.load_rankings(store, split, index_of, print) for split in ("train", "test"))
         paths_captions = dict((i, (p, c)) for i, p, c in store.rows("SELECT id, path, caption FROM training_images"))
     captions = [paths_captions[int(i)][1] for i in ids]
     caption_of = np.array(captions)
@@ -208,7 +208,7 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
     # 2. Within the same-caption candidates (text cannot tell them apart): what orders them like the teacher?
     t_pix = pixels([paths_captions[int(i)][0] for i in ids])
     q_pix = pixels([q[1] for q in test])
-    q_img, q_txt = distill.query_embeddings(encoder, test)
+    q_img, q_txt = distill.query_embeddings(encoder, test, test_images)
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     cos = distill.joint(q_img, q_txt) @ distill.joint(img, txt).T
     strength = student.strength(digests)

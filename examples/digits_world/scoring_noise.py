@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 sys.path.insert(0, str(HERE))
 
-from auditor import diffusion, distill, ingest  # noqa: E402
+from auditor import distill  # noqa: E402
 from auditor.confirm import TeacherSession, influence, training_set, unlearn  # noqa: E402
 from auditor.settings import AbuSettings  # noqa: E402
 from auditor.store import Store  # noqa: E402
@@ -59,15 +59,15 @@ def main() -> None:
     ws = open_workspace(args.workdir)
     settings = AbuSettings.from_config(ws.config["confirm"])
     with Store(ws.db_path, read_only=True) as store:
-        rows = distill.collected_queries(store, "test")[: args.queries or None]
+        rows, images = distill.current_queries(distill.collected_queries(store, "test")[: args.queries or None], print)
         training = training_set(ws, store, ws.model_dir(), torch.device("cpu"), "auto")
     if not rows:
         raise SystemExit(f"no collected test queries in {args.workdir}; run distill.py --stage collect first")
     session = TeacherSession(training, settings, ws.dir / "cache")
     differences, agreement = [], []
-    for qid, path, prompt, candidates in rows:
+    for (qid, path, prompt, candidates), image in zip(rows, images):
         ids = np.array(candidates, np.int64)
-        delta = unlearn(session, diffusion.read_image(path, ingest.Limits()), prompt, qid)
+        delta = unlearn(session, image, prompt, qid)
         raw_run, _ = influence(session, ids, delta, session.noise_seed(qid))
         raw_other, _ = influence(session, ids, delta, session.noise_seed(qid, stream=1))
         differences.append((ids, normalised_rank(raw_run) - normalised_rank(raw_other)))
