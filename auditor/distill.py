@@ -141,11 +141,17 @@ def _plan(store: Store, ws: Workspace, session: TeacherSession, encoder: embed.E
             prompt, _ = ingest.read_prompt(path, info)
             rows.append((path, prompt, None, "folder"))
     elif len(planned) < s.queries:
+        query_dir = ws.dir / "distill" / settings_hash
+        kept = query_dir / "prompts.json"
+        if not prompts and kept.is_file():
+            # The captions as this collection first found them: ones indexed since must not shift the cycle it continues.
+            prompts = json.loads(kept.read_text())
         if not prompts:
             prompts = [r[0] for r in store.rows("SELECT DISTINCT caption FROM training_images WHERE caption IS NOT NULL ORDER BY 1")]
-        if not prompts:
-            raise AuditError("no prompts: pass --prompts FILE (one per line) or index captioned training images")
-        query_dir = ws.dir / "distill" / settings_hash
+            if not prompts:
+                raise AuditError("no prompts: pass --prompts FILE (one per line) or index captioned training images")
+            query_dir.mkdir(parents=True, exist_ok=True)
+            kept.write_text(json.dumps(prompts))
         for j, i in enumerate(range(len(planned), s.queries)):
             prompt = prompts[i % len(prompts)]
             rows.append((str(query_dir / f"q{next_id + j:06d}.png"), prompt, s.seed * 100_003 + i, "generated"))

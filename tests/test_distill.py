@@ -164,9 +164,17 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
     assert overlap == 0
     again = distill.collect(ws, queries=10, candidates=12, sample_steps=2, test_fraction=0.3)
     assert again.collected == 0  # resumable: nothing left to do
-    # A larger count extends the collection: only the missing queries are planned and ranked, continuing its seeds.
+    # A larger count extends the collection: only the missing queries are planned and ranked, continuing its seeds and
+    # its prompts, even when captions were indexed since (the collection keeps the list it started from).
+    captions = [c for (c,) in sql.query(ws, "select distinct caption from training_images order by 1").rows()]
+    renamed = "update training_images set caption = ? where id = (select min(id) from training_images)"
+    first_caption = sql_value(ws, "select caption from training_images order by id limit 1")
+    sql.query(ws, renamed.replace("?", "'a aardvark'"), write=True)
     extended = distill.collect(ws, queries=12, candidates=12, sample_steps=2, test_fraction=0.3)
+    sql.query(ws, renamed.replace("?", f"'{first_caption}'"), write=True)
     assert extended.collected == 2 and extended.planned == 12
+    assert [p for (p,) in sql.query(ws, "select prompt from distill_queries where id > 10 order by id").rows()] == [
+        captions[10 % len(captions)], captions[11 % len(captions)]]
     assert sql_value(ws, "select count(*) from distill_queries") == 12
     assert sql_value(ws, "select count(distinct seed) from distill_queries") == 12
     assert sql_value(ws, "select count(*) from distill_rankings") == 12 * 12
