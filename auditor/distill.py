@@ -187,25 +187,30 @@ def collect(
     seed: int | None = None,
     **overrides,
 ) -> CollectResult:
-    """Plan the queries (once), then rank every uncollected one with the teacher; resumable per query. `seed` draws the
-    generated query images ([distill] seed by default) and nothing of the teacher, so a collection with a new seed adds
-    new images of the same prompts, ranked by the same teacher as the queries already collected."""
+    """Plan the queries (once), then rank every uncollected one with the teacher; resumable per query. `overrides` are
+    [distill] settings; the teacher is the one `audit confirm` runs ([confirm]). `seed` draws the generated query images
+    ([distill] seed by default) and nothing of the teacher, so a collection with a new seed adds new images of the same
+    prompts, ranked by the same teacher as the queries already collected."""
     progress = progress or Silent()
+    unknown = sorted(set(overrides) - set(DistillSettings.__dataclass_fields__))
+    if unknown:
+        raise AuditError(f"{', '.join(unknown)}: no [distill] setting; the teacher's settings are the workspace's [confirm] section (audit.toml)")
     s = DistillSettings.from_config(ws.config["distill"], seed=seed, **overrides)
-    teacher = AbuSettings.from_config(ws.config["confirm"], **overrides)
+    teacher = AbuSettings.from_config(ws.config["confirm"])
     model_path = ws.model_dir(model)
     prompts = None
     if prompts_file:
         prompts = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
     started = time.perf_counter()
     torch_device = embed.resolve_device(device or ws.config["encoder"]["device"])
+    flip = str(ws.config["confirm"].get("flip", "auto"))
     with ws.writing(), Store(ws.db_path) as store:
-        training = training_set(ws, store, model_path, torch_device, str(ws.config["confirm"].get("flip", "auto")))
+        training = training_set(ws, store, model_path, torch_device, flip)
         session = TeacherSession(training, teacher, ws.dir / "cache")
         encoder = embed.load(ws.encoder_dir(), torch_device)
         # Not the query count: a later run with a larger one extends this collection instead of starting another.
-        settings_hash = teacher.hash(session.model.hash, encoder.id, str(s.candidates),
-                                     str(s.test_fraction), str(folder or ""), json.dumps(prompts or []), str(s.seed))
+        settings_hash = teacher.scoring_hash(session.model.hash, encoder.id, flip, str(s.candidates), str(s.test_fraction),
+                                             str(folder or ""), json.dumps(prompts or []), str(s.seed))
         result = CollectResult(skipped=_plan(store, ws, session, encoder, s, settings_hash, prompts, Path(folder) if folder else None))
         for path, reason in result.skipped:
             announce(f"skipped {path}: {reason}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 
@@ -67,6 +67,11 @@ class AbuSettings(_Section):
 
     def hash(self, *parts: str) -> str:
         return _hash(self, (f"abu-scheme-{self.scheme}", *parts))
+
+    def scoring_hash(self, *parts: str) -> str:
+        """hash() of what the scores depend on: not which candidates are picked or how they are judged (candidates,
+        controls, k, confirm_threshold) nor batch_size (memory only), so changing those keeps a collection resumable."""
+        return replace(self, candidates=None, controls=None, k=None, confirm_threshold=None, batch_size=None).hash(*parts)
 
     def selection(self) -> dict:
         """The settings that pick and judge the candidates, shared by every teacher so their verdicts compare."""

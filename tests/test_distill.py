@@ -164,6 +164,14 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
     assert overlap == 0
     again = distill.collect(ws, queries=10, candidates=12, sample_steps=2, test_fraction=0.3)
     assert again.collected == 0  # resumable: nothing left to do
+    # The teacher is [confirm]'s. Its settings that leave the scores alone (batch size, how candidates are picked and
+    # judged) keep the collection resumable; a teacher setting passed to collect is refused, not applied to both.
+    kept = dict(ws.config["confirm"])
+    ws.config["confirm"].update(batch_size=3, candidates=5, k=4, confirm_threshold=0.9)
+    assert distill.collect(ws, queries=10, candidates=12, sample_steps=2, test_fraction=0.3).collected == 0
+    ws.config["confirm"] = kept
+    with pytest.raises(AuditError, match=r"timesteps: no \[distill\] setting; the teacher's settings are the workspace's \[confirm\]"):
+        distill.collect(ws, queries=10, timesteps=3)
     # A larger count extends the collection: only the missing queries are planned and ranked, continuing its seeds and
     # its prompts, even when captions were indexed since (the collection keeps the list it started from).
     captions = [c for (c,) in sql.query(ws, "select distinct caption from training_images order by 1").rows()]
@@ -184,7 +192,7 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
     assert sql_value(ws, "select count(distinct seed) from distill_queries") == 16
     assert sql_value(ws, "select count(*) from distill_queries where id > 12 and prompt not in "
                          "(select prompt from distill_queries where id <= 12)") == 0
-    assert len(teachers) == 4 and teachers[3] == teachers[0]
+    assert len(teachers) == 5 and teachers[4] == teachers[0]
     monkeypatch.setattr(distill, "TeacherSession", session)
 
     old_encoder = ws.encoder_dir()
