@@ -22,6 +22,13 @@ def _hash(settings, parts) -> str:
     return hashlib.sha256((json.dumps(asdict(settings), sort_keys=True) + "|".join(parts)).encode()).hexdigest()[:16]
 
 
+def _memory_default(settings):
+    """The settings with batch_size at its default: a teacher's batch size trades memory for speed and leaves its scores
+    alone, so a run resumed in smaller batches (after running out of memory) is the same run, and hashes made
+    before this rule are kept."""
+    return replace(settings, batch_size=type(settings).__dataclass_fields__["batch_size"].default)
+
+
 @dataclass
 class IndexSettings(_Section):
     # Below this many training vectors search is exact; from it on an ANN index is built and used.
@@ -66,12 +73,12 @@ class AbuSettings(_Section):
         return hashlib.sha256(f"{model_hash}|{fields}".encode()).hexdigest()[:16]
 
     def hash(self, *parts: str) -> str:
-        return _hash(self, (f"abu-scheme-{self.scheme}", *parts))
+        return _hash(_memory_default(self), (f"abu-scheme-{self.scheme}", *parts))
 
     def scoring_hash(self, *parts: str) -> str:
         """hash() of what the scores depend on: not which candidates are picked or how they are judged (candidates,
-        controls, k, confirm_threshold) nor batch_size (memory only), so changing those keeps a collection resumable."""
-        return replace(self, candidates=None, controls=None, k=None, confirm_threshold=None, batch_size=None).hash(*parts)
+        controls, k, confirm_threshold), so changing those keeps a collection resumable."""
+        return replace(self, candidates=None, controls=None, k=None, confirm_threshold=None).hash(*parts)
 
     def selection(self) -> dict:
         """The settings that pick and judge the candidates, shared by every teacher so their verdicts compare."""
@@ -96,7 +103,7 @@ class DtrakSettings(_Section):
         return hashlib.sha256(f"{self.timesteps}|{self.params}|{self.dim}|{self.seed}".encode()).hexdigest()[:12]
 
     def hash(self, *parts: str) -> str:
-        return _hash(self, parts)
+        return _hash(_memory_default(self), parts)
 
 
 @dataclass

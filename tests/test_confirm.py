@@ -81,6 +81,8 @@ def test_confirm_stores_scores_and_agreement_and_skips_on_rerun(scanned_ws):
     # A run killed after its last commit is left 'running'; the next call, even one with nothing to do, ends it.
     sql.query(scanned_ws, "update confirm_runs set status = 'running', finished_at = null where id = 2", write=True)
     assert confirm.confirm(scanned_ws, generation=gen).run_id is None  # already confirmed: nothing to do
+    # The teacher's batch size is memory only: a smaller one (after running out of memory) is the same run.
+    assert confirm.confirm(scanned_ws, generation=gen, batch_size=7).run_id is None
     assert sql_value(scanned_ws, "select status from confirm_runs where id = 2") == "interrupted"
     # Caches are reused: the Fisher and the reference update were made once.
     assert len(list((scanned_ws.dir / "cache").glob("fisher-*.safetensors"))) == 1

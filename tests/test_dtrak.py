@@ -106,8 +106,11 @@ def test_confirm_dtrak_stores_rows_agreement_and_reuses_features(scanned_ws):
     assert dtrak.FeatureTable(ws.lancedb_uri, features.name, 256).version == version
     assert [p.stat().st_mtime_ns for p in (ws.dir / "cache").glob("dtrak-kernel-*.npz")] == [mtime]
 
-    # AbU on one of the same generations: the same candidates, so the teachers compare in one query.
     gen = int(conf["generation_id"][0])
+    # Its batch size is memory only: a run in smaller batches is the same run, with nothing left to confirm.
+    assert confirm.confirm(ws, method="dtrak", generation=gen, batch_size=8).run_id is None
+
+    # AbU on one of the same generations: the same candidates, so the teachers compare in one query.
     confirm.confirm(ws, method="abu", generation=gen)
     both = sql.query(ws, f"""
         select a.training_id, a.fast_rank, a.teacher_rank as abu_rank, d.teacher_rank as dtrak_rank
