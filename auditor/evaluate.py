@@ -106,6 +106,24 @@ def paired_difference(a: MethodScores, b: MethodScores, k: int) -> tuple[float, 
     return mean_se(np.array(a.per_query[k]) - np.array(b.per_query[k]))
 
 
+UNTUNED = "untuned "  # the name prefix of the baselines every other method has to beat
+
+
+def gains_over_untuned(results: list[MethodScores]) -> dict[str, dict[int, tuple[float, float, str]]]:
+    """Per method other than the untuned baselines: at each k, its mAP@k minus that of the best untuned baseline at
+    that k, paired over queries: (mean, standard error, the baseline's name)."""
+    untuned = [r for r in results if r.name.startswith(UNTUNED)]
+    gains = {}
+    for r in results:
+        if r.name.startswith(UNTUNED) or not untuned:
+            continue
+        gains[r.name] = {}
+        for k in r.map_at:
+            best = max(untuned, key=lambda u: u.map_at[k][0])
+            gains[r.name][k] = (*paired_difference(r, best, k), best.name)
+    return gains
+
+
 def mean_se(values) -> tuple[float, float]:
     """Mean and its standard error over queries."""
     n = len(values)
@@ -120,12 +138,24 @@ def to_markdown(results: list[MethodScores], n_queries: int, n_candidates: int |
     note = f"\n{n_queries} held-out queries (prompts never used in training); ± is the standard error over queries."
     if n_candidates:
         note += f" Teacher candidates per query: {n_candidates}."
-    return markdown_table(head, rows) + "\n" + note + "\n"
+    text = markdown_table(head, rows) + "\n" + note + "\n"
+    gains = gains_over_untuned(results)
+    if gains:
+        text += ("\nGain over the best untuned feature at each k (paired: mean ± standard error of the per-query differences; "
+                 "that feature in brackets):\n\n")
+        text += markdown_table(["method"] + [f"mAP@{k}" for k in ks], [
+            [name] + [f"{d:+.3f} ± {se:.3f} ({base.removeprefix(UNTUNED)})" for d, se, base in by_k.values()]
+            for name, by_k in gains.items()]) + "\n"
+    return text
 
 
 def to_json(results: list[MethodScores], n_queries: int) -> str:
-    return json.dumps(
-        {"queries": n_queries, "methods": [{"name": r.name, "map_at": {str(k): {"mean": m, "stderr": se} for k, (m, se) in r.map_at.items()},
-                                            "recall_at": {str(k): v for k, v in r.recall_at.items()}} for r in results]},
-        indent=2,
-    )
+    gains = gains_over_untuned(results)
+    methods = []
+    for r in results:
+        method = {"name": r.name, "map_at": {str(k): {"mean": m, "stderr": se} for k, (m, se) in r.map_at.items()},
+                  "recall_at": {str(k): v for k, v in r.recall_at.items()}}
+        if r.name in gains:
+            method["gain_over_best_untuned"] = {str(k): {"mean": d, "stderr": se, "baseline": base} for k, (d, se, base) in gains[r.name].items()}
+        methods.append(method)
+    return json.dumps({"queries": n_queries, "methods": methods}, indent=2)

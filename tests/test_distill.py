@@ -1,5 +1,6 @@
 """distill + eval: the head learns a teacher's ranking, shares are calibrated, the pipeline runs end to end."""
 
+import json
 import shutil
 from dataclasses import replace
 
@@ -212,6 +213,17 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
     assert names[:3] == ["untuned image", "untuned text", "untuned image ⊕ text"] and names[3].startswith("distilled")
     assert all(0 <= m <= 1 for r in results for m, _ in r.map_at.values())
     assert "mAP@3" in evaluate.to_markdown(results, n)
+    # Every other method's gain over the best untuned feature at each k, paired over the same queries, in both outputs.
+    gains = evaluate.gains_over_untuned(results)
+    assert list(gains) == names[3:]
+    for k in (3, 5):
+        best = max(results[:3], key=lambda r: r.map_at[k][0])
+        differences = np.array(results[3].per_query[k]) - np.array(best.per_query[k])
+        mean, se, baseline = gains[names[3]][k]
+        assert baseline == best.name and mean == pytest.approx(differences.mean())
+        assert se == pytest.approx(differences.std(ddof=1) / np.sqrt(len(differences)))
+        assert json.loads(evaluate.to_json(results, n))["methods"][3]["gain_over_best_untuned"][str(k)]["baseline"] == best.name
+    assert f"{gains[names[3]][5][0]:+.3f} ± {gains[names[3]][5][1]:.3f}" in evaluate.to_markdown(results, n)
 
     # The teacher run again with independent noise ranks the same candidates, differently, and is scored like a method.
     replica = distill.replicate(ws)

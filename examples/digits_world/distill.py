@@ -341,10 +341,10 @@ def main() -> None:
                                                      root / "encoder-distilled-shared-head"],
                                        ks=(5, 10, 20, 50), replicate=replica)
         table = evaluate.to_markdown(results, n, args.candidates)
-        untuned = max((r for r in results if r.name.startswith("untuned")), key=lambda r: r.map_at[main_k][0])
         distilled = next(r for r in results if r.name.startswith("distilled") and trained.encoder_id in r.name)
         replica_map = next(r.map_at[main_k][0] for r in results if r.name.startswith("teacher replicate"))
-        gain, gain_se = evaluate.paired_difference(distilled, untuned, main_k)
+        gain, gain_se, baseline = evaluate.gains_over_untuned(results)[distilled.name][main_k]
+        untuned = next(r for r in results if r.name == baseline)
         shipped = trained.epochs > 0 and gain > 0
         shutil.rmtree(target, ignore_errors=True)
         if shipped:
