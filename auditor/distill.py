@@ -269,13 +269,19 @@ def collect(
     return result
 
 
-def read_query(path: str, sha256: str | None) -> Image.Image:
-    """A collected query's image as the teacher ranked it. Raises ingest.IngestError when the file is gone, unreadable,
+def _ranked_bytes(path: str, sha256: str | None) -> bytes:
+    """A collected query's file as the teacher ranked it. Raises ingest.IngestError when the file is gone, unreadable,
     or holds other bytes than those ranked (`sha256`; None for queries collected before it was recorded)."""
     data = ingest.read_bytes(path, ingest.Limits())
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise ingest.IngestError("changed", "the file has changed since the teacher ranked it")
-    return ingest.decode(data, ingest.Limits())[0]
+    return data
+
+
+def read_query(path: str, sha256: str | None) -> Image.Image:
+    """A collected query's image as the teacher ranked it (the errors of _ranked_bytes, or one for bytes that are no
+    image)."""
+    return ingest.decode(_ranked_bytes(path, sha256), ingest.Limits())[0]
 
 
 def current_queries(rows: list[tuple], announce: Callable[[str], None]) -> tuple[list[tuple], list[Image.Image]]:
@@ -328,8 +334,8 @@ def replicate(
             "SELECT query_id, list(training_id), list(influence) FROM distill_replicates WHERE settings_hash = ? GROUP BY 1", [key])}
     if not rows:
         raise AuditError(f"no collected {split} queries; run `audit distill collect` first")
-    rows, images = current_queries(rows, announce)
-    todo = [(row, image) for row, image in zip(rows, images) if int(row[0]) not in stored]
+    # Only the queries still to score are read: evaluation checks every query's image itself.
+    todo = list(zip(*current_queries([r for r in rows if int(r[0]) not in stored], announce)))
     if todo:
         torch_device = embed.resolve_device(device or ws.config["encoder"]["device"])
         with ws.writing(), Store(ws.db_path) as store:
@@ -346,7 +352,7 @@ def replicate(
                         "settings_hash": [key] * len(candidates), "influence": pa.array(influence, pa.float64())}))
                 stored[int(qid)] = dict(zip(candidates, influence.tolist()))
                 progress.advance()
-    return {int(q): (np.array(c, np.int64), np.array([stored[int(q)][t] for t in c])) for q, _, _, c in rows}
+    return {int(q): (np.array(c, np.int64), np.array([stored[int(q)][t] for t in c])) for q, _, _, c, _ in rows if int(q) in stored}
 
 
 # ---------------------------------------------------------------------- sharing a collection
@@ -393,11 +399,11 @@ def export_collection(ws: Workspace, out: str | os.PathLike) -> int:
     names = []
     for qid, path, sha in zip(*(queries.column(c).to_pylist() for c in ("id", "path", "sha256"))):
         try:
-            read_query(path, sha)
+            data = _ranked_bytes(path, sha)
         except ingest.IngestError as exc:
             raise AuditError(f"query image {path} (query {qid}): {exc.reason}; the collection cannot be exported without the image it ranked")
         names.append(f"images/q{qid:06d}{Path(path).suffix.lower() or '.png'}")
-        shutil.copy2(path, out / names[-1])
+        (out / names[-1]).write_bytes(data)
     pq.write_table(queries.set_column(queries.column_names.index("path"), "path", pa.array(names)), out / QUERIES_FILE)
     pq.write_table(rankings, out / RANKINGS_FILE)
     pq.write_table(replicates, out / REPLICATES_FILE)
@@ -436,12 +442,13 @@ def import_collection(ws: Workspace, folder: str | os.PathLike, *, model: str | 
         # Collections exported before query digests were recorded have none: the image as shipped is taken for the one ranked.
         recorded = new.column("sha256").to_pylist() if "sha256" in new.column_names else [None] * new.num_rows
         for qid, name, settings_hash, sha in zip(*(new.column(c).to_pylist() for c in ("id", "path", "settings_hash")), recorded):
-            digests.append(hashlib.sha256((folder / name).read_bytes()).hexdigest())
+            data = (folder / name).read_bytes()
+            digests.append(hashlib.sha256(data).hexdigest())
             if sha is not None and digests[-1] != sha:
                 raise AuditError(f"{folder / name} is not the image the teacher ranked for query {qid}; export the collection again")
             target = ws.dir / "distill" / settings_hash / f"q{result.ids[qid]:06d}{Path(name).suffix}"
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(folder / name, target)
+            target.write_bytes(data)
             paths.append(str(target))
         new = new.drop_columns([c for c in ("id", "path", "sha256") if c in new.column_names]).append_column(
             "id", pa.array(list(result.ids.values()), pa.int64())).append_column("path", pa.array(paths)).append_column("sha256", pa.array(digests))

@@ -113,15 +113,11 @@ def gains_over_untuned(results: list[MethodScores]) -> dict[str, dict[int, tuple
     """Per method other than the untuned baselines: at each k, its mAP@k minus that of the best untuned baseline at
     that k, paired over queries: (mean, standard error, the baseline's name)."""
     untuned = [r for r in results if r.name.startswith(UNTUNED)]
-    gains = {}
-    for r in results:
-        if r.name.startswith(UNTUNED) or not untuned:
-            continue
-        gains[r.name] = {}
-        for k in r.map_at:
-            best = max(untuned, key=lambda u: u.map_at[k][0])
-            gains[r.name][k] = (*paired_difference(r, best, k), best.name)
-    return gains
+    if not untuned:
+        return {}
+    best = {k: max(untuned, key=lambda u: u.map_at[k][0]) for k in untuned[0].map_at}
+    return {r.name: {k: (*paired_difference(r, b, k), b.name) for k, b in best.items()}
+            for r in results if not r.name.startswith(UNTUNED)}
 
 
 def mean_se(values) -> tuple[float, float]:
