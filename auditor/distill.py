@@ -327,7 +327,8 @@ def replicate(
     base = AbuSettings.from_config(ws.config["confirm"])
     settings = replace(base, seed=base.seed + REPLICATE_SEED)
     model_path = diffusion.checked_folder(ws.model_dir(model))
-    key = settings.hash("replicate", diffusion.model_hash(model_path, ws.dir / "cache"))
+    # Keyed by what the scores depend on, like a collection: another candidate count or k for `audit confirm` keeps it.
+    key = settings.scoring_hash("replicate", diffusion.model_hash(model_path, ws.dir / "cache"))
     with Store(ws.db_path, read_only=True) as store:
         rows = collected_queries(store, split)
         stored = {int(q): dict(zip(t, v)) for q, t, v in store.rows(

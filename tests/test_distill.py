@@ -238,6 +238,13 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
     monkeypatch.setattr(distill, "TeacherSession", None)
     again = distill.replicate(ws)
     assert again.keys() == replica.keys() and all(np.array_equal(again[q][1], replica[q][1]) for q in replica)
+    # Settings that pick or judge confirm's candidates do not change a replicate's scores: it is still answered.
+    kept = dict(ws.config["confirm"])
+    ws.config["confirm"].update(candidates=5, controls=1, k=2, confirm_threshold=0.9)
+    ws.save()
+    assert distill.replicate(ws).keys() == replica.keys()
+    ws.config["confirm"] = kept
+    ws.save()
     monkeypatch.undo()
     with_replica, _ = evaluate.evaluate(ws, encoders=[old_encoder], ks=(3,), replicate=replica)
     assert with_replica[-1].name == "teacher replicate (independent noise)" and 0 < with_replica[-1].map_at[3][0] <= 1
