@@ -234,11 +234,14 @@ def distill_train(
     ws = _ws()
     result = train(ws, out=out_dir, epochs=epochs, strengths=strengths,
                    announce=_announce,
-                   progress_row=lambda r: console.print(f"epoch {r['epoch']}: loss {r['loss']:.4f}, val mAP {r['val_map']:.3f}", highlight=False))
+                   progress_row=lambda r: console.print(
+                       f"refit epoch {r['epoch']}: loss {r['loss']:.4f}" if r.get("refit") else
+                       f"epoch {r['epoch']}: loss {r['loss']:.4f}, val mAP {r['val_map']:.3f}", highlight=False))
     out.print(
         f"encoder {result.encoder_id} written to {result.path}: val mAP@k {result.best_val_map:.3f} (epoch {result.epochs}), "
         f"temperature {result.temperature:.4g} (NLL {result.calibration_nll:.3f}, ECE {result.calibration_ece:.4f}); "
-        f"{result.train_queries} train / {result.val_queries} validation queries; {result.seconds:.0f} s"
+        f"{result.train_queries} train / {result.val_queries} validation queries, head fitted on {result.fitted_queries}; "
+        f"{result.seconds:.0f} s"
     )
     if use:
         use_encoder(result.path)

@@ -133,6 +133,8 @@ class DistillSettings(_Section):
     negatives: float = 0.1
     val_fraction: float = 0.2
     patience: int = 6
+    # After early stopping, train again on fit + validation queries for the epochs validation picked (distill.fit).
+    refit: bool = True
     ema: float = 0.95  # per step: the moving average of the weights that validation scores and the bundle keeps; 0 = off
     k: int = 10
     calibration_k: int = 10

@@ -81,6 +81,29 @@ def test_validation_scores_and_the_fit_keeps_the_weights_moving_average():
         assert distill._val_map(fit.head, val, torch.as_tensor(t), s.k) == pytest.approx(fit.best_val_map)
 
 
+def test_the_shipped_head_is_refit_on_fit_and_validation_queries_for_the_epochs_validation_picked():
+    q, t, cands, ranks = _synthetic(n_train=2000, n_queries=120, candidates=10)
+    train = distill.Rankings(q[:90], cands[:90], ranks[:90])
+    val = distill.Rankings(q[90:], cands[90:], ranks[90:])
+    s = DistillSettings(hidden_dims=(32,), out_dim=16, dropout=0.0, layernorm=False, epochs=8, batch_size=256, lr=3e-3,
+                        patience=10, k=5, negatives=0.0)
+    rows = []
+    selected, final = distill.fit(train, val, t, s, rows.append)
+    assert selected.epochs > 0 and final.epochs == selected.epochs
+    assert [r["epoch"] for r in rows if r.get("refit")] == list(range(1, selected.epochs + 1))
+    assert len([r for r in rows if not r.get("refit")]) == len(selected.history) - 1
+    # The refit fitted the validation queries: their candidates got strengths, and the head is not one trained on the
+    # fit queries alone for as long.
+    only_val = np.setdiff1d(np.concatenate(val.candidates), np.concatenate(train.candidates))
+    assert len(only_val) and not selected.touched[only_val].any() and final.touched[only_val].all()
+    fit_only = distill.fit_head(train, None, t, replace(s, epochs=selected.epochs))
+    assert fit_only.epochs == selected.epochs
+    assert any(not torch.equal(a, b) for a, b in zip(fit_only.head.state_dict().values(), final.head.state_dict().values()))
+    # A run that keeps the head it validated ships that one.
+    kept, shipped = distill.fit(train, val, t, replace(s, refit=False))
+    assert shipped is kept
+
+
 def test_strengths_recover_a_known_per_image_factor():
     from scipy.stats import spearmanr
 
@@ -199,6 +222,9 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
     old_encoder = ws.encoder_dir()
     result = distill.train(ws, out=tmp_path / "distilled", epochs=3, hidden_dims=(32,), out_dim=16, batch_size=64)
     bundle = embed.load(result.path)
+    # Shipped after the refit on train + validation queries, when validation picked a trained epoch.
+    assert result.fitted_queries == result.train_queries + (result.val_queries if result.epochs else 0)
+    assert json.loads((result.path / embed.CONFIG_NAME).read_text())["distilled"]["fitted_queries"] == result.fitted_queries
     assert bundle.head is not None and bundle.dim == 16 and bundle.id == result.encoder_id
     assert bundle.temperature == pytest.approx(result.temperature) and result.temperature > 0
     assert embed.load(old_encoder).head is None  # the old bundle is untouched
