@@ -764,7 +764,8 @@ def train(
     fit_set, val, is_val = split_validation(queries, q_feat, s)
     selected, shipped = fit(fit_set, val, t_feat, s, progress_row)
     refitted = shipped is not selected
-    fitted = int((~is_val).sum()) + (int(is_val.sum()) if refitted else 0)
+    n_train, n_val = int((~is_val).sum()), int(is_val.sum())
+    fitted = n_train + (n_val if refitted else 0)
     strengths = {}
     if shipped.log_strength is not None:
         strengths = {digests[j]: float(np.exp(shipped.log_strength[j])) for j in np.flatnonzero(shipped.touched)}
@@ -792,8 +793,7 @@ def train(
     variant = ("" if strengths else "-no-strengths") + ("" if s.query_map else "-shared-head")
     config.update(name=f"{encoder.name}-distilled{variant}", head=head_cfg, temperature=tau,
                   distilled={"from_encoder": encoder.id, "val_map_at_k": selected.best_val_map, "k": s.k, "epochs": selected.epochs,
-                             "train_queries": int((~is_val).sum()), "val_queries": int(is_val.sum()),
-                             "fitted_queries": fitted,
+                             "train_queries": n_train, "val_queries": n_val, "fitted_queries": fitted,
                              "calibration_nll": nll, "calibration_ece": ece, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}})
     target = Path(out) if out else ws.dir / "encoders" / f"{encoder.name}-distilled-{int(time.time())}"
     if target.exists() and any(target.iterdir()):
@@ -803,5 +803,5 @@ def train(
         shutil.copy2(encoder.directory / name, target / name)
     new_id = embed.save(target, config, weights)
     return TrainResult(new_id, target, selected.best_val_map, selected.epochs, tau, nll, ece, time.perf_counter() - started,
-                       int((~is_val).sum()), int(is_val.sum()), fitted,
+                       n_train, n_val, fitted,
                        selected.history + (shipped.history[1:] if refitted else []))
