@@ -406,7 +406,7 @@ def reference(root: Path, candidates: int, encoders: list[Path], ks=(5, 10, 20, 
     """The collection's test queries ranked again, with the replicate, by the teacher `audit confirm` runs: its defaults,
     20 scoring timesteps, where the collection's 1,208 queries took 12 to be affordable. In a workspace of their own (a
     folder collection: the same images, their prompts in sidecars), imported from `distill-reference/` when that ships.
-    Returns (evaluate's results, query count, seconds the teacher took)."""
+    Returns (evaluate's results, query count, seconds the teacher took to rank them)."""
     ws = open_workspace(root / "reference")
     ws.config["distill"]["candidates"] = candidates
     ws.save()
@@ -457,8 +457,8 @@ def reference_section(results, n: int, seconds: float, main_k: int) -> str:
     cheap_replica = collection_table[replica.name]
     return (f"{REFERENCE_MARKER}\n\n"
             f"The same {n} held-out query images ranked again over the same 100 candidates by the teacher as `audit confirm` "
-            f"runs it, at its defaults (20 scoring timesteps; the training collection took 12 to be affordable), and its "
-            f"replicate with independent noise: {seconds:,.0f} s of teacher time on 2 CPU cores, shipped as `distill-reference/` "
+            f"runs it, at its defaults (20 scoring timesteps; the training collection took 12 to be affordable; {seconds:,.0f} s "
+            f"on 2 CPU cores), and by its replicate with independent noise, shipped as `distill-reference/` "
             f"(`distill.py --stage reference`; tests/test_example_world.py recomputes the table from it). At k = {main_k}, the "
             f"shipped head against this teacher: **{gain:+.3f} ± {se:.3f}** over {baseline} (against the collection's teacher, "
             f"the table above: {cheap['mean']:+.3f} ± {cheap['stderr']:.3f}; the bar is +0.15: "
