@@ -51,13 +51,13 @@ COLLECTION = HERE / "distill-collection"
 REFERENCE = HERE / "distill-reference"
 
 
-def with_collection(ws) -> None:
-    """Import the shipped collection into a workdir that has collected nothing itself."""
+def with_collection(ws, folder: Path = COLLECTION) -> None:
+    """Import a shipped collection into a workdir that has collected nothing itself."""
     with Store(ws.db_path, read_only=True) as store:
         collected = store.value("SELECT count(*) FROM distill_queries WHERE collected_at IS NOT NULL")
     if not collected:
-        result = distill.import_collection(ws, COLLECTION)
-        print(f"imported the shipped collection: {result.queries} queries, {result.replicates} replicate scores", flush=True)
+        result = distill.import_collection(ws, folder)
+        print(f"imported {folder.name}: {result.queries} queries, {result.replicates} replicate scores", flush=True)
 
 
 def diffusion_features(ws, training: list[tuple[str, str]], queries: list[tuple[str, str]], t: int = 400) -> dict:
@@ -410,11 +410,9 @@ def reference(root: Path, candidates: int, encoders: list[Path], ks=(5, 10, 20, 
     ws = open_workspace(root / "reference")
     ws.config["distill"]["candidates"] = candidates
     ws.save()
-    with Store(ws.db_path, read_only=True) as store:
-        collected = store.value("SELECT count(*) FROM distill_queries WHERE collected_at IS NOT NULL")
-    if not collected and (REFERENCE / distill.QUERIES_FILE).is_file():
-        print(f"imported {distill.import_collection(ws, REFERENCE).queries} reference queries", flush=True)
-    elif not (REFERENCE / distill.QUERIES_FILE).is_file():
+    if (REFERENCE / distill.QUERIES_FILE).is_file():
+        with_collection(ws, REFERENCE)
+    else:
         folder = root / "reference-queries"
         folder.mkdir(parents=True, exist_ok=True)
         for row in pq.read_table(COLLECTION / distill.QUERIES_FILE).to_pylist():
