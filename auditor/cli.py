@@ -296,12 +296,13 @@ def eval_command(
     tune: Optional[str] = typer.Option(None, "--tune", help="With --planted: weights fine-tuned per customisation, kv (cross-attention keys/values) or all (the whole UNet)."),
     steps: Optional[int] = typer.Option(None, help="With --planted: fine-tuning steps per customisation."),
     replicate: bool = typer.Option(False, "--replicate", help="Also run the teacher again on the held-out queries with independent noise and score it like a method: the ceiling any student can reach against this teacher (costs one teacher run per query)."),
+    pooled: bool = typer.Option(False, "--pooled", help="Positives from the mean of the teacher's run and its replicate (implies --replicate): twice the scoring samples per query, so less of the teacher's own noise, which lowers every method's mAP and hides part of the gap between them."),
     counterfactual: bool = typer.Option(False, "--counterfactual", help="Leave-K-out instead: retrain the model from scratch by its recipe without each method's top-K (fast, AbU, D-TRAK) and without K random / K most similar images; report the loss increase on the generation and how far its regeneration moves."),
     generation: Optional[list[int]] = typer.Option(None, "--generation", help="With --counterfactual: generation id to check (repeatable; default: [counterfactual] generations AbU-scored ones, distinct prompts first)."),
     remove: Optional[int] = typer.Option(None, "--remove", help="With --counterfactual: images left out per generation and method (default from audit.toml [counterfactual] k)."),
     retrain_steps: Optional[int] = typer.Option(None, "--retrain-steps", help="With --counterfactual: training steps of every retraining (default: the recipe's own)."),
-    model: Optional[Path] = typer.Option(None, "--model", help="With --planted, --counterfactual or --replicate: diffusers pipeline folder (default: [paths] model)."),
-    device: Optional[str] = typer.Option(None, help="With --planted, --counterfactual or --replicate: auto, cpu or cuda."),
+    model: Optional[Path] = typer.Option(None, "--model", help="With --planted, --counterfactual, --replicate or --pooled: diffusers pipeline folder (default: [paths] model)."),
+    device: Optional[str] = typer.Option(None, help="With --planted, --counterfactual, --replicate or --pooled: auto, cpu or cuda."),
 ):
     """mAP@k against the teacher on held-out queries: distilled vs untuned image, text and image ⊕ text; or, with --planted, every method against planted ground truth; or, with --counterfactual, the leave-K-out check."""
     ws = _ws()
@@ -332,15 +333,15 @@ def eval_command(
         from .evaluate import evaluate, to_json, to_markdown
 
         replica = None
-        if replicate:
+        if replicate or pooled:
             from .distill import replicate as replicate_teacher
 
             with _progress() as bar:
                 replica = replicate_teacher(ws, model=model, device=device, progress=RichProgress(bar),
                                             announce=_announce)
-        results, n = evaluate(ws, encoders=encoder, ks=tuple(k) if k else (5, 10, 20, 50), replicate=replica,
+        results, n = evaluate(ws, encoders=encoder, ks=tuple(k) if k else (5, 10, 20, 50), replicate=replica, pooled=pooled,
                               announce=_announce)
-        markdown, data, stem = to_markdown(results, n), to_json(results, n), "eval"
+        markdown, data, stem = to_markdown(results, n, pooled=pooled), to_json(results, n, pooled=pooled), "eval"
     out.print(markdown, markup=False, highlight=False)
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,9 @@ For every test query (split = 'test' in distill_queries) each method ranks the *
 training set; the positives are the teacher's top-k of that query's candidates, and
 the figure is average precision over the full ranking (FastGDA's mAP@k, methods.md §2),
 with its standard error over queries. Recall@K: the teacher's top-1 within the
-method's top K.
+method's top K. With the teacher's replicate, the positives can come from the mean of its two
+runs instead (`pooled`): twice the scoring samples per query, so less of the teacher's Monte-Carlo noise,
+which lowers every method's mAP and hides part of the gap between them.
 """
 
 from __future__ import annotations
@@ -58,11 +60,14 @@ def _evaluate(name: str, sims: np.ndarray, queries, ks, recall_ks) -> MethodScor
 
 
 def evaluate(ws: Workspace, *, encoders: list[str | os.PathLike] | None = None, ks=(5, 10, 20, 50), recall_ks=(1, 10, 50),
-             replicate: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+             replicate: dict[int, tuple[np.ndarray, np.ndarray]] | None = None, pooled: bool = False,
              announce: Callable[[str], None] = lambda message: None) -> tuple[list[MethodScores], int]:
     """Untuned baselines (image, text, image ⊕ text of the workspace encoder's backbone) and every given bundle
     (default: the workspace's encoder), on the held-out queries; with `replicate` (distill.replicate), also the teacher
-    run again with independent noise: its candidates by its own scores, then the rest by image ⊕ text."""
+    run again with independent noise: its candidates by its own scores, then the rest by image ⊕ text. With `pooled`,
+    the positives are the top-k of the mean of the teacher's run and its replicate, and the replicate is no method."""
+    if pooled and replicate is None:
+        raise AuditError("a pooled reference needs the teacher's replicate: run `audit eval --replicate --pooled`")
     bundles = [Path(p) for p in (encoders or [ws.encoder_dir()])]
     base = embed.load(bundles[0], "cpu")
     with Store(ws.db_path, read_only=True) as store:
@@ -70,6 +75,8 @@ def evaluate(ws: Workspace, *, encoders: list[str | os.PathLike] | None = None, 
         digests = training_digests(store)
         index_of = {int(i): j for j, i in enumerate(ids)}
         queries, images = load_rankings(store, "test", index_of, announce)
+        if pooled:
+            queries = _pool(store, queries, replicate, ids)
     if not queries:
         raise AuditError("no held-out queries with teacher rankings; run `audit distill collect` first")
     q_img, q_txt = query_embeddings(base, queries, images)
@@ -78,7 +85,7 @@ def evaluate(ws: Workspace, *, encoders: list[str | os.PathLike] | None = None, 
         _evaluate("untuned text", _scores_for(q_txt, txt), queries, ks, recall_ks),
         _evaluate("untuned image ⊕ text", _scores_for(joint(q_img, q_txt), joint(img, txt)), queries, ks, recall_ks),
     ]
-    if replicate is not None:
+    if replicate is not None and not pooled:
         backbone = _scores_for(joint(q_img, q_txt), joint(img, txt))
         for row, (qid, *_rest) in zip(backbone, queries):
             candidates, influence = replicate[qid]
@@ -94,6 +101,23 @@ def evaluate(ws: Workspace, *, encoders: list[str | os.PathLike] | None = None, 
         scores = head_scores(enc, np.concatenate([q_img, q_txt], 1), np.concatenate([img, txt], 1), digests)
         results.append(_evaluate(f"distilled ({enc.name}, {enc.id})", scores, queries, ks, recall_ks))
     return results, len(queries)
+
+
+def _pool(store: Store, queries, replicate: dict[int, tuple[np.ndarray, np.ndarray]], ids: np.ndarray):
+    """load_rankings rows ranked by the mean influence of the teacher's run and its replicate."""
+    run = {int(q): dict(zip(t, v)) for q, t, v in store.rows(
+        "SELECT query_id, list(training_id), list(influence) FROM distill_rankings"
+        " WHERE query_id IN (SELECT id FROM distill_queries WHERE split = 'test') GROUP BY 1")}
+    pooled = []
+    for qid, path, prompt, cand, _ in queries:
+        candidates, influence = replicate.get(qid, (np.array([], np.int64), None))
+        if sorted(candidates.tolist()) != sorted(ids[cand].tolist()):
+            raise AuditError(f"the teacher's replicate of held-out query {qid} does not cover its candidates; "
+                             "run `audit eval --replicate` to score what is missing")
+        again = dict(zip(candidates.tolist(), influence.tolist()))
+        mean = np.array([(run[qid][t] + again[t]) / 2 for t in ids[cand].tolist()])
+        pooled.append((qid, path, prompt, cand, np.argsort(np.argsort(-mean, kind="stable")) + 1))
+    return pooled
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
@@ -126,7 +150,10 @@ def mean_se(values) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
 
 
-def to_markdown(results: list[MethodScores], n_queries: int, n_candidates: int | None = None) -> str:
+POOLED_NOTE = "Positives: the top-k of the mean influence of the teacher's run and its replicate (pooled)."
+
+
+def to_markdown(results: list[MethodScores], n_queries: int, n_candidates: int | None = None, pooled: bool = False) -> str:
     ks = list(results[0].map_at)
     recall_ks = list(results[0].recall_at)
     head = ["method"] + [f"mAP@{k}" for k in ks] + [f"R@{K} (teacher top-1)" for K in recall_ks]
@@ -134,6 +161,8 @@ def to_markdown(results: list[MethodScores], n_queries: int, n_candidates: int |
     note = f"\n{n_queries} held-out queries (prompts never used in training); ± is the standard error over queries."
     if n_candidates:
         note += f" Teacher candidates per query: {n_candidates}."
+    if pooled:
+        note += " " + POOLED_NOTE
     text = markdown_table(head, rows) + "\n" + note + "\n"
     gains = gains_over_untuned(results)
     if gains:
@@ -145,7 +174,7 @@ def to_markdown(results: list[MethodScores], n_queries: int, n_candidates: int |
     return text
 
 
-def to_json(results: list[MethodScores], n_queries: int) -> str:
+def to_json(results: list[MethodScores], n_queries: int, pooled: bool = False) -> str:
     gains = gains_over_untuned(results)
     methods = []
     for r in results:
@@ -154,4 +183,4 @@ def to_json(results: list[MethodScores], n_queries: int) -> str:
         if r.name in gains:
             method["gain_over_best_untuned"] = {str(k): {"mean": d, "stderr": se, "baseline": base} for k, (d, se, base) in gains[r.name].items()}
         methods.append(method)
-    return json.dumps({"queries": n_queries, "methods": methods}, indent=2)
+    return json.dumps({"queries": n_queries, "reference": "pooled" if pooled else "run", "methods": methods}, indent=2)

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from auditor import distill, embed, evaluate, sql
+from auditor import distill, embed, evaluate, metrics, sql
 from auditor.errors import AuditError
 from auditor.scan import scan
 from auditor.settings import DistillSettings
@@ -274,6 +274,29 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
     monkeypatch.undo()
     with_replica, _ = evaluate.evaluate(ws, encoders=[old_encoder], ks=(3,), replicate=replica)
     assert with_replica[-1].name == "teacher replicate (independent noise)" and 0 < with_replica[-1].map_at[3][0] <= 1
+    # Pooled: the positives are the top-k of the mean of the run and the replicate, and the replicate is no method.
+    with pytest.raises(AuditError, match="--replicate --pooled"):
+        evaluate.evaluate(ws, encoders=[old_encoder], ks=(3,), pooled=True)
+    pooled, n_pooled = evaluate.evaluate(ws, encoders=[old_encoder], ks=(3,), replicate=replica, pooled=True)
+    assert [r.name for r in pooled] == [r.name for r in results[:3]] and n_pooled == n
+    # By hand for untuned image ⊕ text: its ranking of the training set, the positives from the mean influence.
+    base = embed.load(old_encoder, "cpu")
+    with Store(ws.db_path, read_only=True) as store:
+        ids, img, txt = distill.training_embeddings(ws, store, base)
+        index_of = {int(i): j for j, i in enumerate(ids)}
+        rows, images = distill.load_rankings(store, "test", index_of)
+    q_img, q_txt = distill.query_embeddings(base, rows, images)
+    sims = distill.joint(q_img, q_txt) @ distill.joint(img, txt).T
+    moved = 0
+    for row, (qid, *_), ap in zip(sims, rows, pooled[2].per_query[3]):
+        candidates, influence = replica[qid]  # in backbone order, like `stored`
+        by_mean = candidates[np.argsort(-(np.array(stored[qid]) + influence) / 2, kind="stable")]
+        top = {index_of[int(t)] for t in by_mean[:3]}
+        assert ap == pytest.approx(metrics.average_precision(np.argsort(-row, kind="stable"), top))
+        moved += set(by_mean[:3].tolist()) != set(candidates[np.argsort(-np.array(stored[qid]), kind="stable")[:3]].tolist())
+    assert moved > 0  # the replicate changes some query's top-3, so the check above sees the pooling
+    assert evaluate.POOLED_NOTE in evaluate.to_markdown(pooled, n_pooled, pooled=True)
+    assert json.loads(evaluate.to_json(pooled, n_pooled, pooled=True))["reference"] == "pooled"
 
     # Switching encoders re-embeds into a new table; earlier attributions keep the old encoder id.
     before = sql_value(ws, "select count(*) from attributions")

