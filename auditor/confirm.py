@@ -359,9 +359,7 @@ class _Scored:
 
 def _agreement(s: AbuSettings, gen_id: int, scored: _Scored, noise_floor: float) -> tuple[dict, dict]:
     ids, fast, influence, is_control = scored.ids, scored.fast, scored.influence, scored.is_control
-    order = np.argsort(-influence, kind="stable")
-    teacher_rank = np.empty(len(ids), np.int32)
-    teacher_rank[order] = np.arange(1, len(ids) + 1)
+    teacher_rank = metrics.ranks(influence)
     k = min(s.k, len(ids))
     top_fast = ~is_control & (scored.fast_rank <= k)
     margin = float(np.median(influence[top_fast]) - np.median(influence[is_control])) if is_control.any() else 0.0

@@ -246,8 +246,7 @@ def collect(
             order = np.argsort(-sims, kind="stable")[:n_cand]
             cand = ids[order]
             raw, infl = session.score(image, prompt, cand, qid)
-            teacher_rank = np.empty(len(cand), np.int32)
-            teacher_rank[np.argsort(-infl, kind="stable")] = np.arange(1, len(cand) + 1)
+            teacher_rank = metrics.ranks(infl)
             with store.transaction():
                 store.insert_arrow("distill_rankings", pa.table({
                     "query_id": pa.array([qid] * len(cand), pa.int64()), "training_id": pa.array(cand),

@@ -110,13 +110,12 @@ def _pool(store: Store, queries, replicate: dict[int, tuple[np.ndarray, np.ndarr
         " WHERE query_id IN (SELECT id FROM distill_queries WHERE split = 'test') GROUP BY 1")}
     pooled = []
     for qid, path, prompt, cand, _ in queries:
-        candidates, influence = replicate.get(qid, (np.array([], np.int64), None))
-        if sorted(candidates.tolist()) != sorted(ids[cand].tolist()):
+        training_ids = ids[cand].tolist()
+        if qid not in replicate or set(replicate[qid][0].tolist()) != set(training_ids):
             raise AuditError(f"the teacher's replicate of held-out query {qid} does not cover its candidates; "
                              "run `audit eval --replicate` to score what is missing")
-        again = dict(zip(candidates.tolist(), influence.tolist()))
-        mean = np.array([(run[qid][t] + again[t]) / 2 for t in ids[cand].tolist()])
-        pooled.append((qid, path, prompt, cand, np.argsort(np.argsort(-mean, kind="stable")) + 1))
+        again = dict(zip(replicate[qid][0].tolist(), replicate[qid][1].tolist()))
+        pooled.append((qid, path, prompt, cand, metrics.ranks([(run[qid][t] + again[t]) / 2 for t in training_ids])))
     return pooled
 
 

@@ -23,6 +23,13 @@ def map_at_k(ids: np.ndarray, student: np.ndarray, teacher: np.ndarray, k: int) 
     return average_precision(ids[np.argsort(-student, kind="stable")], positives)
 
 
+def ranks(scores: np.ndarray) -> np.ndarray:
+    """1-based ranks, highest score first, ties in input order: how teacher rankings are stored."""
+    rank = np.empty(len(scores), np.int32)
+    rank[np.argsort(-np.asarray(scores), kind="stable")] = np.arange(1, len(scores) + 1)
+    return rank
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     if len(a) < 2:
         return float("nan")

@@ -455,15 +455,15 @@ def insert_section(marker: str, section: str) -> None:
 
 
 def reference_section(single, pooled, cheap_pooled, n: int, seconds: float, main_k: int) -> str:
+    distilled = next(r.name for r in single if r.name.startswith("distilled"))  # the same bundle in every table
+
     def gain(results):
-        distilled = next(r for r in results if r.name.startswith("distilled"))
-        return evaluate.gains_over_untuned(results)[distilled.name][main_k]
+        return evaluate.gains_over_untuned(results)[distilled][main_k]
 
     (one, one_se, _), (both, both_se, baseline), (cheap_both, cheap_both_se, _) = gain(single), gain(pooled), gain(cheap_pooled)
     replica = next(r for r in single if r.name.startswith("teacher replicate"))
     collection_table = {m["name"]: m for m in json.loads((HERE / "eval.json").read_text())["methods"]}
-    distilled = next(r for r in single if r.name.startswith("distilled"))
-    cheap = collection_table[distilled.name]["gain_over_best_untuned"][str(main_k)]
+    cheap = collection_table[distilled]["gain_over_best_untuned"][str(main_k)]
     cheap_replica = collection_table[replica.name]["map_at"][str(main_k)]["mean"]
     return (f"{REFERENCE_MARKER}\n\n"
             f"The same {n} held-out query images ranked again over the same 100 candidates by the teacher as `audit confirm` "
