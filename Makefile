@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test docs clean
+.PHONY: install browser demo test lint docs clean
 
 install: $(STAMP)
 
@@ -23,8 +23,12 @@ demo: install
 browser:
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
-test: install browser
+test: install browser lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 docs: install
 	$(BIN)/python -m auditor.cli_reference > docs/cli.md

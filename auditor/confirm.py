@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -70,7 +71,9 @@ class Teacher(Protocol):
     def estimate(self, n_generations: int, n_candidates: int) -> float: ...
 
 
-def training_set(ws: Workspace, store: Store, model_path: Path, device: torch.device, flip: str) -> diffusion.TrainingSet:
+def training_set(
+    ws: Workspace, store: Store, model_path: Path, device: torch.device, flip: str
+) -> diffusion.TrainingSet:
     """The workspace's diffusion model and its registered training images."""
     limits = ingest.Limits(int(ws.config["scan"]["max_pixels"]), int(ws.config["scan"]["max_file_bytes"]))
     model = diffusion.load(model_path, device, ws.dir / "cache", flip)
@@ -164,18 +167,26 @@ class TeacherSession:
             else:
                 s = self.settings
                 rng = np.random.default_rng(s.seed + 1)
-                sample = rng.choice(self.training.ids, size=min(s.reference_samples, len(self.training.ids)), replace=False)
+                sample = rng.choice(
+                    self.training.ids, size=min(s.reference_samples, len(self.training.ids)), replace=False
+                )
                 latents, _, captions = self.training.inputs(sample)
                 grad = self.unlearner.gradient(latents, captions, s.draws * max(1, len(sample) // 8), s.seed + 2)
                 self._reference_delta = self.unlearner.natural_step(grad)
-                save_file({k: v.contiguous().cpu() for k, v in self._reference_delta.items()}, str(self._reference_delta_path))
+                save_file(
+                    {k: v.contiguous().cpu() for k, v in self._reference_delta.items()}, str(self._reference_delta_path)
+                )
         return self._reference_delta
 
 
-def _select(store: Store, encoder_id: str, settings_hash: str, top: int | None, where: str | None, generation: int | None):
+def _select(
+    store: Store, encoder_id: str, settings_hash: str, top: int | None, where: str | None, generation: int | None
+):
     if top is None and where is None and generation is None:
         raise AuditError("say which generations to confirm: --top N, --where SQL or --generation ID")
-    conditions = ["g.id NOT IN (SELECT c.generation_id FROM confirmations c JOIN confirm_runs r ON r.id = c.run_id WHERE r.settings_hash = ?)"]
+    conditions = [
+        "g.id NOT IN (SELECT c.generation_id FROM confirmations c JOIN confirm_runs r ON r.id = c.run_id WHERE r.settings_hash = ?)"
+    ]
     params: list = [FAST, encoder_id, settings_hash]
     if where:
         conditions.append(f"({where})")
@@ -234,16 +245,21 @@ def confirm(
             settings_hash = selection.hash(training.model.hash, "abu", encoder.id, flip)
         else:
             dtrak_settings = DtrakSettings.from_config(ws.config["dtrak"], **overrides)
-            settings_hash = dtrak_settings.hash(training.model.hash, "dtrak", encoder.id, flip, json.dumps(selection.selection(), sort_keys=True))
+            settings_hash = dtrak_settings.hash(
+                training.model.hash, "dtrak", encoder.id, flip, json.dumps(selection.selection(), sort_keys=True)
+            )
         # A run killed after its last commit is over too, even when this call finds nothing left to do.
         store.con.execute("UPDATE confirm_runs SET status = 'interrupted' WHERE status = 'running'")
         selected = _select(store, encoder.id, settings_hash, top, where, generation)
         result = ConfirmResult(None)
         if not selected:
-            announce("nothing to confirm: every selected generation is already confirmed with this model and these settings")
+            announce(
+                "nothing to confirm: every selected generation is already confirmed with this model and these settings"
+            )
             return result
         teacher: Teacher = (
-            TeacherSession(training, selection, ws.dir / "cache") if method == "abu"
+            TeacherSession(training, selection, ws.dir / "cache")
+            if method == "abu"
             else DtrakTeacher.for_workspace(ws, training, dtrak_settings, progress, announce)
         )
         n_candidates = selection.candidates + selection.controls
@@ -257,8 +273,16 @@ def confirm(
             store.con.execute(
                 "INSERT INTO confirm_runs (id, method, model_hash, model_path, encoder_id, settings, settings_hash, started_at, status)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running')",
-                [run_id, method, training.model.hash, str(training.model.folder), encoder.id,
-                 json.dumps({**selection.selection(), **teacher.record()}), settings_hash, utcnow()],
+                [
+                    run_id,
+                    method,
+                    training.model.hash,
+                    str(training.model.folder),
+                    encoder.id,
+                    json.dumps({**selection.selection(), **teacher.record()}),
+                    settings_hash,
+                    utcnow(),
+                ],
             )
         result.run_id = run_id
         progress.start("confirming", len(selected))
@@ -280,12 +304,26 @@ def confirm(
             snr.append(verdict.pop("snr"))
             seconds = time.perf_counter() - t0
             with store.transaction():
-                store.insert_arrow("teacher_scores", pa.table({"run_id": pa.array([run_id] * len(ids), pa.int64()), **rows}))
+                store.insert_arrow(
+                    "teacher_scores", pa.table({"run_id": pa.array([run_id] * len(ids), pa.int64()), **rows})
+                )
                 store.con.execute(
                     "INSERT INTO confirmations (generation_id, run_id, method, encoder_id, k, map_at_k, top1_agree, spearman,"
                     " control_margin, confirmed, seconds, confirmed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [gen_id, run_id, method, encoder.id, selection.k, verdict["map_at_k"], verdict["top1_agree"], verdict["spearman"],
-                     verdict["control_margin"], verdict["confirmed"], seconds, utcnow()],
+                    [
+                        gen_id,
+                        run_id,
+                        method,
+                        encoder.id,
+                        selection.k,
+                        verdict["map_at_k"],
+                        verdict["top1_agree"],
+                        verdict["spearman"],
+                        verdict["control_margin"],
+                        verdict["confirmed"],
+                        seconds,
+                        utcnow(),
+                    ],
                 )
                 store.con.execute("UPDATE confirm_runs SET n_generations = n_generations + 1 WHERE id = ?", [run_id])
             result.generations += 1
@@ -295,8 +333,13 @@ def confirm(
         store.con.execute(
             "UPDATE confirm_runs SET status = 'finished', finished_at = ?, noise_floor = ?, signal_to_noise = ?,"
             " seconds_per_generation = ? WHERE id = ?",
-            [utcnow(), result.noise_floor, float(np.median(snr)) if snr else None,
-             result.seconds / max(1, result.generations), run_id],
+            [
+                utcnow(),
+                result.noise_floor,
+                float(np.median(snr)) if snr else None,
+                result.seconds / max(1, result.generations),
+                run_id,
+            ],
         )
         result.signal_to_noise = float(np.median(snr)) if snr else None
     return result
@@ -332,7 +375,9 @@ class _FastPath:
     train_ids: np.ndarray
 
 
-def _candidates(fast: _FastPath, s: AbuSettings, gen_id: int, image, prompt) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _candidates(
+    fast: _FastPath, s: AbuSettings, gen_id: int, image, prompt
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(ids, fast scores, fast ranks, is_control): the fast top-K plus a seeded random control sample of the rest."""
     feature = fast.encoder.features(fast.encoder.preprocess(image)[None], [prompt])
     top_ids, top_scores = fast.searcher.search(feature, min(s.candidates, len(fast.train_ids)))

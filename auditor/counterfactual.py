@@ -27,9 +27,9 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -73,39 +73,52 @@ class CounterfactualReport:
     seconds: float
 
 
-def _rankings(store: Store, encoder: embed.Encoder, gen_ids: list[int], methods: list[str]) -> dict[str, dict[int, np.ndarray]]:
+def _rankings(
+    store: Store, encoder: embed.Encoder, gen_ids: list[int], methods: list[str]
+) -> dict[str, dict[int, np.ndarray]]:
     """Per method, per generation: training ids best first (the fast path's stored attributions, the latest run of each teacher)."""
     out: dict[str, dict[int, np.ndarray]] = {}
     for method in methods:
         if method == "fast":
             rows = store.rows(
                 "SELECT generation_id, list(training_id ORDER BY rank) FROM attributions WHERE method = ? AND encoder_id = ?"
-                f" AND generation_id IN ({','.join('?' * len(gen_ids))}) GROUP BY 1", [FAST, encoder.id, *gen_ids])
+                f" AND generation_id IN ({','.join('?' * len(gen_ids))}) GROUP BY 1",
+                [FAST, encoder.id, *gen_ids],
+            )
         else:
             rows = store.rows(
                 "WITH latest AS (SELECT s.generation_id, max(s.run_id) AS run_id FROM teacher_scores s"
                 " JOIN confirm_runs r ON r.id = s.run_id WHERE r.method = ? GROUP BY 1)"
                 " SELECT s.generation_id, list(s.training_id ORDER BY s.teacher_rank) FROM teacher_scores s"
                 " JOIN latest l USING (generation_id, run_id)"
-                f" WHERE s.generation_id IN ({','.join('?' * len(gen_ids))}) GROUP BY 1", [method, *gen_ids])
+                f" WHERE s.generation_id IN ({','.join('?' * len(gen_ids))}) GROUP BY 1",
+                [method, *gen_ids],
+            )
         out[method] = {int(g): np.array(ids, np.int64) for g, ids in rows}
     return out
 
 
-def _select(store: Store, s: CounterfactualSettings, generation_ids: list[int] | None) -> list[tuple[int, str, str | None]]:
+def _select(
+    store: Store, s: CounterfactualSettings, generation_ids: list[int] | None
+) -> list[tuple[int, str, str | None]]:
     """The generations to check: those given, else up to `generations` AbU-scored ones with distinct prompts."""
     scored = store.rows(
         "SELECT DISTINCT g.id, g.path, g.prompt FROM generations g JOIN teacher_scores s ON s.generation_id = g.id"
-        " JOIN confirm_runs r ON r.id = s.run_id WHERE r.method = 'abu' ORDER BY g.id")
+        " JOIN confirm_runs r ON r.id = s.run_id WHERE r.method = 'abu' ORDER BY g.id"
+    )
     if generation_ids:
         wanted = set(generation_ids)
         picked = [r for r in scored if r[0] in wanted]
         missing = wanted - {r[0] for r in picked}
         if missing:
-            raise AuditError(f"generation(s) {', '.join(map(str, sorted(missing)))} have no AbU scores; run `audit confirm --generation ID` first")
+            raise AuditError(
+                f"generation(s) {', '.join(map(str, sorted(missing)))} have no AbU scores; run `audit confirm --generation ID` first"
+            )
         return picked
     if not scored:
-        raise AuditError("no generation has AbU scores; run `audit confirm --top N` first, then the counterfactual checks them")
+        raise AuditError(
+            "no generation has AbU scores; run `audit confirm --top N` first, then the counterfactual checks them"
+        )
     picked, prompts = [], set()
     for row in scored:  # distinct prompts first: their top sets overlap least
         if row[2] not in prompts:
@@ -115,14 +128,21 @@ def _select(store: Store, s: CounterfactualSettings, generation_ids: list[int] |
     return picked[: s.generations]
 
 
-def _removal_sets(s: CounterfactualSettings, gens, rankings, train_ids: np.ndarray, backbone: tuple[np.ndarray, np.ndarray]) -> dict[str, dict[int, np.ndarray]]:
+def _removal_sets(
+    s: CounterfactualSettings, gens, rankings, train_ids: np.ndarray, backbone: tuple[np.ndarray, np.ndarray]
+) -> dict[str, dict[int, np.ndarray]]:
     sets: dict[str, dict[int, np.ndarray]] = {}
     for method, by_gen in rankings.items():
         if all(g in by_gen for g, _, _ in gens):
             sets[method] = {g: by_gen[g][: s.k] for g, _, _ in gens}
     image_features, query_features = backbone
-    sets["random"] = {g: np.random.default_rng(s.seed * 7919 + g).choice(train_ids, s.k, replace=False) for g, _, _ in gens}
-    sets["similar"] = {g: train_ids[np.argsort(-(image_features @ query_features[j]), kind="stable")[: s.k]] for j, (g, _, _) in enumerate(gens)}
+    sets["random"] = {
+        g: np.random.default_rng(s.seed * 7919 + g).choice(train_ids, s.k, replace=False) for g, _, _ in gens
+    }
+    sets["similar"] = {
+        g: train_ids[np.argsort(-(image_features @ query_features[j]), kind="stable")[: s.k]]
+        for j, (g, _, _) in enumerate(gens)
+    }
     return sets
 
 
@@ -134,11 +154,15 @@ class _Retrainer:
         self.recipe = retrain.Recipe.from_folder(model.folder)
         self.steps = steps or self.recipe.steps
         self.ids = training.ids
-        pixels = torch.stack([model.pixels(diffusion.read_image(training.meta[int(i)][0], training.limits)) for i in self.ids])
+        pixels = torch.stack(
+            [model.pixels(diffusion.read_image(training.meta[int(i)][0], training.limits)) for i in self.ids]
+        )
         self.mean, self.std = retrain.posterior(model.vae, pixels)
         self.tokens = diffusion.tokenize(model.tokenizer, [training.meta[int(i)][1] for i in self.ids])
         self.empty = diffusion.tokenize(model.tokenizer, [self.recipe.empty_caption])
-        key = hashlib.sha256(json.dumps([model.hash, self.recipe.as_facts(), self.steps, self.ids.tolist()]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(
+            json.dumps([model.hash, self.recipe.as_facts(), self.steps, self.ids.tolist()]).encode()
+        ).hexdigest()[:16]
         self.folder = folder / key
 
     def path(self, removed: np.ndarray) -> Path:
@@ -159,12 +183,23 @@ class _Retrainer:
         else:
             keep = ~np.isin(self.ids, removed)
             unet, text_encoder, _ = retrain.train(
-                self.model.unet.config, self.model.text_encoder.config, self.model.scheduler, self.mean[keep], self.std[keep],
-                self.model.vae.config.scaling_factor, self.tokens[keep], self.empty, self.recipe, steps=self.steps,
-                device=self.model.device, log=lambda step, loss: progress.advance(),
+                self.model.unet.config,
+                self.model.text_encoder.config,
+                self.model.scheduler,
+                self.mean[keep],
+                self.std[keep],
+                self.model.vae.config.scaling_factor,
+                self.tokens[keep],
+                self.empty,
+                self.recipe,
+                steps=self.steps,
+                device=self.model.device,
+                log=lambda step, loss: progress.advance(),
             )
             path.parent.mkdir(parents=True, exist_ok=True)
-            weights = {f"unet.{k}": v for k, v in unet.state_dict().items()} | {f"text.{k}": v for k, v in text_encoder.state_dict().items()}
+            weights = {f"unet.{k}": v for k, v in unet.state_dict().items()} | {
+                f"text.{k}": v for k, v in text_encoder.state_dict().items()
+            }
             save_file({k: v.contiguous().cpu() for k, v in weights.items()}, str(path.with_suffix(".partial")))
             path.with_suffix(".partial").replace(path)
         unet.to(self.model.device).eval().requires_grad_(False)
@@ -173,13 +208,19 @@ class _Retrainer:
 
 
 @torch.no_grad()
-def generation_loss(model: diffusion.DiffusionModel, latent: torch.Tensor, prompt: str | None, gen_id: int, s: CounterfactualSettings) -> float:
+def generation_loss(
+    model: diffusion.DiffusionModel, latent: torch.Tensor, prompt: str | None, gen_id: int, s: CounterfactualSettings
+) -> float:
     """Mean denoising loss of one generated image over evenly spaced timesteps × fixed noise draws (the same in every model)."""
-    timesteps = diffusion.evenly_spaced_timesteps(s.loss_timesteps, model.num_train_timesteps).repeat_interleave(s.loss_draws)
+    timesteps = diffusion.evenly_spaced_timesteps(s.loss_timesteps, model.num_train_timesteps).repeat_interleave(
+        s.loss_draws
+    )
     noise = diffusion.fixed_noise([gen_id], len(timesteps), tuple(latent.shape), s.seed)[0]
     text = model.text_embeddings([prompt]).expand(len(timesteps), -1, -1)
     dev = model.device
-    losses = model.denoising_loss(latent.to(dev).expand(len(timesteps), -1, -1, -1), text, timesteps.to(dev), noise.to(dev))
+    losses = model.denoising_loss(
+        latent.to(dev).expand(len(timesteps), -1, -1, -1), text, timesteps.to(dev), noise.to(dev)
+    )
     return float(losses.double().mean())
 
 
@@ -214,11 +255,17 @@ def counterfactual(
     sets = _removal_sets(s, gens, rankings, train_ids, (train_img, query_img))
     skipped = [m for m in s.methods if m not in sets]
     if skipped:
-        announce(f"skipping {', '.join(skipped)}: not every checked generation has its scores (run `audit confirm --method …` on them)")
+        announce(
+            f"skipping {', '.join(skipped)}: not every checked generation has its scores (run `audit confirm --method …` on them)"
+        )
     retrainer = _Retrainer(base, training, s.retrain_steps, ws.dir / "counterfactual")
-    conditions = {"reference": np.zeros(0, np.int64)} | {name: np.unique(np.concatenate(list(by_gen.values()))) for name, by_gen in sets.items()}
-    announce(f"leave-{s.k}-out on {len(gens)} generation(s): {len(conditions)} retrainings of {retrainer.steps} steps "
-             f"(the recipe has {retrainer.recipe.steps}); conditions {', '.join(conditions)}")
+    conditions = {"reference": np.zeros(0, np.int64)} | {
+        name: np.unique(np.concatenate(list(by_gen.values()))) for name, by_gen in sets.items()
+    }
+    announce(
+        f"leave-{s.k}-out on {len(gens)} generation(s): {len(conditions)} retrainings of {retrainer.steps} steps "
+        f"(the recipe has {retrainer.recipe.steps}); conditions {', '.join(conditions)}"
+    )
     progress.start("retraining", len(conditions) * retrainer.steps)
     latents = base.latents(torch.stack([base.pixels(im) for im in images])).cpu()
     out_dir = retrainer.folder
@@ -231,8 +278,13 @@ def counterfactual(
         for j, (gen_id, _, prompt) in enumerate(gens):
             regenerated = diffusion.generate(pipe, prompt or "", s.seed * 100_003 + gen_id, s.sample_steps, s.guidance)
             regenerated.save(out_dir / f"{name}-generation-{gen_id}.png")
-            rows.append({"generation_id": gen_id, "loss": generation_loss(variant, latents[j], prompt, gen_id, s),
-                         "image": np.asarray(regenerated, np.float64) / 255.0})
+            rows.append(
+                {
+                    "generation_id": gen_id,
+                    "loss": generation_loss(variant, latents[j], prompt, gen_id, s),
+                    "image": np.asarray(regenerated, np.float64) / 255.0,
+                }
+            )
         measured[name] = rows
         del variant, pipe
     ref = measured.pop("reference")
@@ -242,19 +294,39 @@ def counterfactual(
         emb, _ = embed_images(encoder, [_pil(r["image"]) for r in rows], [""] * len(rows))
         per_gen = []
         for j, (row, ref_row) in enumerate(zip(rows, ref)):
-            per_gen.append({
-                "generation_id": row["generation_id"], "removed": sets[name][row["generation_id"]].tolist(),
-                "loss": row["loss"], "reference_loss": ref_row["loss"], "loss_increase": row["loss"] - ref_row["loss"],
-                "relative_increase": (row["loss"] - ref_row["loss"]) / ref_row["loss"],
-                "pixel_mse": float(((row["image"] - ref_row["image"]) ** 2).mean()),
-                "embedding_distance": float(1.0 - emb[j] @ ref_img[j]),
-            })
-        results.append(ConditionResult(
-            name, len(conditions[name]), *(mean_se([p[key] for p in per_gen]) for key in ("loss_increase", "relative_increase", "pixel_mse", "embedding_distance")),
-            per_gen,
-        ))
-    return CounterfactualReport(results, [g for g, _, _ in gens], s.k, retrainer.steps, retrainer.recipe.steps,
-                                float(np.mean([r["loss"] for r in ref])), out_dir, time.perf_counter() - started)
+            per_gen.append(
+                {
+                    "generation_id": row["generation_id"],
+                    "removed": sets[name][row["generation_id"]].tolist(),
+                    "loss": row["loss"],
+                    "reference_loss": ref_row["loss"],
+                    "loss_increase": row["loss"] - ref_row["loss"],
+                    "relative_increase": (row["loss"] - ref_row["loss"]) / ref_row["loss"],
+                    "pixel_mse": float(((row["image"] - ref_row["image"]) ** 2).mean()),
+                    "embedding_distance": float(1.0 - emb[j] @ ref_img[j]),
+                }
+            )
+        results.append(
+            ConditionResult(
+                name,
+                len(conditions[name]),
+                *(
+                    mean_se([p[key] for p in per_gen])
+                    for key in ("loss_increase", "relative_increase", "pixel_mse", "embedding_distance")
+                ),
+                per_gen,
+            )
+        )
+    return CounterfactualReport(
+        results,
+        [g for g, _, _ in gens],
+        s.k,
+        retrainer.steps,
+        retrainer.recipe.steps,
+        float(np.mean([r["loss"] for r in ref])),
+        out_dir,
+        time.perf_counter() - started,
+    )
 
 
 def _pil(array: np.ndarray):
@@ -263,16 +335,35 @@ def _pil(array: np.ndarray):
     return Image.fromarray((array * 255).round().astype(np.uint8))
 
 
-LABELS = {"fast": "fast path top-K", "abu": "AbU top-K", "dtrak": "D-TRAK top-K", "random": "random K (control)",
-          "similar": "K most similar, untuned image (control)"}
+LABELS = {
+    "fast": "fast path top-K",
+    "abu": "AbU top-K",
+    "dtrak": "D-TRAK top-K",
+    "random": "random K (control)",
+    "similar": "K most similar, untuned image (control)",
+}
 
 
 def to_markdown(report: CounterfactualReport) -> str:
-    head = ["removed", "images left out", "loss increase on x̂", "relative", "regenerated: pixel MSE", "regenerated: embedding distance"]
-    rows = [[LABELS.get(c.name, c.name), str(c.removed), f"{c.loss_increase[0]:+.5f} ± {c.loss_increase[1]:.5f}",
-             f"{100 * c.relative_increase[0]:+.2f} % ± {100 * c.relative_increase[1]:.2f}",
-             f"{c.pixel_mse[0]:.5f} ± {c.pixel_mse[1]:.5f}", f"{c.embedding_distance[0]:.4f} ± {c.embedding_distance[1]:.4f}"]
-            for c in report.conditions]
+    head = [
+        "removed",
+        "images left out",
+        "loss increase on x̂",
+        "relative",
+        "regenerated: pixel MSE",
+        "regenerated: embedding distance",
+    ]
+    rows = [
+        [
+            LABELS.get(c.name, c.name),
+            str(c.removed),
+            f"{c.loss_increase[0]:+.5f} ± {c.loss_increase[1]:.5f}",
+            f"{100 * c.relative_increase[0]:+.2f} % ± {100 * c.relative_increase[1]:.2f}",
+            f"{c.pixel_mse[0]:.5f} ± {c.pixel_mse[1]:.5f}",
+            f"{c.embedding_distance[0]:.4f} ± {c.embedding_distance[1]:.4f}",
+        ]
+        for c in report.conditions
+    ]
     note = (
         f"\nLeave-{report.k}-out on {len(report.generations)} generation(s) ({', '.join(map(str, report.generations))}): each row is one "
         f"retraining from scratch without the union of that row's top-{report.k} over the generations, compared with a reference "
@@ -282,8 +373,10 @@ def to_markdown(report: CounterfactualReport) -> str:
     )
     same = _identical(report.conditions)
     if same:
-        note += "".join(f"\n{' and '.join(LABELS.get(n, n) for n in names)} left out the same images, so they are one retraining.\n"
-                        for names in same)
+        note += "".join(
+            f"\n{' and '.join(LABELS.get(n, n) for n in names)} left out the same images, so they are one retraining.\n"
+            for names in same
+        )
     return markdown_table(head, rows) + "\n" + note
 
 
@@ -297,7 +390,10 @@ def _identical(conditions: list[ConditionResult]) -> list[list[str]]:
 
 
 def to_json(report: CounterfactualReport) -> str:
-    return json.dumps({**{k: v for k, v in dataclasses.asdict(report).items() if k != "folder"}, "folder": str(report.folder)}, indent=2)
+    return json.dumps(
+        {**{k: v for k, v in dataclasses.asdict(report).items() if k != "folder"}, "folder": str(report.folder)},
+        indent=2,
+    )
 
 
 def from_json(text: str) -> CounterfactualReport:

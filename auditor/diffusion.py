@@ -63,7 +63,9 @@ def evenly_spaced_timesteps(n: int, num_train_timesteps: int) -> torch.Tensor:
 def fixed_noise(ids, n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """(len(ids), n, *shape) standard normal noise, seeded by (seed, id): the same sample sees the same noise in every
     run, query and process, whatever else is in its batch."""
-    return torch.stack([torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i))) for i in ids])
+    return torch.stack(
+        [torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i))) for i in ids]
+    )
 
 
 def parameter_set(unet: torch.nn.Module, which: str, setting: str) -> dict[str, torch.nn.Parameter]:
@@ -131,8 +133,13 @@ class DiffusionModel:
 
 def tokenize(tokenizer, prompts: list[str | None]) -> torch.Tensor:
     """The pipeline's own tokenisation of prompts (a missing prompt is the empty one)."""
-    return tokenizer([p or "" for p in prompts], padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
+    return tokenizer(
+        [p or "" for p in prompts],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -153,8 +160,14 @@ def pipeline(model: DiffusionModel):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
-        model.folder, unet=model.unet, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        model.folder,
+        unet=model.unet,
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -222,7 +235,9 @@ def checked_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def load(folder: str | os.PathLike, device: torch.device, cache_dir: Path | None = None, flip: str = "auto") -> DiffusionModel:
+def load(
+    folder: str | os.PathLike, device: torch.device, cache_dir: Path | None = None, flip: str = "auto"
+) -> DiffusionModel:
     """Load unet, vae, text encoder, tokenizer and scheduler from a local Stable Diffusion folder (no hub access)."""
     folder = checked_folder(folder)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -241,7 +256,9 @@ def load(folder: str | os.PathLike, device: torch.device, cache_dir: Path | None
     for module in (unet, vae, text_encoder):
         module.to(device).eval().requires_grad_(False)
     if not kv_parameters(unet):
-        raise AuditError(f"the UNet in {folder} has no cross-attention (attn2.to_k / attn2.to_v); AbU needs a text-conditioned UNet")
+        raise AuditError(
+            f"the UNet in {folder} has no cross-attention (attn2.to_k / attn2.to_v); AbU needs a text-conditioned UNet"
+        )
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
     facts_path = folder / TRAINING_FACTS
     facts = json.loads(facts_path.read_text()) if facts_path.is_file() else {}
@@ -250,4 +267,6 @@ def load(folder: str | os.PathLike, device: torch.device, cache_dir: Path | None
         flip_aug = bool(facts.get("flip_augmentation", True))
     else:
         flip_aug = flip in ("on", "true", "yes", True)
-    return DiffusionModel(folder, model_hash(folder, cache_dir), unet, vae, text_encoder, tokenizer, scheduler, device, flip_aug)
+    return DiffusionModel(
+        folder, model_hash(folder, cache_dir), unet, vae, text_encoder, tokenizer, scheduler, device, flip_aug
+    )

@@ -27,9 +27,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -57,7 +57,9 @@ def embed_images(encoder: embed.Encoder, images, texts, batch_size: int = 256) -
     return np.concatenate(img), np.concatenate(txt)
 
 
-def training_embeddings(ws: Workspace, store: Store, encoder: embed.Encoder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def training_embeddings(
+    ws: Workspace, store: Store, encoder: embed.Encoder
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, image embeddings, caption embeddings) of every training image, cached per encoder in the workspace."""
     rows = store.rows("SELECT id, path, caption FROM training_images ORDER BY id")
     ids = np.array([r[0] for r in rows], np.int64)
@@ -79,7 +81,9 @@ def training_digests(store: Store) -> list[str]:
     return [r[0] for r in store.rows("SELECT sha256 FROM training_images ORDER BY id")]
 
 
-def _scores(head: embed.ProjectionHead, q_feat: np.ndarray, t_feat: np.ndarray, strength: np.ndarray | None) -> np.ndarray:
+def _scores(
+    head: embed.ProjectionHead, q_feat: np.ndarray, t_feat: np.ndarray, strength: np.ndarray | None
+) -> np.ndarray:
     """Queries × training rows from untuned image ⊕ text features: the inner product the index searches."""
     with torch.no_grad():
         t_out = head(torch.as_tensor(t_feat, dtype=torch.float32)).numpy()
@@ -111,16 +115,28 @@ class CollectResult:
     test: int = 0
     seconds: float = 0.0
     estimate_seconds: float = 0.0
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # folder files that are no readable image: (path, reason)
+    skipped: list[tuple[str, str]] = field(
+        default_factory=list
+    )  # folder files that are no readable image: (path, reason)
 
 
-def _plan(store: Store, ws: Workspace, session: TeacherSession, encoder: embed.Encoder, s: DistillSettings, settings_hash: str,
-          prompts: list[str] | None, folder: Path | None) -> list[tuple[str, str]]:
+def _plan(
+    store: Store,
+    ws: Workspace,
+    session: TeacherSession,
+    encoder: embed.Encoder,
+    s: DistillSettings,
+    settings_hash: str,
+    prompts: list[str] | None,
+    folder: Path | None,
+) -> list[tuple[str, str]]:
     """Add the queries the collection lacks: generated ones up to `s.queries` (a larger count than before extends the
     collection, continuing its prompts and seeds), or the folder's images not planned yet, and a new query for each
     ranked folder image whose file has changed since (the old one is marked replaced). Returns the folder's files that
     are no readable image, (path, reason): they are left out, and looked at again by the next run."""
-    planned = store.rows("SELECT id, path, sha256 FROM distill_queries WHERE settings_hash = ? AND replaced_at IS NULL", [settings_hash])
+    planned = store.rows(
+        "SELECT id, path, sha256 FROM distill_queries WHERE settings_hash = ? AND replaced_at IS NULL", [settings_hash]
+    )
     rows, skipped, replaced = [], [], []
     next_id = store.next_id("distill_queries")
     if folder is not None:
@@ -147,7 +163,10 @@ def _plan(store: Store, ws: Workspace, session: TeacherSession, encoder: embed.E
             # The captions as this collection first found them: ones indexed since must not shift the cycle it continues.
             prompts = json.loads(kept.read_text())
         if not prompts:
-            prompts = [r[0] for r in store.rows("SELECT DISTINCT caption FROM training_images WHERE caption IS NOT NULL ORDER BY 1")]
+            prompts = [
+                r[0]
+                for r in store.rows("SELECT DISTINCT caption FROM training_images WHERE caption IS NOT NULL ORDER BY 1")
+            ]
             if not prompts:
                 raise AuditError("no prompts: pass --prompts FILE (one per line) or index captioned training images")
             query_dir.mkdir(parents=True, exist_ok=True)
@@ -157,17 +176,19 @@ def _plan(store: Store, ws: Workspace, session: TeacherSession, encoder: embed.E
             rows.append((str(query_dir / f"q{next_id + j:06d}.png"), prompt, s.seed * 100_003 + i, "generated"))
     if not rows:
         return skipped
-    table = pa.table({
-        "id": pa.array(range(next_id, next_id + len(rows)), pa.int64()),
-        "split": ["test" if is_test_prompt(r[1], s.test_fraction) else "train" for r in rows],
-        "source": [r[3] for r in rows],
-        "path": [r[0] for r in rows],
-        "prompt": pa.array([r[1] for r in rows], pa.string()),
-        "seed": pa.array([r[2] for r in rows], pa.int64()),
-        "model_hash": [session.model.hash] * len(rows),
-        "backbone_id": [encoder.id] * len(rows),
-        "settings_hash": [settings_hash] * len(rows),
-    })
+    table = pa.table(
+        {
+            "id": pa.array(range(next_id, next_id + len(rows)), pa.int64()),
+            "split": ["test" if is_test_prompt(r[1], s.test_fraction) else "train" for r in rows],
+            "source": [r[3] for r in rows],
+            "path": [r[0] for r in rows],
+            "prompt": pa.array([r[1] for r in rows], pa.string()),
+            "seed": pa.array([r[2] for r in rows], pa.int64()),
+            "model_hash": [session.model.hash] * len(rows),
+            "backbone_id": [encoder.id] * len(rows),
+            "settings_hash": [settings_hash] * len(rows),
+        }
+    )
     with store.transaction():
         for qid in replaced:
             store.con.execute("UPDATE distill_queries SET replaced_at = ? WHERE id = ?", [utcnow(), qid])
@@ -194,7 +215,9 @@ def collect(
     progress = progress or Silent()
     unknown = sorted(set(overrides) - set(DistillSettings.__dataclass_fields__))
     if unknown:
-        raise AuditError(f"{', '.join(unknown)}: no [distill] setting; the teacher's settings are the workspace's [confirm] section (audit.toml)")
+        raise AuditError(
+            f"{', '.join(unknown)}: no [distill] setting; the teacher's settings are the workspace's [confirm] section (audit.toml)"
+        )
     s = DistillSettings.from_config(ws.config["distill"], seed=seed, **overrides)
     teacher = AbuSettings.from_config(ws.config["confirm"])
     model_path = ws.model_dir(model)
@@ -209,9 +232,19 @@ def collect(
         session = TeacherSession(training, teacher, ws.dir / "cache")
         encoder = embed.load(ws.encoder_dir(), torch_device)
         # Not the query count: a later run with a larger one extends this collection instead of starting another.
-        settings_hash = teacher.scoring_hash(session.model.hash, encoder.id, flip, str(s.candidates), str(s.test_fraction),
-                                             str(folder or ""), json.dumps(prompts or []), str(s.seed))
-        result = CollectResult(skipped=_plan(store, ws, session, encoder, s, settings_hash, prompts, Path(folder) if folder else None))
+        settings_hash = teacher.scoring_hash(
+            session.model.hash,
+            encoder.id,
+            flip,
+            str(s.candidates),
+            str(s.test_fraction),
+            str(folder or ""),
+            json.dumps(prompts or []),
+            str(s.seed),
+        )
+        result = CollectResult(
+            skipped=_plan(store, ws, session, encoder, s, settings_hash, prompts, Path(folder) if folder else None)
+        )
         for path, reason in result.skipped:
             announce(f"skipped {path}: {reason}")
         todo = store.rows(
@@ -219,12 +252,16 @@ def collect(
             " AND replaced_at IS NULL ORDER BY id",
             [settings_hash],
         )
-        result.planned = store.value("SELECT count(*) FROM distill_queries WHERE settings_hash = ? AND replaced_at IS NULL", [settings_hash])
+        result.planned = store.value(
+            "SELECT count(*) FROM distill_queries WHERE settings_hash = ? AND replaced_at IS NULL", [settings_hash]
+        )
         ids, img, txt = training_embeddings(ws, store, encoder)
         backbone = joint(img, txt)
         n_cand = min(s.candidates, len(ids))
         result.estimate_seconds = session.estimate(len(todo), n_cand)
-        announce(f"{len(todo)} of {result.planned} queries to rank, {n_cand} candidates each; estimated {result.estimate_seconds:.0f} s")
+        announce(
+            f"{len(todo)} of {result.planned} queries to rank, {n_cand} candidates each; estimated {result.estimate_seconds:.0f} s"
+        )
         pipe = None
         progress.start("collecting", len(todo))
         for qid, path, prompt, seed, source in todo:
@@ -248,21 +285,32 @@ def collect(
             raw, infl = session.score(image, prompt, cand, qid)
             teacher_rank = metrics.ranks(infl)
             with store.transaction():
-                store.insert_arrow("distill_rankings", pa.table({
-                    "query_id": pa.array([qid] * len(cand), pa.int64()), "training_id": pa.array(cand),
-                    "influence": pa.array(infl), "raw_influence": pa.array(raw), "teacher_rank": pa.array(teacher_rank),
-                    "backbone_rank": pa.array(np.arange(1, len(cand) + 1, dtype=np.int32)),
-                }))
+                store.insert_arrow(
+                    "distill_rankings",
+                    pa.table(
+                        {
+                            "query_id": pa.array([qid] * len(cand), pa.int64()),
+                            "training_id": pa.array(cand),
+                            "influence": pa.array(infl),
+                            "raw_influence": pa.array(raw),
+                            "teacher_rank": pa.array(teacher_rank),
+                            "backbone_rank": pa.array(np.arange(1, len(cand) + 1, dtype=np.int32)),
+                        }
+                    ),
+                )
                 store.con.execute(
                     "UPDATE distill_queries SET n_candidates = ?, seconds = ?, collected_at = ?, sha256 = ? WHERE id = ?",
                     [len(cand), time.perf_counter() - t0, utcnow(), hashlib.sha256(data).hexdigest(), qid],
                 )
             result.collected += 1
             progress.advance()
-        counts = dict(store.rows(
-            "SELECT split, count(*) FROM distill_queries WHERE settings_hash = ? AND collected_at IS NOT NULL AND replaced_at IS NULL"
-            " GROUP BY 1", [settings_hash]
-        ))
+        counts = dict(
+            store.rows(
+                "SELECT split, count(*) FROM distill_queries WHERE settings_hash = ? AND collected_at IS NOT NULL AND replaced_at IS NULL"
+                " GROUP BY 1",
+                [settings_hash],
+            )
+        )
         result.train, result.test = counts.get("train", 0), counts.get("test", 0)
     result.seconds = time.perf_counter() - started
     return result
@@ -291,13 +339,17 @@ def current_queries(rows: list[tuple], announce: Callable[[str], None]) -> tuple
         try:
             images.append(read_query(row[1], row[-1]))
         except ingest.IngestError as exc:
-            announce(f"left out query {row[0]} ({row[1]}): {exc.reason}; `audit distill collect` ranks a folder's new file again")
+            announce(
+                f"left out query {row[0]} ({row[1]}): {exc.reason}; `audit distill collect` ranks a folder's new file again"
+            )
             continue
         kept.append(row[:-1])
     return kept, images
 
 
-REPLICATE_SEED = 1_000_003  # added to the teacher's seed: new unlearning draws and new scoring noise, overlapping no query's
+REPLICATE_SEED = (
+    1_000_003  # added to the teacher's seed: new unlearning draws and new scoring noise, overlapping no query's
+)
 
 
 def collected_queries(store: Store, split: str) -> list[tuple[int, str, str | None, list[int], str | None]]:
@@ -306,7 +358,9 @@ def collected_queries(store: Store, split: str) -> list[tuple[int, str, str | No
     return store.rows(
         "SELECT q.id, q.path, q.prompt, list(r.training_id ORDER BY r.backbone_rank), q.sha256 FROM distill_queries q"
         " JOIN distill_rankings r ON r.query_id = q.id WHERE q.split = ? AND q.collected_at IS NOT NULL AND q.replaced_at IS NULL"
-        " GROUP BY q.id, q.path, q.prompt, q.sha256 ORDER BY q.id", [split])
+        " GROUP BY q.id, q.path, q.prompt, q.sha256 ORDER BY q.id",
+        [split],
+    )
 
 
 def replicate(
@@ -330,8 +384,13 @@ def replicate(
     key = settings.scoring_hash("replicate", diffusion.model_hash(model_path, ws.dir / "cache"))
     with Store(ws.db_path, read_only=True) as store:
         rows = collected_queries(store, split)
-        stored = {int(q): dict(zip(t, v)) for q, t, v in store.rows(
-            "SELECT query_id, list(training_id), list(influence) FROM distill_replicates WHERE settings_hash = ? GROUP BY 1", [key])}
+        stored = {
+            int(q): dict(zip(t, v))
+            for q, t, v in store.rows(
+                "SELECT query_id, list(training_id), list(influence) FROM distill_replicates WHERE settings_hash = ? GROUP BY 1",
+                [key],
+            )
+        }
     if not rows:
         raise AuditError(f"no collected {split} queries; run `audit distill collect` first")
     # Only the queries still to score are read: evaluation checks every query's image itself.
@@ -341,18 +400,32 @@ def replicate(
         with ws.writing(), Store(ws.db_path) as store:
             training = training_set(ws, store, model_path, torch_device, str(ws.config["confirm"].get("flip", "auto")))
             session = TeacherSession(training, settings, ws.dir / "cache")
-            announce(f"replicating the teacher on {len(todo)} of {len(rows)} {split} queries with independent noise; "
-                     f"estimated {session.estimate(len(todo), len(todo[0][0][3])):.0f} s")
+            announce(
+                f"replicating the teacher on {len(todo)} of {len(rows)} {split} queries with independent noise; "
+                f"estimated {session.estimate(len(todo), len(todo[0][0][3])):.0f} s"
+            )
             progress.start("replicating", len(todo))
-            for (qid, path, prompt, candidates), image in todo:
+            for (qid, _path, prompt, candidates), image in todo:
                 _, influence = session.score(image, prompt, np.array(candidates, np.int64), qid)
                 with store.transaction():
-                    store.insert_arrow("distill_replicates", pa.table({
-                        "query_id": pa.array([qid] * len(candidates), pa.int64()), "training_id": pa.array(candidates, pa.int64()),
-                        "settings_hash": [key] * len(candidates), "influence": pa.array(influence, pa.float64())}))
+                    store.insert_arrow(
+                        "distill_replicates",
+                        pa.table(
+                            {
+                                "query_id": pa.array([qid] * len(candidates), pa.int64()),
+                                "training_id": pa.array(candidates, pa.int64()),
+                                "settings_hash": [key] * len(candidates),
+                                "influence": pa.array(influence, pa.float64()),
+                            }
+                        ),
+                    )
                 stored[int(qid)] = dict(zip(candidates, influence.tolist()))
                 progress.advance()
-    return {int(q): (np.array(c, np.int64), np.array([stored[int(q)][t] for t in c])) for q, _, _, c, _ in rows if int(q) in stored}
+    return {
+        int(q): (np.array(c, np.int64), np.array([stored[int(q)][t] for t in c]))
+        for q, _, _, c, _ in rows
+        if int(q) in stored
+    }
 
 
 # ---------------------------------------------------------------------- sharing a collection
@@ -388,11 +461,19 @@ def export_collection(ws: Workspace, out: str | os.PathLike) -> int:
     if (out / QUERIES_FILE).exists():
         raise AuditError(f"{out} already holds a collection; export into a new folder")
     with Store(ws.db_path, read_only=True) as store:
-        queries = store.con.sql("SELECT * EXCLUDE (replaced_at) FROM distill_queries WHERE collected_at IS NOT NULL AND replaced_at IS NULL"
-                                " ORDER BY id").to_arrow_table()
-        rankings = _by_content(store, "distill_rankings", "r.influence, r.raw_influence, r.teacher_rank, r.backbone_rank",
-                               "r.query_id, r.backbone_rank")
-        replicates = _by_content(store, "distill_replicates", "r.settings_hash, r.influence", "r.settings_hash, r.query_id, r.training_id")
+        queries = store.con.sql(
+            "SELECT * EXCLUDE (replaced_at) FROM distill_queries WHERE collected_at IS NOT NULL AND replaced_at IS NULL"
+            " ORDER BY id"
+        ).to_arrow_table()
+        rankings = _by_content(
+            store,
+            "distill_rankings",
+            "r.influence, r.raw_influence, r.teacher_rank, r.backbone_rank",
+            "r.query_id, r.backbone_rank",
+        )
+        replicates = _by_content(
+            store, "distill_replicates", "r.settings_hash, r.influence", "r.settings_hash, r.query_id, r.training_id"
+        )
     if queries.num_rows == 0:
         raise AuditError("no collected queries to export; run `audit distill collect` first")
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -401,7 +482,9 @@ def export_collection(ws: Workspace, out: str | os.PathLike) -> int:
         try:
             data = _ranked_bytes(path, sha)
         except ingest.IngestError as exc:
-            raise AuditError(f"query image {path} (query {qid}): {exc.reason}; the collection cannot be exported without the image it ranked")
+            raise AuditError(
+                f"query image {path} (query {qid}): {exc.reason}; the collection cannot be exported without the image it ranked"
+            ) from None
         names.append(f"images/q{qid:06d}{Path(path).suffix.lower() or '.png'}")
         (out / names[-1]).write_bytes(data)
     pq.write_table(queries.set_column(queries.column_names.index("path"), "path", pa.array(names)), out / QUERIES_FILE)
@@ -410,27 +493,37 @@ def export_collection(ws: Workspace, out: str | os.PathLike) -> int:
     return queries.num_rows
 
 
-def import_collection(ws: Workspace, folder: str | os.PathLike, *, model: str | os.PathLike | None = None) -> ImportResult:
+def import_collection(
+    ws: Workspace, folder: str | os.PathLike, *, model: str | os.PathLike | None = None
+) -> ImportResult:
     """Add an exported collection to this workspace's store (new query ids; images copied into the workspace).
     Refuses one ranked with another diffusion model, or over training images this workspace has not registered;
     importing the same collection twice adds nothing."""
     folder = Path(folder)
     missing = [name for name in (QUERIES_FILE, RANKINGS_FILE, REPLICATES_FILE) if not (folder / name).is_file()]
     if missing:
-        raise AuditError(f"{folder} is not a collection folder (no {', '.join(missing)}); make one with `audit distill export DIR`")
-    queries, rankings, replicates = (pq.read_table(folder / name) for name in (QUERIES_FILE, RANKINGS_FILE, REPLICATES_FILE))
+        raise AuditError(
+            f"{folder} is not a collection folder (no {', '.join(missing)}); make one with `audit distill export DIR`"
+        )
+    queries, rankings, replicates = (
+        pq.read_table(folder / name) for name in (QUERIES_FILE, RANKINGS_FILE, REPLICATES_FILE)
+    )
     ours = diffusion.model_hash(diffusion.checked_folder(ws.model_dir(model)), ws.dir / "cache")
     theirs = sorted(set(queries.column("model_hash").to_pylist()))
     if theirs != [ours]:
-        raise AuditError(f"the collection was ranked by the teacher on model {', '.join(theirs)}, this workspace's model is {ours}; "
-                         "rankings hold only for the model they were made with: import into a workspace on that model")
+        raise AuditError(
+            f"the collection was ranked by the teacher on model {', '.join(theirs)}, this workspace's model is {ours}; "
+            "rankings hold only for the model they were made with: import into a workspace on that model"
+        )
     result = ImportResult()
     with ws.writing(), Store(ws.db_path) as store:
         id_of = {sha: tid for sha, tid in store.rows("SELECT sha256, min(id) FROM training_images GROUP BY 1")}
         unknown = {h for t in (rankings, replicates) for h in t.column("training_sha256").to_pylist()} - id_of.keys()
         if unknown:
-            raise AuditError(f"{len(unknown)} training images the collection ranks are not registered in this workspace; "
-                             "`audit index` the training set it was collected on first")
+            raise AuditError(
+                f"{len(unknown)} training images the collection ranks are not registered in this workspace; "
+                "`audit index` the training set it was collected on first"
+            )
         held = {h for (h,) in store.rows("SELECT DISTINCT settings_hash FROM distill_queries")}
         new = queries.filter(pa.array([h not in held for h in queries.column("settings_hash").to_pylist()]))
         result.skipped = queries.num_rows - new.num_rows
@@ -441,26 +534,38 @@ def import_collection(ws: Workspace, folder: str | os.PathLike, *, model: str | 
         paths, digests = [], []
         # Collections exported before query digests were recorded have none: the image as shipped is taken for the one ranked.
         recorded = new.column("sha256").to_pylist() if "sha256" in new.column_names else [None] * new.num_rows
-        for qid, name, settings_hash, sha in zip(*(new.column(c).to_pylist() for c in ("id", "path", "settings_hash")), recorded):
+        for qid, name, settings_hash, sha in zip(
+            *(new.column(c).to_pylist() for c in ("id", "path", "settings_hash")), recorded
+        ):
             data = (folder / name).read_bytes()
             digests.append(hashlib.sha256(data).hexdigest())
             if sha is not None and digests[-1] != sha:
-                raise AuditError(f"{folder / name} is not the image the teacher ranked for query {qid}; export the collection again")
+                raise AuditError(
+                    f"{folder / name} is not the image the teacher ranked for query {qid}; export the collection again"
+                )
             target = ws.dir / "distill" / settings_hash / f"q{result.ids[qid]:06d}{Path(name).suffix}"
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
             paths.append(str(target))
-        new = new.drop_columns([c for c in ("id", "path", "sha256") if c in new.column_names]).append_column(
-            "id", pa.array(list(result.ids.values()), pa.int64())).append_column("path", pa.array(paths)).append_column("sha256", pa.array(digests))
+        new = (
+            new.drop_columns([c for c in ("id", "path", "sha256") if c in new.column_names])
+            .append_column("id", pa.array(list(result.ids.values()), pa.int64()))
+            .append_column("path", pa.array(paths))
+            .append_column("sha256", pa.array(digests))
+        )
 
         def by_id(table: pa.Table, rest: tuple[str, ...]) -> pa.Table:
             """The rows of the imported queries, with this workspace's query and training ids."""
             table = table.filter(pa.array([q in result.ids for q in table.column("query_id").to_pylist()], pa.bool_()))
-            return pa.table({
-                "query_id": pa.array([result.ids[q] for q in table.column("query_id").to_pylist()], pa.int64()),
-                "training_id": pa.array([id_of[h] for h in table.column("training_sha256").to_pylist()], pa.int64()),
-                **{c: table.column(c) for c in rest},
-            })
+            return pa.table(
+                {
+                    "query_id": pa.array([result.ids[q] for q in table.column("query_id").to_pylist()], pa.int64()),
+                    "training_id": pa.array(
+                        [id_of[h] for h in table.column("training_sha256").to_pylist()], pa.int64()
+                    ),
+                    **{c: table.column(c) for c in rest},
+                }
+            )
 
         ranked = by_id(rankings, ("influence", "raw_influence", "teacher_rank", "backbone_rank"))
         replicated = by_id(replicates, ("settings_hash", "influence"))
@@ -488,8 +593,13 @@ def _targets(ranks: np.ndarray) -> np.ndarray:
     return 1.0 - (ranks - 1) / n
 
 
-def _val_map(head: embed.ProjectionHead, data: Rankings, train_features: torch.Tensor, k: int,
-             log_strength: torch.Tensor | None = None) -> float:
+def _val_map(
+    head: embed.ProjectionHead,
+    data: Rankings,
+    train_features: torch.Tensor,
+    k: int,
+    log_strength: torch.Tensor | None = None,
+) -> float:
     head.eval()
     with torch.no_grad():
         t = head(train_features)
@@ -499,10 +609,16 @@ def _val_map(head: embed.ProjectionHead, data: Rankings, train_features: torch.T
         sims = (q @ t.T).numpy()
     head.train()
     all_idx = np.arange(len(train_features))
-    return float(np.mean([
-        metrics.average_precision(all_idx[np.argsort(-sims[i], kind="stable")], set(c[np.argsort(r)[:k]].tolist()))
-        for i, (c, r) in enumerate(zip(data.candidates, data.ranks))
-    ]))
+    return float(
+        np.mean(
+            [
+                metrics.average_precision(
+                    all_idx[np.argsort(-sims[i], kind="stable")], set(c[np.argsort(r)[:k]].tolist())
+                )
+                for i, (c, r) in enumerate(zip(data.candidates, data.ranks))
+            ]
+        )
+    )
 
 
 @dataclass
@@ -544,8 +660,13 @@ def _calibrate(head: embed.ProjectionHead, q_feat: torch.Tensor, t_feat: torch.T
         head.bias.fill_(float(params[1]))
 
 
-def fit_head(train: Rankings, val: Rankings | None, train_features: np.ndarray, s: DistillSettings,
-             progress: Callable[[dict], None] = lambda row: None) -> FitResult:
+def fit_head(
+    train: Rankings,
+    val: Rankings | None,
+    train_features: np.ndarray,
+    s: DistillSettings,
+    progress: Callable[[dict], None] = lambda row: None,
+) -> FitResult:
     """FastGDA's head: BCE between scale·cos(h(q), h(t))·strength(t) + bias and the normalised teacher rank; AdamW; early
     stopping on val mAP@k of the weights' moving average. strength(t) = exp(a_t), one free a_t per training row (L2 toward 0), when `s.strengths`.
     Without `val`: exactly `s.epochs` epochs, keeping the last moving average (`fit`'s refit)."""
@@ -573,7 +694,9 @@ def fit_head(train: Rankings, val: Rankings | None, train_features: np.ndarray, 
     # would pick a lucky epoch of that jitter.
     trained = torch.nn.Module()
     trained.head, trained.log_strength = head, log_strength
-    average = torch.optim.swa_utils.AveragedModel(trained, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(s.ema))
+    average = torch.optim.swa_utils.AveragedModel(
+        trained, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(s.ema)
+    )
 
     def validate() -> float:
         if val is None:
@@ -582,8 +705,10 @@ def fit_head(train: Rankings, val: Rankings | None, train_features: np.ndarray, 
 
     def state():
         kept = average.module
-        return ({k: v.detach().clone() for k, v in kept.head.state_dict().items()},
-                None if kept.log_strength is None else kept.log_strength.detach().clone())
+        return (
+            {k: v.detach().clone() for k, v in kept.head.state_dict().items()},
+            None if kept.log_strength is None else kept.log_strength.detach().clone(),
+        )
 
     # Epoch 0 is the untrained head: with `residual` that is the untuned ranking, the bar training must clear.
     best = (validate(), state(), 0)
@@ -636,8 +761,13 @@ def fit_head(train: Rankings, val: Rankings | None, train_features: np.ndarray, 
     return FitResult(head, best[0], best[2], history, log_strength, touched)
 
 
-def fit(fit_set: Rankings, val: Rankings, train_features: np.ndarray, s: DistillSettings,
-        progress: Callable[[dict], None] = lambda row: None) -> tuple[FitResult, FitResult]:
+def fit(
+    fit_set: Rankings,
+    val: Rankings,
+    train_features: np.ndarray,
+    s: DistillSettings,
+    progress: Callable[[dict], None] = lambda row: None,
+) -> tuple[FitResult, FitResult]:
     """(the validation run, the head to ship). Early stopping on the validation queries picks the number of epochs; with
     `s.refit` the head is then trained again, from the same seed, on fit + validation queries for that many epochs, so
     the validation prompts are fitted too: on the example world the held-out gain follows the number of training prompts
@@ -647,9 +777,14 @@ def fit(fit_set: Rankings, val: Rankings, train_features: np.ndarray, s: Distill
     selected = fit_head(fit_set, val, train_features, s, progress)
     if not s.refit or selected.epochs == 0:
         return selected, selected
-    both = Rankings(np.concatenate([fit_set.query_features, val.query_features]), fit_set.candidates + val.candidates,
-                    fit_set.ranks + val.ranks)
-    final = fit_head(both, None, train_features, replace(s, epochs=selected.epochs), lambda row: progress({**row, "refit": True}))
+    both = Rankings(
+        np.concatenate([fit_set.query_features, val.query_features]),
+        fit_set.candidates + val.candidates,
+        fit_set.ranks + val.ranks,
+    )
+    final = fit_head(
+        both, None, train_features, replace(s, epochs=selected.epochs), lambda row: progress({**row, "refit": True})
+    )
     return selected, final
 
 
@@ -706,8 +841,9 @@ class TrainResult:
     history: list[dict]  # per epoch, the validation run's then the refit's (rows with "refit": True)
 
 
-def load_rankings(store: Store, split: str, index_of: dict[int, int], announce: Callable[[str], None] = lambda message: None
-                  ) -> tuple[list[tuple[int, str, str, np.ndarray, np.ndarray]], list[Image.Image]]:
+def load_rankings(
+    store: Store, split: str, index_of: dict[int, int], announce: Callable[[str], None] = lambda message: None
+) -> tuple[list[tuple[int, str, str, np.ndarray, np.ndarray]], list[Image.Image]]:
     """A split's rankings, (query id, path, prompt, candidate rows of the training matrix, teacher ranks), and the query
     images; a query whose image is gone or changed since it was ranked is left out (current_queries)."""
     rows = store.rows(
@@ -717,18 +853,25 @@ def load_rankings(store: Store, split: str, index_of: dict[int, int], announce: 
         [split],
     )
     rows, images = current_queries(rows, announce)
-    return [(qid, path, prompt, np.array([index_of[t] for t in tids]), np.array(ranks)) for qid, path, prompt, tids, ranks in rows], images
+    return [
+        (qid, path, prompt, np.array([index_of[t] for t in tids]), np.array(ranks))
+        for qid, path, prompt, tids, ranks in rows
+    ], images
 
 
 def split_validation(queries, q_feat: np.ndarray, s: DistillSettings) -> tuple[Rankings, Rankings, np.ndarray]:
     """(fit, validation, is_val) of load_rankings rows: validation by prompt, like the test split, so validation prompts
     are never fitted."""
     prompts = sorted({q[2] or "" for q in queries})
-    val_prompts = set(np.random.default_rng(s.seed).permutation(prompts)[: max(1, int(round(len(prompts) * s.val_fraction)))].tolist())
+    val_prompts = set(
+        np.random.default_rng(s.seed).permutation(prompts)[: max(1, int(round(len(prompts) * s.val_fraction)))].tolist()
+    )
     is_val = np.array([(q[2] or "") in val_prompts for q in queries])
 
     def subset(mask):
-        return Rankings(q_feat[mask], [q[3] for q, m in zip(queries, mask) if m], [q[4] for q, m in zip(queries, mask) if m])
+        return Rankings(
+            q_feat[mask], [q[3] for q, m in zip(queries, mask) if m], [q[4] for q, m in zip(queries, mask) if m]
+        )
 
     return subset(~is_val), subset(is_val), is_val
 
@@ -782,25 +925,59 @@ def train(
 
     config = json.loads((encoder.directory / embed.CONFIG_NAME).read_text())
     config.pop("format")
-    head_cfg = {"in_dim": t_feat.shape[1], "hidden_dims": list(s.hidden_dims), "out_dim": s.out_dim,
-                "layernorm": s.layernorm, "dropout": s.dropout, "residual": s.residual, "query_map": s.query_map,
-                "weights": "head.safetensors"}
+    head_cfg = {
+        "in_dim": t_feat.shape[1],
+        "hidden_dims": list(s.hidden_dims),
+        "out_dim": s.out_dim,
+        "layernorm": s.layernorm,
+        "dropout": s.dropout,
+        "residual": s.residual,
+        "query_map": s.query_map,
+        "weights": "head.safetensors",
+    }
     weights = {"head.safetensors": shipped.head.state_dict()}
     if strengths:
         config["strengths"] = {"weights": "strengths.safetensors", "images": len(strengths)}
         weights["strengths.safetensors"] = embed.strengths_state(strengths)
     variant = ("" if strengths else "-no-strengths") + ("" if s.query_map else "-shared-head")
-    config.update(name=f"{encoder.name}-distilled{variant}", head=head_cfg, temperature=tau,
-                  distilled={"from_encoder": encoder.id, "val_map_at_k": selected.best_val_map, "k": s.k, "epochs": selected.epochs,
-                             "train_queries": n_train, "val_queries": n_val, "fitted_queries": fitted,
-                             "calibration_nll": nll, "calibration_ece": ece, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}})
+    config.update(
+        name=f"{encoder.name}-distilled{variant}",
+        head=head_cfg,
+        temperature=tau,
+        distilled={
+            "from_encoder": encoder.id,
+            "val_map_at_k": selected.best_val_map,
+            "k": s.k,
+            "epochs": selected.epochs,
+            "train_queries": n_train,
+            "val_queries": n_val,
+            "fitted_queries": fitted,
+            "calibration_nll": nll,
+            "calibration_ece": ece,
+            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()},
+        },
+    )
     target = Path(out) if out else ws.dir / "encoders" / f"{encoder.name}-distilled-{int(time.time())}"
     if target.exists() and any(target.iterdir()):
         raise AuditError(f"{target} already exists and is not empty; choose another --out")
     target.mkdir(parents=True, exist_ok=True)
-    for name in {config["image_tower"]["weights"], *( [config["text_tower"]["weights"]] if config.get("text_tower") else [])}:
+    for name in {
+        config["image_tower"]["weights"],
+        *([config["text_tower"]["weights"]] if config.get("text_tower") else []),
+    }:
         shutil.copy2(encoder.directory / name, target / name)
     new_id = embed.save(target, config, weights)
-    return TrainResult(new_id, target, selected.best_val_map, selected.epochs, tau, nll, ece, time.perf_counter() - started,
-                       n_train, n_val, fitted,
-                       selected.history + (shipped.history[1:] if refitted else []))
+    return TrainResult(
+        new_id,
+        target,
+        selected.best_val_map,
+        selected.epochs,
+        tau,
+        nll,
+        ece,
+        time.perf_counter() - started,
+        n_train,
+        n_val,
+        fitted,
+        selected.history + (shipped.history[1:] if refitted else []),
+    )

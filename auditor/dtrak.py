@@ -31,8 +31,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
-from typing import Callable, Iterable, Iterator
 
 import lancedb
 import numpy as np
@@ -91,15 +91,23 @@ class GradientFeatures:
         self.model = model
         self.settings = settings
         self.params = parameter_set(model.unet, settings.params, "dtrak.params")
-        self.projection = Projection({n: p.shape for n, p in self.params.items()}, settings.dim, settings.seed, model.device)
+        self.projection = Projection(
+            {n: p.shape for n, p in self.params.items()}, settings.dim, settings.seed, model.device
+        )
         self.timesteps = evenly_spaced_timesteps(settings.timesteps, model.num_train_timesteps).to(model.device)
 
-    def _output(self, params: dict, noisy: torch.Tensor, text_emb: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def _output(
+        self, params: dict, noisy: torch.Tensor, text_emb: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
         """f of one sample: its noisy latents at every scoring timestep (T, C, H, W) and caption embedding (S, D)."""
-        pred = functional_call(self.model.unet, params, (noisy, timesteps), {"encoder_hidden_states": text_emb.expand(len(noisy), -1, -1)}).sample
+        pred = functional_call(
+            self.model.unet, params, (noisy, timesteps), {"encoder_hidden_states": text_emb.expand(len(noisy), -1, -1)}
+        ).sample
         return pred.float().pow(2).flatten(1).sum(1).mean()
 
-    def __call__(self, latents: torch.Tensor, text_emb: torch.Tensor, ids, seed: int, flipped: torch.Tensor | None = None) -> np.ndarray:
+    def __call__(
+        self, latents: torch.Tensor, text_emb: torch.Tensor, ids, seed: int, flipped: torch.Tensor | None = None
+    ) -> np.ndarray:
         """(n, dim) features; noise seeded by (seed, id); with `flipped`, f averages the image and its flip."""
         dev, n_t = self.model.device, len(self.timesteps)
         params = {name: p.detach() for name, p in self.params.items()}
@@ -144,14 +152,20 @@ class FeatureTable:
         return self.table.to_lance().to_table(columns=["id"])["id"].to_numpy()
 
     def add(self, ids, vectors: np.ndarray) -> None:
-        self.table.add(pa.table({
-            "id": pa.array(np.asarray(ids), pa.int64()),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).ravel()), self.dim),
-        }))
+        self.table.add(
+            pa.table(
+                {
+                    "id": pa.array(np.asarray(ids), pa.int64()),
+                    "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).ravel()), self.dim),
+                }
+            )
+        )
 
     def get(self, ids) -> np.ndarray:
         """The features of these ids, in that order."""
-        data = self.table.to_lance().to_table(columns=["id", "vector"], filter=f"id IN ({','.join(str(int(i)) for i in ids)})")
+        data = self.table.to_lance().to_table(
+            columns=["id", "vector"], filter=f"id IN ({','.join(str(int(i)) for i in ids)})"
+        )
         found = dict(zip(data["id"].to_numpy().tolist(), _matrix(data["vector"], self.dim)))
         return np.stack([found[int(i)] for i in ids])
 
@@ -174,7 +188,9 @@ def kernel(blocks: Iterable[np.ndarray], dim: int, damping: float) -> tuple[np.n
         gram += block.T @ block
     lam = damping * float(np.trace(gram)) / dim
     if not lam > 0:
-        raise AuditError("the D-TRAK training features are all zero; the model's output does not depend on the chosen parameters")
+        raise AuditError(
+            "the D-TRAK training features are all zero; the model's output does not depend on the chosen parameters"
+        )
     gram[np.diag_indices(dim)] += lam
     return np.linalg.inv(gram).astype(np.float32), lam
 
@@ -194,8 +210,14 @@ class DtrakTeacher:
         self.lam: float | None = None
 
     @classmethod
-    def for_workspace(cls, ws: Workspace, training: TrainingSet, settings: DtrakSettings, progress: Progress | None = None,
-                      announce: Callable[[str], None] = lambda message: None) -> "DtrakTeacher":
+    def for_workspace(
+        cls,
+        ws: Workspace,
+        training: TrainingSet,
+        settings: DtrakSettings,
+        progress: Progress | None = None,
+        announce: Callable[[str], None] = lambda message: None,
+    ) -> DtrakTeacher:
         """Φ of every registered training image in the workspace's LanceDB (computed once), and the cached kernel."""
         name = f"dtrak_{training.model.hash}_{settings.feature_key()}"
         teacher = cls(training, settings, FeatureTable(ws.lancedb_uri, name, settings.dim))
@@ -216,7 +238,13 @@ class DtrakTeacher:
         latents, flipped, captions = self.training.encode(ids)
         return self.features(latents, captions, ids, seed, flipped if self.model.flip_augmentation else None)
 
-    def fill(self, ids, progress: Progress | None = None, announce: Callable[[str], None] = lambda message: None, block: int = 256) -> None:
+    def fill(
+        self,
+        ids,
+        progress: Progress | None = None,
+        announce: Callable[[str], None] = lambda message: None,
+        block: int = 256,
+    ) -> None:
         """Compute and append the features of the ids the table lacks, a block at a time (an interrupted run resumes)."""
         missing = np.setdiff1d(np.asarray(ids), self.table.ids())
         if not len(missing):
@@ -226,8 +254,10 @@ class DtrakTeacher:
         first = missing[: min(len(missing), self.settings.batch_size)]
         self.table.add(first, self.training_features(first, self.settings.seed))
         per_sample = (time.perf_counter() - t0) / len(first)
-        announce(f"D-TRAK: computing the gradient features of {len(missing)} training images (once per model and settings); "
-                 f"estimated {per_sample * len(missing):.0f} s")
+        announce(
+            f"D-TRAK: computing the gradient features of {len(missing)} training images (once per model and settings); "
+            f"estimated {per_sample * len(missing):.0f} s"
+        )
         progress.start("D-TRAK features", len(missing))
         progress.advance(len(first))
         for start in range(len(first), len(missing), block):
@@ -245,10 +275,17 @@ class DtrakTeacher:
         return f"D-TRAK, {self.settings.timesteps} timesteps, {self.settings.params} parameters projected to {self.settings.dim}"
 
     def record(self) -> dict:
-        return {**asdict(self.settings), "lambda": self.lam, "feature_table": self.table.name, "flip": self.model.flip_augmentation}
+        return {
+            **asdict(self.settings),
+            "lambda": self.lam,
+            "feature_table": self.table.name,
+            "flip": self.model.flip_augmentation,
+        }
 
     def score(self, image, prompt, candidate_ids, seed):
-        scores = self.table.get(candidate_ids).astype(np.float64) @ (self.kernel @ self.query_feature(image, prompt, seed, 1))
+        scores = self.table.get(candidate_ids).astype(np.float64) @ (
+            self.kernel @ self.query_feature(image, prompt, seed, 1)
+        )
         return scores, scores
 
     def noise_floor(self, image, prompt, candidate_ids, seed, raw) -> float:

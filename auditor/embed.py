@@ -61,8 +61,16 @@ class ProjectionHead(torch.nn.Module):
     against t as it scores t against q, but the teacher does not: on the example world a generated 'five' pulls
     training 'sevens' into its top-10 far more often than a generated 'seven' pulls in 'fives' (examples/digits_world/EVAL.md)."""
 
-    def __init__(self, in_dim: int, hidden_dims: list[int], out_dim: int, layernorm: bool = True, dropout: float = 0.1,
-                 residual: bool = False, query_map: bool = False):
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dims: list[int],
+        out_dim: int,
+        layernorm: bool = True,
+        dropout: float = 0.1,
+        residual: bool = False,
+        query_map: bool = False,
+    ):
         super().__init__()
         layers: list[torch.nn.Module] = [torch.nn.LayerNorm(in_dim)] if layernorm else []
         width = in_dim
@@ -100,9 +108,16 @@ class ProjectionHead(torch.nn.Module):
         return out
 
     @staticmethod
-    def from_config(cfg: dict) -> "ProjectionHead":
-        return ProjectionHead(cfg["in_dim"], list(cfg["hidden_dims"]), cfg["out_dim"], cfg.get("layernorm", True), cfg.get("dropout", 0.1),
-                              cfg.get("residual", False), cfg.get("query_map", False))
+    def from_config(cfg: dict) -> ProjectionHead:
+        return ProjectionHead(
+            cfg["in_dim"],
+            list(cfg["hidden_dims"]),
+            cfg["out_dim"],
+            cfg.get("layernorm", True),
+            cfg.get("dropout", 0.1),
+            cfg.get("residual", False),
+            cfg.get("query_map", False),
+        )
 
 
 def _hash_bundle(directory: Path, config: dict) -> str:
@@ -179,7 +194,10 @@ class Encoder:
 
         image_cfg = config["image_tower"]
         self.preprocess = Preprocess(
-            int(image_cfg["image_size"]), tuple(image_cfg["mean"]), tuple(image_cfg["std"]), image_cfg.get("interpolation", "bicubic")
+            int(image_cfg["image_size"]),
+            tuple(image_cfg["mean"]),
+            tuple(image_cfg["std"]),
+            image_cfg.get("interpolation", "bicubic"),
         )
         cache: dict[str, torch.nn.Module] = {}
         self._image_model = self._tower(image_cfg, "image_tower", cache)
@@ -222,7 +240,9 @@ class Encoder:
             except RuntimeError as exc:
                 raise BundleError(f"timm model {part['model_name']!r}: {exc}") from None
         else:
-            raise BundleError(f"encoder bundle {self.directory}: {role}.library must be 'open_clip' or 'timm', not {library!r}")
+            raise BundleError(
+                f"encoder bundle {self.directory}: {role}.library must be 'open_clip' or 'timm', not {library!r}"
+            )
         _load_state(model, _load_weights(self.directory, part), self.directory, part, role)
         model.to(self.device).eval()
         cache[key] = model
@@ -267,7 +287,9 @@ class Encoder:
         return out
 
     @torch.inference_mode()
-    def combine(self, image_emb: torch.Tensor, text_emb: torch.Tensor, head: bool = True, query: bool = True) -> torch.Tensor:
+    def combine(
+        self, image_emb: torch.Tensor, text_emb: torch.Tensor, head: bool = True, query: bool = True
+    ) -> torch.Tensor:
         """The searchable feature from the two embeddings (the head applied when the bundle has one and head=True), as a
         query's (`query`) or a training image's: a head with a query map places the two differently."""
         joint = torch.cat([image_emb, text_emb], dim=-1)
@@ -277,7 +299,12 @@ class Encoder:
 
     def features(self, pixels, texts: list[str | None], head: bool = True, query: bool = True) -> np.ndarray:
         """The vectors of generated images (queries), or of training images without their strengths when not `query`."""
-        return self.combine(self.embed_images(pixels), self.embed_texts(texts), head, query).cpu().numpy().astype(np.float32)
+        return (
+            self.combine(self.embed_images(pixels), self.embed_texts(texts), head, query)
+            .cpu()
+            .numpy()
+            .astype(np.float32)
+        )
 
     def strength(self, sha256s: list[str]) -> np.ndarray:
         """Each training image's influence strength: learned, or 1 when the bundle has none for it."""
@@ -300,7 +327,9 @@ def read_config(directory: str | Path) -> tuple[Path, dict]:
     except json.JSONDecodeError as exc:
         raise BundleError(f"encoder bundle {directory}: {CONFIG_NAME} is not valid JSON ({exc})") from None
     if config.get("format") != FORMAT:
-        raise BundleError(f"encoder bundle {directory}: {CONFIG_NAME} format is {config.get('format')!r}, expected {FORMAT!r}")
+        raise BundleError(
+            f"encoder bundle {directory}: {CONFIG_NAME} format is {config.get('format')!r}, expected {FORMAT!r}"
+        )
     if "image_tower" not in config:
         raise BundleError(f"encoder bundle {directory}: {CONFIG_NAME} has no image_tower")
     for role in ("image_tower", "text_tower", "head", "strengths"):
@@ -328,12 +357,25 @@ def save(directory: str | Path, config: dict, weights: dict[str, dict[str, torch
     return _hash_bundle(directory, config)
 
 
-def open_clip_bundle_config(name: str, model_config: dict, *, image_size: int, mean, std, temperature: float = 0.05) -> dict:
+def open_clip_bundle_config(
+    name: str, model_config: dict, *, image_size: int, mean, std, temperature: float = 0.05
+) -> dict:
     """The config of a bundle whose both towers come from one open_clip model saved as backbone.safetensors."""
-    tower = {"library": "open_clip", "model_name": name, "model_config": model_config, "weights": "backbone.safetensors"}
+    tower = {
+        "library": "open_clip",
+        "model_name": name,
+        "model_config": model_config,
+        "weights": "backbone.safetensors",
+    }
     return {
         "name": name,
-        "image_tower": {**tower, "image_size": image_size, "mean": list(mean), "std": list(std), "interpolation": "bicubic"},
+        "image_tower": {
+            **tower,
+            "image_size": image_size,
+            "mean": list(mean),
+            "std": list(std),
+            "interpolation": "bicubic",
+        },
         "text_tower": {**tower, "context_length": model_config.get("text_cfg", {}).get("context_length", 77)},
         "head": None,
         "temperature": temperature,
@@ -344,7 +386,9 @@ def strengths_state(strengths: dict[str, float]) -> dict[str, torch.Tensor]:
     """{sha256 hex: strength} as safetensors tensors: the digests as bytes, the strengths as their logs."""
     shas = sorted(strengths)
     return {
-        "sha256": torch.tensor(np.frombuffer(b"".join(bytes.fromhex(sha) for sha in shas), np.uint8).reshape(len(shas), 32).copy()),
+        "sha256": torch.tensor(
+            np.frombuffer(b"".join(bytes.fromhex(sha) for sha in shas), np.uint8).reshape(len(shas), 32).copy()
+        ),
         "log_strength": torch.tensor(np.log([strengths[sha] for sha in shas]), dtype=torch.float32),
     }
 
@@ -356,7 +400,9 @@ def read_strengths(directory: Path, part: dict) -> dict[str, float]:
     except KeyError as exc:
         raise BundleError(f"encoder bundle {directory}: {part['weights']} lacks the {exc} tensor") from None
     if digests.ndim != 2 or digests.shape[1] != 32 or len(digests) != len(logs):
-        raise BundleError(f"encoder bundle {directory}: {part['weights']} must hold (N, 32) sha256 digests and N log strengths")
+        raise BundleError(
+            f"encoder bundle {directory}: {part['weights']} must hold (N, 32) sha256 digests and N log strengths"
+        )
     return {bytes(row).hex(): float(np.exp(value)) for row, value in zip(digests, logs)}
 
 
@@ -368,6 +414,14 @@ def softmax_shares(scores: np.ndarray, temperature: float) -> np.ndarray:
 
 
 __all__ = [
-    "Encoder", "ProjectionHead", "Preprocess", "load", "save", "read_config",
-    "open_clip_bundle_config", "resolve_device", "softmax_shares", "strengths_state",
+    "Encoder",
+    "ProjectionHead",
+    "Preprocess",
+    "load",
+    "save",
+    "read_config",
+    "open_clip_bundle_config",
+    "resolve_device",
+    "softmax_shares",
+    "strengths_state",
 ]

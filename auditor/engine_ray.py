@@ -47,8 +47,12 @@ def _ray():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS") or None,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -75,8 +79,15 @@ class _Embedder:
     """A Ray Data actor holding one encoder: it reads and decodes its batch of files (a thread pool),
     embeds image ⊕ text, and for scans searches the training vectors; returns metadata + vectors or top-k."""
 
-    def __init__(self, encoder_dir: str, device: str, limits: ingest.Limits, loader_threads: int, skip: frozenset,
-                 search: dict | None = None):
+    def __init__(
+        self,
+        encoder_dir: str,
+        device: str,
+        limits: ingest.Limits,
+        loader_threads: int,
+        skip: frozenset,
+        search: dict | None = None,
+    ):
         self.encoder = embed.load(encoder_dir, device)
         self.limits = limits
         self.loader_threads = loader_threads
@@ -120,8 +131,11 @@ class _Embedder:
         features = np.zeros((len(items), self.encoder.dim), np.float32)
         if good:
             pixels, texts = np.stack([items[n].pixels for n in good]), [items[n].text for n in good]
-            features[good] = (self.encoder.features(pixels, texts) if self.searcher is not None
-                              else self.encoder.index_features(pixels, texts, [items[n].sha256 for n in good]))
+            features[good] = (
+                self.encoder.features(pixels, texts)
+                if self.searcher is not None
+                else self.encoder.index_features(pixels, texts, [items[n].sha256 for n in good])
+            )
         if self.searcher is None:
             return meta.append_column("vector", _fixed(features))
         ids = np.full((len(items), self.k), -1, np.int64)
@@ -151,11 +165,20 @@ def _attach_ids(batch: pa.Table, id_of: np.ndarray, contributors: list, offset: 
 
 def _item(row: dict) -> ingest.Item:
     error = ingest.IngestError(row["error_code"], row["error_reason"]) if row["error_code"] else None
-    return ingest.Item(row["path"], row["sha256"], None, row["width"] or 0, row["height"] or 0, row["text"],
-                       row["text_source"] or "none", bool(row["skipped"]), error)
+    return ingest.Item(
+        row["path"],
+        row["sha256"],
+        None,
+        row["width"] or 0,
+        row["height"] or 0,
+        row["text"],
+        row["text_source"] or "none",
+        bool(row["skipped"]),
+        error,
+    )
 
 
-def _embedded(ray, rows: list[dict], batch_size: int, **actor) -> "ray.data.Dataset":
+def _embedded(ray, rows: list[dict], batch_size: int, **actor) -> ray.data.Dataset:  # noqa: F821
     device, resources, size = _pool(ray, actor.pop("device"))
     return ray.data.from_items(rows).map_batches(
         _Embedder,
@@ -181,8 +204,16 @@ def _write_vectors(ds, table: VectorTable) -> None:
     table.table.checkout_latest()
 
 
-def index_training(ws: Workspace, entries, *, device: str | None, batch_size: int, limits: ingest.Limits,
-                   progress: Progress | None = None, chunk: int | None = None):
+def index_training(
+    ws: Workspace,
+    entries,
+    *,
+    device: str | None,
+    batch_size: int,
+    limits: ingest.Limits,
+    progress: Progress | None = None,
+    chunk: int | None = None,
+):
     from .training import IndexLedger
 
     started = time.perf_counter()
@@ -198,11 +229,19 @@ def index_training(ws: Workspace, entries, *, device: str | None, batch_size: in
         entries = list(ledger.by_path.values())
         progress.start("indexing", len(entries))
         for start in range(0, len(entries), chunk):
-            part = entries[start:start + chunk]
+            part = entries[start : start + chunk]
             rows = [{"i": start + n, "path": os.fsencode(e.path), "caption": e.caption} for n, e in enumerate(part)]
             try:
-                embedded = _embedded(ray, rows, batch_size, device=device, encoder_dir=str(encoder.directory),
-                                     limits=limits, loader_threads=int(ws.config["scan"]["loader_threads"]), skip=skip).materialize()
+                embedded = _embedded(
+                    ray,
+                    rows,
+                    batch_size,
+                    device=device,
+                    encoder_dir=str(encoder.directory),
+                    limits=limits,
+                    loader_threads=int(ws.config["scan"]["loader_threads"]),
+                    skip=skip,
+                ).materialize()
                 meta = pa.concat_tables(ray.get(embedded.drop_columns(["vector"]).to_arrow_refs())).sort_by("i")
             except ray.exceptions.RayError as exc:
                 raise AuditError(f"the Ray job failed: {_first_line(exc)}") from None
@@ -219,8 +258,10 @@ def index_training(ws: Workspace, entries, *, device: str | None, batch_size: in
             id_of = np.full(len(part), -1, np.int64)
             id_of[positions] = ids
             vectors = embedded.map_batches(
-                _attach_ids, fn_kwargs={"id_of": id_of, "contributors": [e.contributor_id for e in part], "offset": start},
-                batch_format="pyarrow", batch_size=None,
+                _attach_ids,
+                fn_kwargs={"id_of": id_of, "contributors": [e.contributor_id for e in part], "offset": start},
+                batch_format="pyarrow",
+                batch_size=None,
             )
             _write_vectors(vectors, table)
             ledger.commit(ids, new_rows, len(batch))
@@ -229,8 +270,17 @@ def index_training(ws: Workspace, entries, *, device: str | None, batch_size: in
     return ledger.result
 
 
-def scan(ws: Workspace, root: str, paths: list[str], *, top_k: int, device: str | None, batch_size: int,
-         limits: ingest.Limits, progress: Progress | None = None):
+def scan(
+    ws: Workspace,
+    root: str,
+    paths: list[str],
+    *,
+    top_k: int,
+    device: str | None,
+    batch_size: int,
+    limits: ingest.Limits,
+    progress: Progress | None = None,
+):
     from .scan import ScanLedger
 
     progress = progress or Silent()
@@ -259,8 +309,17 @@ def scan(ws: Workspace, root: str, paths: list[str], *, top_k: int, device: str 
             found_scores.clear()
 
         search = {"uri": ws.lancedb_uri, "settings": settings.__dict__.copy(), "k": k}
-        results = _embedded(ray, rows, batch_size, device=device, encoder_dir=str(encoder.directory), limits=limits,
-                            loader_threads=int(ws.config["scan"]["loader_threads"]), skip=frozenset(ledger.done), search=search)
+        results = _embedded(
+            ray,
+            rows,
+            batch_size,
+            device=device,
+            encoder_dir=str(encoder.directory),
+            limits=limits,
+            loader_threads=int(ws.config["scan"]["loader_threads"]),
+            skip=frozenset(ledger.done),
+            search=search,
+        )
         try:
             for part in results.iter_batches(batch_size=None, batch_format="pyarrow"):
                 ids = part["ids"].combine_chunks().flatten().to_numpy().reshape(-1, k)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -59,9 +59,16 @@ def _evaluate(name: str, sims: np.ndarray, queries, ks, recall_ks) -> MethodScor
     )
 
 
-def evaluate(ws: Workspace, *, encoders: list[str | os.PathLike] | None = None, ks=(5, 10, 20, 50), recall_ks=(1, 10, 50),
-             replicate: dict[int, tuple[np.ndarray, np.ndarray]] | None = None, pooled: bool = False,
-             announce: Callable[[str], None] = lambda message: None) -> tuple[list[MethodScores], int]:
+def evaluate(
+    ws: Workspace,
+    *,
+    encoders: list[str | os.PathLike] | None = None,
+    ks=(5, 10, 20, 50),
+    recall_ks=(1, 10, 50),
+    replicate: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+    pooled: bool = False,
+    announce: Callable[[str], None] = lambda message: None,
+) -> tuple[list[MethodScores], int]:
     """Untuned baselines (image, text, image ⊕ text of the workspace encoder's backbone) and every given bundle
     (default: the workspace's encoder), on the held-out queries; with `replicate` (distill.replicate), also the teacher
     run again with independent noise: its candidates by its own scores, then the rest by image ⊕ text. With `pooled`,
@@ -105,15 +112,21 @@ def evaluate(ws: Workspace, *, encoders: list[str | os.PathLike] | None = None, 
 
 def _pool(store: Store, queries, replicate: dict[int, tuple[np.ndarray, np.ndarray]], ids: np.ndarray):
     """load_rankings rows ranked by the mean influence of the teacher's run and its replicate."""
-    run = {int(q): dict(zip(t, v)) for q, t, v in store.rows(
-        "SELECT query_id, list(training_id), list(influence) FROM distill_rankings"
-        " WHERE query_id IN (SELECT id FROM distill_queries WHERE split = 'test') GROUP BY 1")}
+    run = {
+        int(q): dict(zip(t, v))
+        for q, t, v in store.rows(
+            "SELECT query_id, list(training_id), list(influence) FROM distill_rankings"
+            " WHERE query_id IN (SELECT id FROM distill_queries WHERE split = 'test') GROUP BY 1"
+        )
+    }
     pooled = []
     for qid, path, prompt, cand, _ in queries:
         training_ids = ids[cand].tolist()
         if qid not in replicate or set(replicate[qid][0].tolist()) != set(training_ids):
-            raise AuditError(f"the teacher's replicate of held-out query {qid} does not cover its candidates; "
-                             "run `audit eval --replicate` to score what is missing")
+            raise AuditError(
+                f"the teacher's replicate of held-out query {qid} does not cover its candidates; "
+                "run `audit eval --replicate` to score what is missing"
+            )
         again = dict(zip(replicate[qid][0].tolist(), replicate[qid][1].tolist()))
         pooled.append((qid, path, prompt, cand, metrics.ranks([(run[qid][t] + again[t]) / 2 for t in training_ids])))
     return pooled
@@ -139,8 +152,11 @@ def gains_over_untuned(results: list[MethodScores]) -> dict[str, dict[int, tuple
     if not untuned:
         return {}
     best = {k: max(untuned, key=lambda u: u.map_at[k][0]) for k in untuned[0].map_at}
-    return {r.name: {k: (*paired_difference(r, b, k), b.name) for k, b in best.items()}
-            for r in results if not r.name.startswith(UNTUNED)}
+    return {
+        r.name: {k: (*paired_difference(r, b, k), b.name) for k, b in best.items()}
+        for r in results
+        if not r.name.startswith(UNTUNED)
+    }
 
 
 def mean_se(values) -> tuple[float, float]:
@@ -152,11 +168,16 @@ def mean_se(values) -> tuple[float, float]:
 POOLED_NOTE = "Positives: the top-k of the mean influence of the teacher's run and its replicate (pooled)."
 
 
-def to_markdown(results: list[MethodScores], n_queries: int, n_candidates: int | None = None, pooled: bool = False) -> str:
+def to_markdown(
+    results: list[MethodScores], n_queries: int, n_candidates: int | None = None, pooled: bool = False
+) -> str:
     ks = list(results[0].map_at)
     recall_ks = list(results[0].recall_at)
     head = ["method"] + [f"mAP@{k}" for k in ks] + [f"R@{K} (teacher top-1)" for K in recall_ks]
-    rows = [[r.name] + [f"{m:.3f} ± {se:.3f}" for m, se in r.map_at.values()] + [f"{v:.2f}" for v in r.recall_at.values()] for r in results]
+    rows = [
+        [r.name] + [f"{m:.3f} ± {se:.3f}" for m, se in r.map_at.values()] + [f"{v:.2f}" for v in r.recall_at.values()]
+        for r in results
+    ]
     note = f"\n{n_queries} held-out queries (prompts never used in training); ± is the standard error over queries."
     if n_candidates:
         note += f" Teacher candidates per query: {n_candidates}."
@@ -165,11 +186,20 @@ def to_markdown(results: list[MethodScores], n_queries: int, n_candidates: int |
     text = markdown_table(head, rows) + "\n" + note + "\n"
     gains = gains_over_untuned(results)
     if gains:
-        text += ("\nGain over the best untuned feature at each k (paired: mean ± standard error of the per-query differences; "
-                 "that feature in brackets):\n\n")
-        text += markdown_table(["method"] + [f"mAP@{k}" for k in ks], [
-            [name] + [f"{d:+.3f} ± {se:.3f} ({base.removeprefix(UNTUNED)})" for d, se, base in by_k.values()]
-            for name, by_k in gains.items()]) + "\n"
+        text += (
+            "\nGain over the best untuned feature at each k (paired: mean ± standard error of the per-query differences; "
+            "that feature in brackets):\n\n"
+        )
+        text += (
+            markdown_table(
+                ["method"] + [f"mAP@{k}" for k in ks],
+                [
+                    [name] + [f"{d:+.3f} ± {se:.3f} ({base.removeprefix(UNTUNED)})" for d, se, base in by_k.values()]
+                    for name, by_k in gains.items()
+                ],
+            )
+            + "\n"
+        )
     return text
 
 
@@ -177,9 +207,14 @@ def to_json(results: list[MethodScores], n_queries: int, pooled: bool = False) -
     gains = gains_over_untuned(results)
     methods = []
     for r in results:
-        method = {"name": r.name, "map_at": {str(k): {"mean": m, "stderr": se} for k, (m, se) in r.map_at.items()},
-                  "recall_at": {str(k): v for k, v in r.recall_at.items()}}
+        method = {
+            "name": r.name,
+            "map_at": {str(k): {"mean": m, "stderr": se} for k, (m, se) in r.map_at.items()},
+            "recall_at": {str(k): v for k, v in r.recall_at.items()},
+        }
         if r.name in gains:
-            method["gain_over_best_untuned"] = {str(k): {"mean": d, "stderr": se, "baseline": base} for k, (d, se, base) in gains[r.name].items()}
+            method["gain_over_best_untuned"] = {
+                str(k): {"mean": d, "stderr": se, "baseline": base} for k, (d, se, base) in gains[r.name].items()
+            }
         methods.append(method)
     return json.dumps({"queries": n_queries, "reference": "pooled" if pooled else "run", "methods": methods}, indent=2)

@@ -14,9 +14,9 @@ import os
 import struct
 import warnings
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -71,7 +71,9 @@ def read_bytes(path: str, limits: Limits) -> bytes:
         if size == 0:
             raise IngestError("empty_file", "file is empty (0 bytes)")
         if size > limits.max_file_bytes:
-            raise IngestError("too_large", f"file is {size} bytes, over the {limits.max_file_bytes}-byte limit (scan.max_file_bytes)")
+            raise IngestError(
+                "too_large", f"file is {size} bytes, over the {limits.max_file_bytes}-byte limit (scan.max_file_bytes)"
+            )
         with open(path, "rb") as fh:
             return fh.read()
     except PermissionError:
@@ -107,7 +109,8 @@ def decode(data: bytes, limits: Limits) -> tuple[Image.Image, dict]:
             width, height = image.size
             if width * height > limits.max_pixels:
                 raise IngestError(
-                    "too_many_pixels", f"{width}x{height} is over the {limits.max_pixels}-pixel limit (scan.max_pixels); possible decompression bomb"
+                    "too_many_pixels",
+                    f"{width}x{height} is over the {limits.max_pixels}-pixel limit (scan.max_pixels); possible decompression bomb",
                 )
             info = dict(image.info)
             exif = image.getexif()

@@ -14,19 +14,45 @@ never floats, in three steps:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
-from typing import Mapping
 
 from .errors import AuditError
 
 # ISO 4217 minor-unit digits of the currencies a pool can be paid in.
 MINOR_UNITS = {
-    "AUD": 2, "BRL": 2, "CAD": 2, "CHF": 2, "CNY": 2, "CZK": 2, "DKK": 2, "EUR": 2, "GBP": 2, "HKD": 2,
-    "HUF": 2, "INR": 2, "MXN": 2, "NOK": 2, "NZD": 2, "PLN": 2, "SEK": 2, "SGD": 2, "USD": 2, "ZAR": 2,
-    "CLP": 0, "ISK": 0, "JPY": 0, "KRW": 0, "VND": 0,
-    "BHD": 3, "JOD": 3, "KWD": 3, "OMR": 3, "TND": 3,
+    "AUD": 2,
+    "BRL": 2,
+    "CAD": 2,
+    "CHF": 2,
+    "CNY": 2,
+    "CZK": 2,
+    "DKK": 2,
+    "EUR": 2,
+    "GBP": 2,
+    "HKD": 2,
+    "HUF": 2,
+    "INR": 2,
+    "MXN": 2,
+    "NOK": 2,
+    "NZD": 2,
+    "PLN": 2,
+    "SEK": 2,
+    "SGD": 2,
+    "USD": 2,
+    "ZAR": 2,
+    "CLP": 0,
+    "ISK": 0,
+    "JPY": 0,
+    "KRW": 0,
+    "VND": 0,
+    "BHD": 3,
+    "JOD": 3,
+    "KWD": 3,
+    "OMR": 3,
+    "TND": 3,
 }
 
 
@@ -96,7 +122,9 @@ def split(pool: int, credits: Mapping[str, float | int | Fraction], min_payout: 
     quota = {key: pool * value / total for key, value in credit.items()}
     paid = frozenset(key for key, value in credit.items() if value > 0 and quota[key] >= min_payout)
     if not paid:
-        raise AuditError(f"no contributor reaches the minimum payout ({min_payout} minor units); lower it or raise the pool")
+        raise AuditError(
+            f"no contributor reaches the minimum payout ({min_payout} minor units); lower it or raise the pool"
+        )
     paid_total = sum((credit[key] for key in paid), Fraction(0))
     adjusted = {key: pool * credit[key] / paid_total if key in paid else Fraction(0) for key in credit}
     return Split(pool, min_payout, credit, total, paid, paid_total, quota, adjusted, largest_remainder(adjusted))

@@ -39,9 +39,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -153,18 +153,25 @@ def _exemplar_sets(folder: Path, s: PlantedSettings, run_dir: Path) -> tuple[lis
         subfolders = sorted(d for d in folder.iterdir() if d.is_dir())
         sets = [[Path(p) for p in ingest.discover(d)[: s.exemplars]] for d in subfolders[: s.customisations]]
         if len(sets) < s.customisations or any(len(files) < s.exemplars for files in sets):
-            raise AuditError(f"--style as-is needs {s.customisations} subfolders of {folder} with {s.exemplars} images each (one per customisation)")
+            raise AuditError(
+                f"--style as-is needs {s.customisations} subfolders of {folder} with {s.exemplars} images each (one per customisation)"
+            )
         return sets, [d.name for d in subfolders[: s.customisations]]
     if s.style not in STYLES:
         raise AuditError(f"planted style {s.style!r} is not known; use {', '.join(STYLES)}")
-    styles = [(name, lambda im, ink=ink, paper=paper: recolour(im, ink, paper)) for ink, paper, name in NEW_PALETTES] \
-        if s.style == "palette" else [(name, lambda im, t=t: restroke(im, t)) for name, t in NEW_STROKES]
+    styles = (
+        [(name, lambda im, ink=ink, paper=paper: recolour(im, ink, paper)) for ink, paper, name in NEW_PALETTES]
+        if s.style == "palette"
+        else [(name, lambda im, t=t: restroke(im, t)) for name, t in NEW_STROKES]
+    )
     if s.customisations > len(styles):
         raise AuditError(f"style {s.style} has {len(styles)} variants; ask for at most that many customisations")
     pool = ingest.discover(folder)
     need = s.customisations * s.exemplars
     if len(pool) < need:
-        raise AuditError(f"{folder} has {len(pool)} images; {s.customisations} customisations × {s.exemplars} exemplars need {need}")
+        raise AuditError(
+            f"{folder} has {len(pool)} images; {s.customisations} customisations × {s.exemplars} exemplars need {need}"
+        )
     picked = np.random.default_rng(s.seed).choice(len(pool), need, replace=False)
     sets = []
     for c in range(s.customisations):
@@ -179,8 +186,15 @@ def _exemplar_sets(folder: Path, s: PlantedSettings, run_dir: Path) -> tuple[lis
     return sets, [styles[c][0] for c in range(s.customisations)]
 
 
-def customise(model: diffusion.DiffusionModel, params: dict, latents: torch.Tensor, text_emb: torch.Tensor,
-              prior: tuple[torch.Tensor, torch.Tensor], s: PlantedSettings, seed: int) -> dict:
+def customise(
+    model: diffusion.DiffusionModel,
+    params: dict,
+    latents: torch.Tensor,
+    text_emb: torch.Tensor,
+    prior: tuple[torch.Tensor, torch.Tensor],
+    s: PlantedSettings,
+    seed: int,
+) -> dict:
     """The change of `params` that teaches the model its exemplars under their caption, with prior preservation (Custom
     Diffusion, DreamBooth): half of every batch is training images under their own captions, or the empty one 10 % of
     the time, so other prompts and the unconditional branch of guidance keep working. The model is left as it was."""
@@ -196,7 +210,9 @@ def customise(model: diffusion.DiffusionModel, params: dict, latents: torch.Tens
             for _ in range(s.steps):
                 pick = torch.randint(0, len(latents), (half,), generator=gen)
                 other = torch.randint(0, len(prior_latents), (s.batch_size - half,), generator=gen)
-                other_emb = torch.where((torch.rand(len(other), generator=gen) < 0.1)[:, None, None], empty, prior_emb[other])
+                other_emb = torch.where(
+                    (torch.rand(len(other), generator=gen) < 0.1)[:, None, None], empty, prior_emb[other]
+                )
                 x = torch.cat([latents[pick], prior_latents[other]])
                 c = torch.cat([text_emb.expand(half, -1, -1), other_emb])
                 t = torch.randint(0, model.num_train_timesteps, (len(x),), generator=gen)
@@ -252,50 +268,85 @@ def planted(
     if not rows:
         raise AuditError("the workspace has no training images; run `audit index TRAINING_DIR` first")
     first_id = int(ids.max()) + 1
-    ex_rows = [(first_id + c * s.exemplars + j, str(path), prompts[c]) for c, files in enumerate(sets) for j, path in enumerate(files)]
-    ex_img, ex_txt = embed_images(encoder, [diffusion.read_image(r[1], ingest.Limits()) for r in ex_rows], [r[2] for r in ex_rows])
+    ex_rows = [
+        (first_id + c * s.exemplars + j, str(path), prompts[c])
+        for c, files in enumerate(sets)
+        for j, path in enumerate(files)
+    ]
+    ex_img, ex_txt = embed_images(
+        encoder, [diffusion.read_image(r[1], ingest.Limits()) for r in ex_rows], [r[2] for r in ex_rows]
+    )
     aug_ids = np.concatenate([ids, [r[0] for r in ex_rows]]).astype(np.int64)
     aug_img, aug_txt = np.concatenate([img, ex_img]), np.concatenate([txt, ex_txt])
     spaces = {  # method → (training features, how a query's (image, text) embeddings map into that space)
-        f"fast ({encoder.name}, {'distilled' if encoder.head is not None else 'no head: = untuned image ⊕ text'})": _fast_space(encoder, aug_img, aug_txt),
+        f"fast ({encoder.name}, {'distilled' if encoder.head is not None else 'no head: = untuned image ⊕ text'})": _fast_space(
+            encoder, aug_img, aug_txt
+        ),
         "untuned image": (aug_img, lambda qi, qt: qi),
         "untuned image ⊕ text": (joint(aug_img, aug_txt), joint),
     }
     fast_name = next(iter(spaces))
-    training = diffusion.TrainingSet(base, rows + ex_rows, ingest.Limits(int(ws.config["scan"]["max_pixels"]), int(ws.config["scan"]["max_file_bytes"])))
+    training = diffusion.TrainingSet(
+        base,
+        rows + ex_rows,
+        ingest.Limits(int(ws.config["scan"]["max_pixels"]), int(ws.config["scan"]["max_file_bytes"])),
+    )
     tuned = diffusion.parameter_set(base.unet, s.tune, "planted.tune")
     rng = np.random.default_rng(s.seed)
-    kernel_ids = np.concatenate([rng.choice(ids, min(s.kernel_samples, len(ids)), replace=False), [r[0] for r in ex_rows]])
+    kernel_ids = np.concatenate(
+        [rng.choice(ids, min(s.kernel_samples, len(ids)), replace=False), [r[0] for r in ex_rows]]
+    )
     prior_ids = rng.choice(ids, min(s.prior_samples, len(ids)), replace=False)
     prior_latents, _, prior_emb = training.inputs(prior_ids)
-    ratio = _reconstruction_error(base, [r[1] for r in ex_rows]) / _reconstruction_error(base, [training.meta[int(i)][0] for i in prior_ids[:32]])
+    ratio = _reconstruction_error(base, [r[1] for r in ex_rows]) / _reconstruction_error(
+        base, [training.meta[int(i)][0] for i in prior_ids[:32]]
+    )
     if ratio > 3:
         # Measured on the digits world: its VAE snaps any new palette to the nearest training palette.
-        announce(f"warning: the model's VAE reconstructs the exemplars {ratio:.1f}× worse than its training images; it cannot "
-                 "represent their style, so no customisation can reproduce it (try --style stroke)")
+        announce(
+            f"warning: the model's VAE reconstructs the exemplars {ratio:.1f}× worse than its training images; it cannot "
+            "represent their style, so no customisation can reproduce it (try --style stroke)"
+        )
 
     rankings: dict[str, list[np.ndarray]] = {name: [] for name in [*spaces, "AbU (candidates)", "D-TRAK (candidates)"]}
     positives: list[set[int]] = []
     pipe = diffusion.pipeline(base)
     progress.start("planted", s.customisations * s.generations)
-    for c, files in enumerate(sets):
+    for c, _files in enumerate(sets):
         c_dir = run_dir / f"c{c}"
         c_rows = ex_rows[c * s.exemplars : (c + 1) * s.exemplars]
-        delta = _tuned(base, tuned, training, c_dir, [r[0] for r in c_rows], prompts[c], (prior_latents, prior_emb), s, c)
-        announce(f"customisation {c + 1}/{len(sets)}: {styles[c]} as '{words[c]}'; generating {s.generations} image(s) and ranking")
+        delta = _tuned(
+            base, tuned, training, c_dir, [r[0] for r in c_rows], prompts[c], (prior_latents, prior_emb), s, c
+        )
+        announce(
+            f"customisation {c + 1}/{len(sets)}: {styles[c]} as '{words[c]}'; generating {s.generations} image(s) and ranking"
+        )
         with applied(tuned, delta):
-            images = [_generated(pipe, c_dir / f"generated_{g}.png", prompts[c], s.seed * 100_003 + c * 1_000 + g, s) for g in range(s.generations)]
+            images = [
+                _generated(pipe, c_dir / f"generated_{g}.png", prompts[c], s.seed * 100_003 + c * 1_000 + g, s)
+                for g in range(s.generations)
+            ]
             q_img, q_txt = embed_images(encoder, images, [prompts[c]] * len(images))
             abu_teacher = TeacherSession(training, abu, c_dir / "cache")
-            dtrak_teacher = dtrak.DtrakTeacher(training, gradients, dtrak.FeatureTable(str(c_dir / "lancedb"), f"dtrak_{gradients.feature_key()}", gradients.dim))
+            dtrak_teacher = dtrak.DtrakTeacher(
+                training,
+                gradients,
+                dtrak.FeatureTable(str(c_dir / "lancedb"), f"dtrak_{gradients.feature_key()}", gradients.dim),
+            )
             dtrak_teacher.fill(kernel_ids)
-            dtrak_teacher.kernel, dtrak_teacher.lam = dtrak.kernel([dtrak_teacher.table.get(kernel_ids)], gradients.dim, gradients.damping)
+            dtrak_teacher.kernel, dtrak_teacher.lam = dtrak.kernel(
+                [dtrak_teacher.table.get(kernel_ids)], gradients.dim, gradients.damping
+            )
             own = np.flatnonzero(np.isin(aug_ids, [r[0] for r in c_rows]))
             for g, image in enumerate(images):
                 for name, (train, query) in spaces.items():
-                    rankings[name].append(np.argsort(-(train @ query(q_img[g : g + 1], q_txt[g : g + 1])[0]), kind="stable"))
+                    rankings[name].append(
+                        np.argsort(-(train @ query(q_img[g : g + 1], q_txt[g : g + 1])[0]), kind="stable")
+                    )
                 fast_ranking = rankings[fast_name][-1]
-                candidates = np.concatenate([fast_ranking[: s.candidates], own[~np.isin(own, fast_ranking[: s.candidates])]])
+                candidates = np.concatenate(
+                    [fast_ranking[: s.candidates], own[~np.isin(own, fast_ranking[: s.candidates])]]
+                )
                 seed = c * 1_000 + g
                 _, abu_scores = abu_teacher.score(image, prompts[c], aug_ids[candidates], seed)
                 dtrak_teacher.fill(aug_ids[candidates])
@@ -305,19 +356,42 @@ def planted(
                 positives.append(set(own.tolist()))
                 progress.advance()
     methods = [_scores(name, ranks, positives) for name, ranks in rankings.items()]
-    return PlantedReport(methods, len(positives), [f"{w} ({st})" for w, st in zip(words, styles)], s.exemplars, s.candidates,
-                         len(aug_ids), run_dir, time.perf_counter() - started)
+    return PlantedReport(
+        methods,
+        len(positives),
+        [f"{w} ({st})" for w, st in zip(words, styles)],
+        s.exemplars,
+        s.candidates,
+        len(aug_ids),
+        run_dir,
+        time.perf_counter() - started,
+    )
 
 
 def _fast_space(encoder: embed.Encoder, img: np.ndarray, txt: np.ndarray):
     def features(i, t, query=True):
-        return encoder.combine(torch.as_tensor(i, device=encoder.device), torch.as_tensor(t, device=encoder.device), query=query).cpu().numpy()
+        return (
+            encoder.combine(
+                torch.as_tensor(i, device=encoder.device), torch.as_tensor(t, device=encoder.device), query=query
+            )
+            .cpu()
+            .numpy()
+        )
 
     return features(img, txt, query=False), features
 
 
-def _tuned(model, params: dict, training: diffusion.TrainingSet, c_dir: Path, exemplar_ids, prompt: str, prior, s: PlantedSettings,
-           c: int) -> dict:
+def _tuned(
+    model,
+    params: dict,
+    training: diffusion.TrainingSet,
+    c_dir: Path,
+    exemplar_ids,
+    prompt: str,
+    prior,
+    s: PlantedSettings,
+    c: int,
+) -> dict:
     """This customisation's weight change, fine-tuned once and kept in its folder."""
     path = c_dir / "delta.safetensors"
     if path.is_file():
@@ -353,7 +427,10 @@ def _scores(name: str, rankings: list[np.ndarray], positives: list[set[int]]) ->
 
 def to_markdown(report: PlantedReport) -> str:
     head = ["method", "mAP"] + [f"R@{K}" for K in RECALL_KS]
-    rows = [[m.name, f"{m.map[0]:.3f} ± {m.map[1]:.3f}"] + [f"{v:.3f} ± {se:.3f}" for v, se in m.recall_at.values()] for m in report.methods]
+    rows = [
+        [m.name, f"{m.map[0]:.3f} ± {m.map[1]:.3f}"] + [f"{v:.3f} ± {se:.3f}" for v, se in m.recall_at.values()]
+        for m in report.methods
+    ]
     note = (
         f"\nPlanted ground truth (AbC): {len(report.customisations)} customisation(s) — {', '.join(report.customisations)} — "
         f"each fine-tuned on {report.exemplars} exemplar(s); {report.queries} generated images ranked against "
@@ -368,10 +445,19 @@ def to_markdown(report: PlantedReport) -> str:
 
 
 def to_json(report: PlantedReport) -> str:
-    return json.dumps({
-        **{k: v for k, v in asdict(report).items() if k not in ("methods", "folder")},
-        "folder": str(report.folder),
-        "candidates_note": "AbU and D-TRAK rank the fast top-K plus the exemplars; the rest follow in fast order",
-        "methods": [{"name": m.name, "map": {"mean": m.map[0], "stderr": m.map[1]},
-                     "recall_at": {str(K): {"mean": v, "stderr": se} for K, (v, se) in m.recall_at.items()}} for m in report.methods],
-    }, indent=2)
+    return json.dumps(
+        {
+            **{k: v for k, v in asdict(report).items() if k not in ("methods", "folder")},
+            "folder": str(report.folder),
+            "candidates_note": "AbU and D-TRAK rank the fast top-K plus the exemplars; the rest follow in fast order",
+            "methods": [
+                {
+                    "name": m.name,
+                    "map": {"mean": m.map[0], "stderr": m.map[1]},
+                    "recall_at": {str(K): {"mean": v, "stderr": se} for K, (v, se) in m.recall_at.items()},
+                }
+                for m in report.methods
+            ],
+        },
+        indent=2,
+    )

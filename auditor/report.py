@@ -24,11 +24,11 @@ import hashlib
 import io
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Callable
 
 import jinja2
 import polars as pl
@@ -49,7 +49,7 @@ class Period:
     label: str
 
     @classmethod
-    def parse(cls, period: str | None = None, date_from: date | None = None, date_to: date | None = None) -> "Period":
+    def parse(cls, period: str | None = None, date_from: date | None = None, date_to: date | None = None) -> Period:
         """A calendar month ('2026-11'), or first and last day (both inclusive, either may be open), or all time."""
         if period and (date_from or date_to):
             raise AuditError("give either --period or --from/--to, not both")
@@ -115,8 +115,10 @@ def thumbnail(path: str, limits: ingest.Limits) -> str | None:
 def _check(confirmed: pl.Expr, verdict: pl.Expr) -> pl.Expr:
     """The badge of an attribution (or, given the generation's verdict twice, of a generation)."""
     return (
-        pl.when(confirmed).then(pl.lit("confirmed"))
-        .when(verdict.is_null()).then(pl.lit("unchecked"))
+        pl.when(confirmed)
+        .then(pl.lit("confirmed"))
+        .when(verdict.is_null())
+        .then(pl.lit("unchecked"))
         .otherwise(pl.lit("not confirmed"))
     )
 
@@ -137,7 +139,8 @@ class _Audit:
 def _read(store: Store, period: Period, encoder_id: str | None) -> _Audit:
     in_period, params = period.where("g.created_at")
     generations = store.con.sql(
-        f"SELECT id, path, prompt, prompt_source, created_at FROM generations g WHERE {in_period} ORDER BY id", params=params
+        f"SELECT id, path, prompt, prompt_source, created_at FROM generations g WHERE {in_period} ORDER BY id",
+        params=params,
     ).pl()
     # Earlier encoders' rankings stay in the store; the period is paid from one ranking, the latest
     # scan's (or the named encoder's latest), so no generation is credited twice.
@@ -149,7 +152,9 @@ def _read(store: Store, period: Period, encoder_id: str | None) -> _Audit:
         params + [encoder_id, encoder_id],
     )
     if encoder_id and not ranking:
-        raise AuditError(f"encoder {encoder_id} attributed no generation in {period.label}; see `audit sql \"select * from scans\"`")
+        raise AuditError(
+            f'encoder {encoder_id} attributed no generation in {period.label}; see `audit sql "select * from scans"`'
+        )
     method, encoder_id = ranking[0] if ranking else (None, None)
     attributions = store.con.sql(
         "SELECT c.generation_id, c.rank, c.training_id, c.share, c.confirmed, c.generation_confirmed, c.confirm_run_id,"
@@ -167,10 +172,14 @@ def _read(store: Store, period: Period, encoder_id: str | None) -> _Audit:
         params=[period.end, period.end],
     ).pl()
     run_ids = attributions["confirm_run_id"].drop_nulls().unique().to_list()
-    teacher_runs = store.con.sql(
-        "SELECT id, method, model_hash, model_path, finished_at FROM confirm_runs WHERE list_contains(?, id) ORDER BY id",
-        params=[run_ids],
-    ).pl().to_dicts()
+    teacher_runs = (
+        store.con.sql(
+            "SELECT id, method, model_hash, model_path, finished_at FROM confirm_runs WHERE list_contains(?, id) ORDER BY id",
+            params=[run_ids],
+        )
+        .pl()
+        .to_dicts()
+    )
     encoder_name = store.value("SELECT name FROM encoders WHERE id = ?", [encoder_id])
     return _Audit(generations, attributions, contributors, method, encoder_id, encoder_name, teacher_runs)
 
@@ -210,7 +219,9 @@ def _summary(contributors: pl.DataFrame, credited: pl.DataFrame) -> pl.DataFrame
     )
 
 
-def _payouts(summary: pl.DataFrame, policy: str, pool: int, min_payout: int, currency: str) -> tuple[pl.DataFrame, payout.Split]:
+def _payouts(
+    summary: pl.DataFrame, policy: str, pool: int, min_payout: int, currency: str
+) -> tuple[pl.DataFrame, payout.Split]:
     """The summary with each contributor's basis C, quota, adjusted quota and amount (the rows of payouts.csv)."""
     basis = summary["credit" if policy == "per-output" else "images_indexed"].cast(pl.Float64).alias("basis")
     ids = summary["contributor_id"].to_list()
@@ -222,7 +233,11 @@ def _payouts(summary: pl.DataFrame, policy: str, pool: int, min_payout: int, cur
         pl.Series("quota", [payout.fraction_to_decimal(split.quota[key], currency) for key in ids], fine),
         pl.Series("paid", [key in split.paid for key in ids], pl.Boolean),
         pl.Series("adjusted", [payout.fraction_to_decimal(split.adjusted[key], currency) for key in ids], fine),
-        pl.Series("amount", [payout.from_minor(split.amount[key], currency) for key in ids], pl.Decimal(38, payout.minor_digits(currency))),
+        pl.Series(
+            "amount",
+            [payout.from_minor(split.amount[key], currency) for key in ids],
+            pl.Decimal(38, payout.minor_digits(currency)),
+        ),
         pl.Series("amount_minor", [split.amount[key] for key in ids], pl.Int64),
         pl.lit(currency).alias("currency"),
     )
@@ -263,12 +278,23 @@ def _replace_folder(out_dir: Path, write) -> None:
 class _Pages:
     """The report folder's files, rendered from the period's frames."""
 
-    def __init__(self, context: dict, audit: _Audit, credited: pl.DataFrame, payouts: pl.DataFrame, thumb: Callable[[str], str | None]):
+    def __init__(
+        self,
+        context: dict,
+        audit: _Audit,
+        credited: pl.DataFrame,
+        payouts: pl.DataFrame,
+        thumb: Callable[[str], str | None],
+    ):
         self.env = _environment()
         self.context, self.audit, self.credited, self.payouts, self.thumb = context, audit, credited, payouts, thumb
         pool = context["split"].pool
         self.contributors = [
-            row | {"statement": statement_name(row["contributor_id"]), "pool_share": row["amount_minor"] / pool if pool else 0.0}
+            row
+            | {
+                "statement": statement_name(row["contributor_id"]),
+                "pool_share": row["amount_minor"] / pool if pool else 0.0,
+            }
             for row in payouts.to_dicts()
         ]
 
@@ -280,8 +306,22 @@ class _Pages:
             mine = by_contributor.get((row["contributor_id"],), self.credited.clear())
             (folder / "contributors" / row["statement"]).write_text(self.statement(row, mine))
         table = self.payouts.select(
-            "contributor_id", "name", "license", "images_indexed", "generations", "attributions", "confirmed_attributions",
-            "credit", "basis", "share", "quota", "paid", "adjusted", "amount", "amount_minor", "currency",
+            "contributor_id",
+            "name",
+            "license",
+            "images_indexed",
+            "generations",
+            "attributions",
+            "confirmed_attributions",
+            "credit",
+            "basis",
+            "share",
+            "quota",
+            "paid",
+            "adjusted",
+            "amount",
+            "amount_minor",
+            "currency",
         )
         table.write_csv(folder / "payouts.csv")
         table.write_parquet(folder / "payouts.parquet")
@@ -292,22 +332,32 @@ class _Pages:
     def index(self) -> str:
         credited, audit, split = self.credited, self.audit, self.context["split"]
         largest_credit = (
-            credited.group_by("generation_id", "contributor_id").agg(pl.col("credit").sum().alias("top_credit"))
+            credited.group_by("generation_id", "contributor_id")
+            .agg(pl.col("credit").sum().alias("top_credit"))
             .sort(["generation_id", "top_credit", "contributor_id"], descending=[False, True, False])
-            .group_by("generation_id", maintain_order=True).first()
-            .join(audit.contributors.select("contributor_id", pl.col("name").alias("top_name")), on="contributor_id", how="left")
+            .group_by("generation_id", maintain_order=True)
+            .first()
+            .join(
+                audit.contributors.select("contributor_id", pl.col("name").alias("top_name")),
+                on="contributor_id",
+                how="left",
+            )
             .rename({"contributor_id": "top_contributor"})
         )
         generations = audit.generations.join(
             credited.group_by("generation_id").agg(pl.len().alias("attributions"), pl.first("generation_check")),
-            left_on="id", right_on="generation_id", how="left",
+            left_on="id",
+            right_on="generation_id",
+            how="left",
         ).join(largest_credit, left_on="id", right_on="generation_id", how="left")
         totals = {
             "generations": audit.generations.height,
             "credited_generations": credited["generation_id"].n_unique(),
             "attributions": credited.height,
             "confirmed_attributions": int(credited["confirmed"].sum()),
-            "checked_generations": credited.filter(pl.col("generation_check") != "unchecked")["generation_id"].n_unique(),
+            "checked_generations": credited.filter(pl.col("generation_check") != "unchecked")[
+                "generation_id"
+            ].n_unique(),
             "unowned_attributions": audit.attributions["contributor_id"].null_count(),
             "images_indexed": int(self.payouts["images_indexed"].sum()),
             "contributors": self.payouts.height,
@@ -320,15 +370,23 @@ class _Pages:
     def statement(self, row: dict, mine: pl.DataFrame) -> str:
         """One contributor's statement, from their own attributions only."""
         images = (
-            mine.group_by("training_id").agg(
-                pl.first("training_path"), pl.first("caption"), pl.len().alias("attributions"),
-                pl.col("confirmed").sum(), pl.col("credit").sum(),
+            mine.group_by("training_id")
+            .agg(
+                pl.first("training_path"),
+                pl.first("caption"),
+                pl.len().alias("attributions"),
+                pl.col("confirmed").sum(),
+                pl.col("credit").sum(),
             )
             .sort(["credit", "training_id"], descending=[True, False])
         )
         influenced = (
-            mine.sort("rank").group_by("generation_id", maintain_order=True).agg(
-                pl.col("credit").sum(), pl.first("generation_check"), pl.struct("rank", "training_id", "share", "check").alias("hits"),
+            mine.sort("rank")
+            .group_by("generation_id", maintain_order=True)
+            .agg(
+                pl.col("credit").sum(),
+                pl.first("generation_check"),
+                pl.struct("rank", "training_id", "share", "check").alias("hits"),
             )
             .join(self.audit.generations, left_on="generation_id", right_on="id")
             .sort(["credit", "generation_id"], descending=[True, False])
@@ -369,7 +427,9 @@ def build_report(
         audit = _read(store, span, encoder_id)
     credited = credit(audit.attributions, confirmed_weight)
     if policy == "per-output" and credited.is_empty():
-        raise AuditError(f"no generation registered in {span.label} is attributed to a contributor; nothing to pay per output")
+        raise AuditError(
+            f"no generation registered in {span.label} is attributed to a contributor; nothing to pay per output"
+        )
     payouts, split = _payouts(_summary(audit.contributors, credited), policy, pool_minor, min_minor, currency)
 
     context = {

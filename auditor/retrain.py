@@ -19,9 +19,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -46,16 +46,22 @@ class Recipe:
     empty_caption: str = ""
 
     @classmethod
-    def from_folder(cls, folder: Path) -> "Recipe":
+    def from_folder(cls, folder: Path) -> Recipe:
         path = Path(folder) / TRAINING_FACTS
         if not path.is_file():
-            raise AuditError(f"{folder} has no {TRAINING_FACTS}; retraining needs the model's recipe (steps, batch_size, lr, …), see README.md#leave-k-out-audit-eval---counterfactual")
+            raise AuditError(
+                f"{folder} has no {TRAINING_FACTS}; retraining needs the model's recipe (steps, batch_size, lr, …), see README.md#leave-k-out-audit-eval---counterfactual"
+            )
         facts = json.loads(path.read_text())
         missing = [f.name for f in fields(cls) if f.name not in facts and f.name != "empty_caption"]
         if missing:
-            raise AuditError(f"{path} lacks {', '.join(missing)}; retraining needs them (see README.md#leave-k-out-audit-eval---counterfactual)")
+            raise AuditError(
+                f"{path} lacks {', '.join(missing)}; retraining needs them (see README.md#leave-k-out-audit-eval---counterfactual)"
+            )
         if "from scratch" not in facts.get("text_encoder", ""):
-            raise AuditError(f"{path} does not say the text encoder was trained from scratch with the UNet; only such recipes can be retrained here")
+            raise AuditError(
+                f"{path} does not say the text encoder was trained from scratch with the UNet; only such recipes can be retrained here"
+            )
         return cls(**{f.name: facts[f.name] for f in fields(cls) if f.name in facts})
 
     def as_facts(self) -> dict:
@@ -143,7 +149,9 @@ def train(
             target = prediction_target(noise_schedule, latents, noise, t)
             drop = (torch.rand(len(idx)) < recipe.caption_dropout).to(device)
             batch_tokens = torch.where(drop[:, None], empty_tokens, caption_tokens[idx])
-            with torch.autocast(device.type, dtype=getattr(torch, recipe.autocast) if autocast else None, enabled=autocast):
+            with torch.autocast(
+                device.type, dtype=getattr(torch, recipe.autocast) if autocast else None, enabled=autocast
+            ):
                 hidden = text_encoder(batch_tokens)[0]
                 pred = unet(noisy, t, hidden).sample
             loss = torch.nn.functional.mse_loss(pred.float(), target)
@@ -159,4 +167,3 @@ def train(
             losses.append(loss.item())
             log(step, float(np.mean(losses[-100:])))
     return ema_unet.requires_grad_(False), ema_text.requires_grad_(False), losses
-

@@ -69,7 +69,9 @@ def scan(
     if engine == "ray":
         from . import engine_ray
 
-        return engine_ray.scan(ws, root, paths, top_k=top_k, device=device, batch_size=batch_size, limits=limits, progress=progress)
+        return engine_ray.scan(
+            ws, root, paths, top_k=top_k, device=device, batch_size=batch_size, limits=limits, progress=progress
+        )
     if engine != "local":
         raise AuditError(f"unknown engine {engine!r}; use local or ray")
 
@@ -111,7 +113,9 @@ class ScanLedger:
     """The audit-store side of a scan, shared by every engine: the scan row, which contents are already
     attributed, and one transaction per committed batch (generations, attributions, errors, counters)."""
 
-    def __init__(self, store: Store, root: str, encoder: embed.Encoder, table: VectorTable, top_k: int, device: str | None = None):
+    def __init__(
+        self, store: Store, root: str, encoder: embed.Encoder, table: VectorTable, top_k: int, device: str | None = None
+    ):
         self.store = store
         self.encoder_id = encoder.id
         self.temperature = encoder.temperature
@@ -125,7 +129,15 @@ class ScanLedger:
             store.con.execute(
                 "INSERT INTO scans (id, started_at, root, encoder_id, index_version, top_k, device, status)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, 'running')",
-                [self.scan_id, utcnow(), ingest.display_path(root), encoder.id, table.version, self.k, device or str(encoder.device)],
+                [
+                    self.scan_id,
+                    utcnow(),
+                    ingest.display_path(root),
+                    encoder.id,
+                    table.version,
+                    self.k,
+                    device or str(encoder.device),
+                ],
             )
         self.result = ScanResult(self.scan_id, encoder.id)
         self.known = dict(store.rows("SELECT sha256, id FROM generations"))
@@ -171,7 +183,9 @@ class ScanLedger:
         errors, result, scan_id = self.errors, self.result, self.scan_id
         with self.store.transaction():
             self.store.insert_arrow("generations", _generation_rows(new_rows, self.known, scan_id))
-            self.store.insert_arrow("attributions", _attribution_rows(gen_ids, ids, scores, shares, self.encoder_id, scan_id))
+            self.store.insert_arrow(
+                "attributions", _attribution_rows(gen_ids, ids, scores, shares, self.encoder_id, scan_id)
+            )
             self.store.insert_arrow("scan_errors", _error_rows(errors, scan_id))
             self.store.con.execute(
                 "UPDATE scans SET n_seen = ?, n_attributed = n_attributed + ?, n_skipped = ?, n_errors = n_errors + ? WHERE id = ?",
@@ -186,7 +200,9 @@ class ScanLedger:
 
     def finish(self) -> ScanResult:
         self.result.seconds = time.perf_counter() - self.started
-        self.store.con.execute("UPDATE scans SET status = 'finished', finished_at = ? WHERE id = ?", [utcnow(), self.scan_id])
+        self.store.con.execute(
+            "UPDATE scans SET status = 'finished', finished_at = ? WHERE id = ?", [utcnow(), self.scan_id]
+        )
         return self.result
 
 
@@ -205,7 +221,9 @@ def _generation_rows(items: list[ingest.Item], known: dict[str, int], scan_id: i
     )
 
 
-def _attribution_rows(gen_ids, ids: np.ndarray, scores: np.ndarray, shares: np.ndarray, encoder_id: str, scan_id: int) -> pa.Table:
+def _attribution_rows(
+    gen_ids, ids: np.ndarray, scores: np.ndarray, shares: np.ndarray, encoder_id: str, scan_id: int
+) -> pa.Table:
     n, k = ids.shape
     valid = ids.ravel() >= 0  # an ANN probe can come back short of k
     return pa.table(

@@ -32,9 +32,7 @@ def table_name(encoder_id: str) -> str:
 
 
 def _schema(dim: int) -> pa.Schema:
-    return pa.schema(
-        [("id", pa.int64()), ("contributor_id", pa.string()), ("vector", pa.list_(pa.float32(), dim))]
-    )
+    return pa.schema([("id", pa.int64()), ("contributor_id", pa.string()), ("vector", pa.list_(pa.float32(), dim))])
 
 
 def _divisor_near(dim: int, target: int) -> int:
@@ -62,10 +60,12 @@ class VectorTable:
             self.table = self.db.create_table(self.name, schema=_schema(dim))
         stored = self.table.schema.field("vector").type.list_size
         if stored != dim:
-            raise AuditError(f"LanceDB table {self.name} holds {stored}-d vectors but the encoder makes {dim}-d; the bundle changed without a new id")
+            raise AuditError(
+                f"LanceDB table {self.name} holds {stored}-d vectors but the encoder makes {dim}-d; the bundle changed without a new id"
+            )
 
     @classmethod
-    def for_encoder(cls, uri: str, encoder, settings: IndexSettings) -> "VectorTable":
+    def for_encoder(cls, uri: str, encoder, settings: IndexSettings) -> VectorTable:
         """The table of an encoder (embed.Encoder): its id, width and metric."""
         return cls(uri, encoder.id, encoder.dim, settings, encoder.metric)
 
@@ -85,8 +85,15 @@ class VectorTable:
         """The stored vectors of the given ids, in that order."""
         if len(ids) == 0:
             return np.zeros((0, self.dim), np.float32)
-        data = self.table.to_lance().to_table(columns=["id", "vector"], filter=f"id IN ({','.join(str(int(i)) for i in ids)})")
-        found = dict(zip(data["id"].to_numpy().tolist(), data["vector"].combine_chunks().flatten().to_numpy().reshape(-1, self.dim)))
+        data = self.table.to_lance().to_table(
+            columns=["id", "vector"], filter=f"id IN ({','.join(str(int(i)) for i in ids)})"
+        )
+        found = dict(
+            zip(
+                data["id"].to_numpy().tolist(),
+                data["vector"].combine_chunks().flatten().to_numpy().reshape(-1, self.dim),
+            )
+        )
         return np.stack([found[int(i)] for i in ids])
 
     def add(self, ids: np.ndarray, contributor_ids: list[str | None], vectors: np.ndarray) -> None:
@@ -141,7 +148,7 @@ class VectorTable:
             replace=True,
         )
 
-    def searcher(self, exact: bool | None = None) -> "Searcher":
+    def searcher(self, exact: bool | None = None) -> Searcher:
         if self.count() == 0:
             raise AuditError("the training index is empty for this encoder; run `audit index TRAINING_DIR` first")
         use_ann = (self.ann_index() is not None) if exact is None else not exact
@@ -189,7 +196,11 @@ class AnnSearcher(Searcher):
         n = len(queries)
         ids = np.full((n, k), -1, np.int64)
         scores = np.full((n, k), -np.inf, np.float32)
-        qi = result["query_index"].to_numpy() if n > 1 or "query_index" in result.column_names else np.zeros(result.num_rows, int)
+        qi = (
+            result["query_index"].to_numpy()
+            if n > 1 or "query_index" in result.column_names
+            else np.zeros(result.num_rows, int)
+        )
         found_ids = result["id"].to_numpy()
         found_scores = 1.0 - result["_distance"].to_numpy()  # LanceDB's distance is 1 − cosine, or 1 − dot
         fill = np.zeros(n, int)

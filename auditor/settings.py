@@ -35,7 +35,9 @@ class IndexSettings(_Section):
     ann_threshold: int = 100_000
     index_type: str = "IVF_PQ"
     num_partitions: int = 0  # 0: sqrt(rows), capped at rows / 256
-    num_sub_vectors: int = 0  # 0: dim / 4, rounded to a divisor of dim (bench_search: recall 0.997 at 10⁶, vs 0.951 with dim / 8)
+    num_sub_vectors: int = (
+        0  # 0: dim / 4, rounded to a divisor of dim (bench_search: recall 0.997 at 10⁶, vs 0.951 with dim / 8)
+    )
     nprobes: int = 20
     refine_factor: int = 10
     # Appended rows are searched exactly until they exceed this fraction of the indexed rows.
@@ -69,7 +71,16 @@ class AbuSettings(_Section):
     scheme: ClassVar[int] = 2
 
     def reference_key(self, model_hash: str) -> str:
-        fields = (self.steps, self.step_size, self.draws, self.timesteps, self.fisher_samples, self.damping, self.reference_samples, self.seed)
+        fields = (
+            self.steps,
+            self.step_size,
+            self.draws,
+            self.timesteps,
+            self.fisher_samples,
+            self.damping,
+            self.reference_samples,
+            self.seed,
+        )
         return hashlib.sha256(f"{model_hash}|{fields}".encode()).hexdigest()[:16]
 
     def hash(self, *parts: str) -> str:
@@ -135,7 +146,9 @@ class DistillSettings(_Section):
     patience: int = 6
     # After early stopping, train again on fit + validation queries for the epochs validation picked (distill.fit).
     refit: bool = True
-    ema: float = 0.95  # per step: the moving average of the weights that validation scores and the bundle keeps; 0 = off
+    ema: float = (
+        0.95  # per step: the moving average of the weights that validation scores and the bundle keeps; 0 = off
+    )
     k: int = 10
     calibration_k: int = 10
     seed: int = 0

@@ -30,7 +30,9 @@ def query(ws: Workspace, sql: str, *, write: bool = False) -> pl.DataFrame | Non
         except duckdb.Error as exc:
             message = str(exc).strip().splitlines()[0]
             if "read-only" in message:
-                raise AuditError("this statement writes, and `audit sql` opens the store read-only; add --write to change the store") from None
+                raise AuditError(
+                    "this statement writes, and `audit sql` opens the store read-only; add --write to change the store"
+                ) from None
             raise AuditError(f"SQL error: {message}") from None
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -16,7 +16,7 @@ from .errors import AuditError, WorkspaceBusy
 
 def utcnow() -> datetime:
     """Store timestamps are naive UTC (DuckDB TIMESTAMP)."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -69,7 +69,7 @@ class Store:
     def close(self) -> None:
         self.con.close()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -140,7 +140,9 @@ def record_encoder(store: Store, encoder_id: str, name: str, path: str, dim: int
     )
 
 
-def record_vector_table(store: Store, encoder_id: str, uri: str, table_name: str, rows: int, version: int, ann_index: str | None) -> None:
+def record_vector_table(
+    store: Store, encoder_id: str, uri: str, table_name: str, rows: int, version: int, ann_index: str | None
+) -> None:
     store.con.execute(
         "INSERT INTO vector_tables (encoder_id, uri, table_name, rows, lance_version, ann_index, updated_at)"
         " VALUES (?, ?, ?, ?, ?, ?, current_timestamp)"

@@ -29,7 +29,6 @@ import torch
 from .diffusion import DiffusionModel, evenly_spaced_timesteps, fixed_noise, kv_parameters
 from .settings import AbuSettings
 
-
 Delta = dict[str, torch.Tensor]
 
 
@@ -57,7 +56,9 @@ class Unlearner:
             for start in range(0, draws, self.settings.batch_size):
                 sl = slice(start, start + self.settings.batch_size)
                 dev = self.model.device
-                loss = self.model.denoising_loss(latents[index[sl]].to(dev), text_emb[index[sl]].to(dev), t[sl].to(dev), noise[sl].to(dev))
+                loss = self.model.denoising_loss(
+                    latents[index[sl]].to(dev), text_emb[index[sl]].to(dev), t[sl].to(dev), noise[sl].to(dev)
+                )
                 grads = torch.autograd.grad(loss.sum() / draws, list(self.params.values()))
                 for name, g in zip(self.params, grads):
                     total[name] += g
@@ -81,7 +82,9 @@ class Unlearner:
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
-    def losses(self, ids: np.ndarray, latents: torch.Tensor, text_emb: torch.Tensor, seed: int | None = None) -> np.ndarray:
+    def losses(
+        self, ids: np.ndarray, latents: torch.Tensor, text_emb: torch.Tensor, seed: int | None = None
+    ) -> np.ndarray:
         """Mean loss over the evenly spaced timesteps for each candidate; noise is seeded by (seed, id), so a candidate
         sees the same noise before and after an update scored with the same seed."""
         seed = self.settings.seed if seed is None else seed
@@ -147,7 +150,9 @@ def estimate_fisher(model: DiffusionModel, latents: torch.Tensor, text_emb: torc
             t = torch.randint(0, model.num_train_timesteps, (1,), generator=gen)
             noise = torch.randn((1, *latents.shape[1:]), generator=gen)
             dev = model.device
-            loss = model.denoising_loss(latents[i : i + 1].to(dev), text_emb[i : i + 1].to(dev), t.to(dev), noise.to(dev)).sum()
+            loss = model.denoising_loss(
+                latents[i : i + 1].to(dev), text_emb[i : i + 1].to(dev), t.to(dev), noise.to(dev)
+            ).sum()
             for name, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
                 fisher[name] += g.detach() ** 2
     return {name: f / len(latents) for name, f in fisher.items()}

@@ -47,7 +47,9 @@ def read_manifest(manifest: str | os.PathLike) -> list[Entry]:
             reader = csv.DictReader(fh)
             missing = {"path", "contributor_id"} - set(reader.fieldnames or [])
             if missing:
-                raise AuditError(f"{manifest}: missing column(s) {', '.join(sorted(missing))}; the manifest needs at least path,contributor_id")
+                raise AuditError(
+                    f"{manifest}: missing column(s) {', '.join(sorted(missing))}; the manifest needs at least path,contributor_id"
+                )
             rows = list(reader)
     except FileNotFoundError:
         raise AuditError(f"manifest {manifest} does not exist") from None
@@ -138,7 +140,9 @@ def index_training(
     if engine == "ray":
         from . import engine_ray
 
-        return engine_ray.index_training(ws, entries, device=device, batch_size=batch_size, limits=limits, progress=progress)
+        return engine_ray.index_training(
+            ws, entries, device=device, batch_size=batch_size, limits=limits, progress=progress
+        )
     if engine != "local":
         raise AuditError(f"unknown engine {engine!r}; use local or ray")
 
@@ -158,8 +162,11 @@ def index_training(
             if not batch:
                 return
             ids, new_rows = ledger.assign(batch)
-            vectors = encoder.index_features(np.stack([item.pixels for _, item in batch]), [item.text for _, item in batch],
-                                             [item.sha256 for _, item in batch])
+            vectors = encoder.index_features(
+                np.stack([item.pixels for _, item in batch]),
+                [item.text for _, item in batch],
+                [item.sha256 for _, item in batch],
+            )
             table.add(ids, [entry.contributor_id for entry, _ in batch], vectors)
             ledger.commit(ids, new_rows, len(batch))
             batch.clear()
@@ -194,7 +201,9 @@ class IndexLedger:
 
     Opening it drops vectors whose DuckDB rows never committed (a crash between the two writes)."""
 
-    def __init__(self, store: Store, encoder: embed.Encoder, table: VectorTable, entries: list[Entry], lancedb_uri: str):
+    def __init__(
+        self, store: Store, encoder: embed.Encoder, table: VectorTable, entries: list[Entry], lancedb_uri: str
+    ):
         self.store = store
         self.table = table
         self.encoder_id = encoder.id
@@ -256,7 +265,7 @@ class IndexLedger:
         """Register the batch's new images; call after its vectors are in the table."""
         with self.store.transaction():
             self.store.insert_arrow("training_images", _training_rows(new_rows))
-        for i, entry, item in new_rows:
+        for i, _entry, item in new_rows:
             self.registered[item.sha256] = i
         self.embedded.update(np.asarray(ids).tolist())
         self.result.added += len(new_rows)
@@ -270,11 +279,15 @@ class IndexLedger:
         with self.store.transaction():
             self.store.insert_arrow(
                 "index_errors",
-                pa.table({"path": [e[0] for e in errors], "code": [e[1] for e in errors], "reason": [e[2] for e in errors]}),
+                pa.table(
+                    {"path": [e[0] for e in errors], "code": [e[1] for e in errors], "reason": [e[2] for e in errors]}
+                ),
             )
             result.ann_index = table.maintain()
             result.rows = table.count()
-            record_vector_table(self.store, self.encoder_id, self.lancedb_uri, table.name, result.rows, table.version, result.ann_index)
+            record_vector_table(
+                self.store, self.encoder_id, self.lancedb_uri, table.name, result.rows, table.version, result.ann_index
+            )
         return result
 
 
@@ -295,7 +308,9 @@ def _training_rows(rows: list[tuple[int, Entry, ingest.Item]]) -> pa.Table:
     )
 
 
-def reindex(ws: Workspace, bundle: str | os.PathLike, *, device: str | None = None, progress: Progress | None = None) -> IndexResult:
+def reindex(
+    ws: Workspace, bundle: str | os.PathLike, *, device: str | None = None, progress: Progress | None = None
+) -> IndexResult:
     """Point the workspace at another encoder and embed every registered training image into its own table.
     Attributions made by the previous encoder keep its id and stay queryable."""
     embed.read_config(bundle)  # fail before changing anything

@@ -11,14 +11,21 @@ import copy
 import fcntl
 import os
 import tomllib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import tomli_w
 
 from .errors import AuditError, WorkspaceBusy, WorkspaceNotFound
-from .settings import AbuSettings, CounterfactualSettings, DistillSettings, DtrakSettings, IndexSettings, PlantedSettings
+from .settings import (
+    AbuSettings,
+    CounterfactualSettings,
+    DistillSettings,
+    DtrakSettings,
+    IndexSettings,
+    PlantedSettings,
+)
 
 AUDIT_DIR = ".audit"
 CONFIG_NAME = "audit.toml"
@@ -106,7 +113,9 @@ class Workspace:
         """The diffusion model folder: `override` (a --model option) or [paths] model."""
         path = Path(override) if override else self.path_setting("paths", "model")
         if path is None:
-            raise AuditError(f"no diffusion model configured; set [paths] model in {self.config_path} or pass --model PATH")
+            raise AuditError(
+                f"no diffusion model configured; set [paths] model in {self.config_path} or pass --model PATH"
+            )
         return path
 
     def encoder_dir(self) -> Path:
@@ -119,8 +128,7 @@ class Workspace:
 
     def save(self) -> None:
         self.config_path.write_text(
-            "# provenance auditor workspace settings; see README.md#configuration\n"
-            + tomli_w.dumps(self.config)
+            "# provenance auditor workspace settings; see README.md#configuration\n" + tomli_w.dumps(self.config)
         )
 
     @contextlib.contextmanager

@@ -18,12 +18,15 @@ LOAD_AT_START = [round(x, 2) for x in os.getloadavg()]  # 1/5/15-minute load: th
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     mem = next((int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
     import torch
 
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "nproc": os.cpu_count(),
         "cpu": cpu,
         "ram_gib": round(mem / 2**20, 1),
@@ -46,7 +49,12 @@ def report(name: str, title: str, columns: list[str], rows: list[list], data: di
     Console(width=160).print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"name": name, "machine": machine(), "columns": columns, "rows": rows, **data}, indent=2, default=str) + "\n")
+    path.write_text(
+        json.dumps(
+            {"name": name, "machine": machine(), "columns": columns, "rows": rows, **data}, indent=2, default=str
+        )
+        + "\n"
+    )
     print(f"written {path.relative_to(ROOT)}")
     return path
 

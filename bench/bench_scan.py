@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (sys.path, HF offline)
-from _common import ROOT, WORLD, report
+from _common import WORLD, report
 
 
 def build_images(root: Path, n: int, size: int, seed: int = 0) -> None:
@@ -61,8 +61,9 @@ def build_vit_b32(directory: Path) -> Path:
     config = open_clip.get_model_config("ViT-B-32")
     torch.manual_seed(0)
     model = open_clip.model.CLIP(**config)
-    bundle = embed.open_clip_bundle_config("ViT-B-32-random", config, image_size=224,
-                                           mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD)
+    bundle = embed.open_clip_bundle_config(
+        "ViT-B-32-random", config, image_size=224, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD
+    )
     embed.save(directory, bundle, {"backbone.safetensors": model.state_dict()})
     return directory
 
@@ -77,7 +78,7 @@ def child(args) -> None:
 
     ws = workspace.load(args.ws)
     encoder = embed.load(ws.encoder_dir(), args.device)
-    paths = ingest.discover(args.images)[:args.bare_images]
+    paths = ingest.discover(args.images)[: args.bare_images]
     limits = ingest.Limits()
     items = [ingest.load_item(p, limits, encoder.preprocess) for p in paths]
     pixels = torch.from_numpy(np.stack([item.pixels for item in items]))
@@ -90,7 +91,7 @@ def child(args) -> None:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for i in range(0, len(items), bs):
-            encoder.features(pixels[i:i + bs], texts[i:i + bs])
+            encoder.features(pixels[i : i + bs], texts[i : i + bs])
         if encoder.device.type == "cuda":
             torch.cuda.synchronize()
         return len(items) / (time.perf_counter() - t0)
@@ -103,12 +104,25 @@ def child(args) -> None:
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     bare_runs += [bare_forward(), bare_forward()]
     bare = sorted(bare_runs)[1]
-    print(json.dumps({
-        "images": result.seen, "attributed": result.attributed, "scan_seconds": result.seconds, "scan_wall_seconds": wall,
-        "scan_images_per_s": result.images_per_second, "scan_wall_images_per_s": result.attributed / wall,
-        "bare_images_per_s": bare, "bare_runs": bare_runs, "bare_images": len(items), "peak_rss_mib": peak_rss_mib, "device": str(encoder.device),
-        "encoder": encoder.name, "dim": encoder.dim,
-    }))
+    print(
+        json.dumps(
+            {
+                "images": result.seen,
+                "attributed": result.attributed,
+                "scan_seconds": result.seconds,
+                "scan_wall_seconds": wall,
+                "scan_images_per_s": result.images_per_second,
+                "scan_wall_images_per_s": result.attributed / wall,
+                "bare_images_per_s": bare,
+                "bare_runs": bare_runs,
+                "bare_images": len(items),
+                "peak_rss_mib": peak_rss_mib,
+                "device": str(encoder.device),
+                "encoder": encoder.name,
+                "dim": encoder.dim,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -118,7 +132,9 @@ def main() -> None:
     parser.add_argument("--arch", default=None, help="ViT-B-32: a random-weight full-size open_clip bundle")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--sizes", type=int, nargs="*", default=None, help="image counts (default 1000 10000; --quick 1000)")
+    parser.add_argument(
+        "--sizes", type=int, nargs="*", default=None, help="image counts (default 1000 10000; --quick 1000)"
+    )
     parser.add_argument("--bare-images", type=int, default=2048, help="images timed in the bare forward")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ws", type=Path, help=argparse.SUPPRESS)
@@ -163,23 +179,68 @@ def main() -> None:
         shutil.rmtree(ws_root, ignore_errors=True)
         shutil.copytree(template, ws_root, symlinks=True)
         target = images / "part0" if n <= 1000 else images
-        out = subprocess.run([sys.executable, __file__, "--child", "--ws", str(ws_root), "--images", str(target),
-                              "--device", args.device, "--batch-size", str(args.batch_size), "--bare-images", str(min(n, args.bare_images))],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                "--ws",
+                str(ws_root),
+                "--images",
+                str(target),
+                "--device",
+                args.device,
+                "--batch-size",
+                str(args.batch_size),
+                "--bare-images",
+                str(min(n, args.bare_images)),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         run = json.loads(out.stdout.strip().splitlines()[-1])
         run["ratio"] = run["scan_images_per_s"] / run["bare_images_per_s"]
         runs.append(run)
 
-    rows = [[r["images"], r["device"], args.batch_size, round(r["scan_images_per_s"], 1), round(r["scan_wall_images_per_s"], 1),
-             round(r["bare_images_per_s"], 1), round(r["ratio"], 3), round(r["peak_rss_mib"])] for r in runs]
-    data = {"runs": runs, "encoder": runs[0]["encoder"], "dim": runs[0]["dim"], "arch": args.arch or runs[0]["encoder"],
-            "training_images": len(list(training.rglob("*.png"))) if training.is_dir() else None}
+    rows = [
+        [
+            r["images"],
+            r["device"],
+            args.batch_size,
+            round(r["scan_images_per_s"], 1),
+            round(r["scan_wall_images_per_s"], 1),
+            round(r["bare_images_per_s"], 1),
+            round(r["ratio"], 3),
+            round(r["peak_rss_mib"]),
+        ]
+        for r in runs
+    ]
+    data = {
+        "runs": runs,
+        "encoder": runs[0]["encoder"],
+        "dim": runs[0]["dim"],
+        "arch": args.arch or runs[0]["encoder"],
+        "training_images": len(list(training.rglob("*.png"))) if training.is_dir() else None,
+    }
     if len(runs) == 2:
         data["rss_growth_1k_to_10k"] = runs[1]["peak_rss_mib"] / runs[0]["peak_rss_mib"]
-    report("bench_scan" if not args.arch else f"bench_scan_{args.arch}_{args.device}",
-           f"scan vs bare encoder ({runs[0]['encoder']}, dim {runs[0]['dim']})",
-           ["images", "device", "batch", "scan img/s", "scan img/s (wall, incl. load)", "bare img/s", "scan/bare", "peak RSS MiB"],
-           rows, data)
+    report(
+        "bench_scan" if not args.arch else f"bench_scan_{args.arch}_{args.device}",
+        f"scan vs bare encoder ({runs[0]['encoder']}, dim {runs[0]['dim']})",
+        [
+            "images",
+            "device",
+            "batch",
+            "scan img/s",
+            "scan img/s (wall, incl. load)",
+            "bare img/s",
+            "scan/bare",
+            "peak RSS MiB",
+        ],
+        rows,
+        data,
+    )
 
 
 if __name__ == "__main__":

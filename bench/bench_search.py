@@ -19,9 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 import _common  # noqa: F401
+import numpy as np
 from _common import WORLD, percentile, report
 
 K = 50
@@ -34,7 +33,7 @@ def clustered(n: int, dim: int, centres: np.ndarray, spread: np.ndarray, rng) ->
         m = min(100_000, n - start)
         which = rng.integers(len(centres), size=m)
         x = centres[which] + spread[which, None] * rng.standard_normal((m, dim), dtype=np.float32)
-        out[start:start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        out[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
 
@@ -43,7 +42,7 @@ def exact_top(queries: np.ndarray, vectors: np.ndarray, k: int = K) -> np.ndarra
     best_s = np.full((len(queries), 0), -np.inf, np.float32)
     best_i = np.zeros((len(queries), 0), np.int64)
     for start in range(0, len(vectors), 200_000):
-        s = queries @ vectors[start:start + 200_000].T
+        s = queries @ vectors[start : start + 200_000].T
         top = np.argpartition(-s, k - 1, axis=1)[:, :k]
         best_s = np.concatenate([best_s, np.take_along_axis(s, top, 1)], 1)
         best_i = np.concatenate([best_i, top + start], 1)
@@ -67,12 +66,14 @@ def measure(searcher, queries: np.ndarray, truth_ids: np.ndarray) -> dict:
     batch = []
     for start in range(0, len(queries) - 63, 64):
         t0 = time.perf_counter()
-        searcher.search(queries[start:start + 64], K)
+        searcher.search(queries[start : start + 64], K)
         batch.append((time.perf_counter() - t0) * 1000 / 64)
     return {
         "recall_at_50": recall(np.stack(found), truth_ids),
-        "single_ms_p50": percentile(single, 50), "single_ms_p95": percentile(single, 95),
-        "batch64_ms_per_query_p50": percentile(batch, 50), "batch64_ms_per_query_p95": percentile(batch, 95),
+        "single_ms_p50": percentile(single, 50),
+        "single_ms_p95": percentile(single, 95),
+        "batch64_ms_per_query_p50": percentile(batch, 50),
+        "batch64_ms_per_query_p95": percentile(batch, 95),
     }
 
 
@@ -85,8 +86,17 @@ def encoder_dim() -> int:
     return 64
 
 
-def run_size(n: int, dim: int, work: Path, queries_n: int, append: bool, seed: int = 0, grid=GRID, sub_vectors: int = 0,
-             partitions: int = 0) -> tuple[list[dict], dict]:
+def run_size(
+    n: int,
+    dim: int,
+    work: Path,
+    queries_n: int,
+    append: bool,
+    seed: int = 0,
+    grid=GRID,
+    sub_vectors: int = 0,
+    partitions: int = 0,
+) -> tuple[list[dict], dict]:
     from auditor.search import AnnSearcher, ExactSearcher, VectorTable
     from auditor.settings import IndexSettings
 
@@ -103,7 +113,9 @@ def run_size(n: int, dim: int, work: Path, queries_n: int, append: bool, seed: i
     table = VectorTable(str(work / f"lance_{n}_{sub_vectors}_{partitions}"), f"bench{n}", dim, settings)
     t0 = time.perf_counter()
     for start in range(0, n, 100_000):
-        table.add(ids[start:start + 100_000], ["c"] * len(ids[start:start + 100_000]), vectors[start:start + 100_000])
+        table.add(
+            ids[start : start + 100_000], ["c"] * len(ids[start : start + 100_000]), vectors[start : start + 100_000]
+        )
     insert_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     table.maintain()
@@ -121,14 +133,34 @@ def run_size(n: int, dim: int, work: Path, queries_n: int, append: bool, seed: i
         result = measure(AnnSearcher(table), queries, truth)
         is_default = (nprobes, refine) == (defaults.nprobes, defaults.refine_factor)
         label = "IVF_PQ" + (f" pq{sub_vectors}" if sub_vectors else "") + (f" ivf{partitions}" if partitions else "")
-        rows.append({"n": n, "search": label + (" (default)" if is_default and not sub_vectors and not partitions else ""),
-                     "nprobes": nprobes, "refine_factor": refine, **result})
+        rows.append(
+            {
+                "n": n,
+                "search": label + (" (default)" if is_default and not sub_vectors and not partitions else ""),
+                "nprobes": nprobes,
+                "refine_factor": refine,
+                **result,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
-    info = {"n": n, "dim": dim, "clusters": clusters, "insert_s": insert_s, "index_build_s": build_s, "exact_truth_s": truth_s,
-            "num_partitions": stats.num_indices if hasattr(stats, "num_indices") else None,
-            "index_stats": {k: getattr(stats, k) for k in ("index_type", "num_indexed_rows", "num_unindexed_rows", "distance_type") if hasattr(stats, k)}}
+    info = {
+        "n": n,
+        "dim": dim,
+        "clusters": clusters,
+        "insert_s": insert_s,
+        "index_build_s": build_s,
+        "exact_truth_s": truth_s,
+        "num_partitions": stats.num_indices if hasattr(stats, "num_indices") else None,
+        "index_stats": {
+            k: getattr(stats, k)
+            for k in ("index_type", "num_indexed_rows", "num_unindexed_rows", "distance_type")
+            if hasattr(stats, k)
+        },
+    }
     try:
-        info["num_partitions"] = int(table.table.to_lance().stats.index_stats(table._index_name())["indices"][0]["num_partitions"])
+        info["num_partitions"] = int(
+            table.table.to_lance().stats.index_stats(table._index_name())["indices"][0]["num_partitions"]
+        )
     except Exception:
         info["num_partitions"] = None
 
@@ -149,9 +181,19 @@ def run_size(n: int, dim: int, work: Path, queries_n: int, append: bool, seed: i
             stats = table.table.index_stats(table._index_name())
             truth_all = exact_top(queries, all_vectors) + 1
             result = measure(AnnSearcher(table), queries, truth_all)
-            after.append({"n": n, "search": f"IVF_PQ default, {label}", "nprobes": defaults.nprobes, "refine_factor": defaults.refine_factor,
-                          "rows": int(table.count()), "indexed": int(stats.num_indexed_rows), "unindexed": int(stats.num_unindexed_rows),
-                          "maintain_s": maintain_s, **result})
+            after.append(
+                {
+                    "n": n,
+                    "search": f"IVF_PQ default, {label}",
+                    "nprobes": defaults.nprobes,
+                    "refine_factor": defaults.refine_factor,
+                    "rows": int(table.count()),
+                    "indexed": int(stats.num_indexed_rows),
+                    "unindexed": int(stats.num_unindexed_rows),
+                    "maintain_s": maintain_s,
+                    **result,
+                }
+            )
             print(json.dumps(after[-1]), flush=True)
         rows += after
     return rows, info
@@ -164,7 +206,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--dim", type=int, default=None)
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--sub-vectors", type=int, default=0, help="IVF_PQ num_sub_vectors (0: the workspace default, dim/8)")
+    parser.add_argument(
+        "--sub-vectors", type=int, default=0, help="IVF_PQ num_sub_vectors (0: the workspace default, dim/8)"
+    )
     parser.add_argument("--partitions", type=int, default=0, help="IVF_PQ num_partitions (0: the workspace default)")
     parser.add_argument("--grid", default=None, help='(nprobes,refine) pairs, e.g. "10,10 20,20"')
     parser.add_argument("--no-append", action="store_true", help="skip the append / rebuild measurement")
@@ -177,17 +221,50 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows, infos = [], []
     for n in sizes:
-        size_rows, info = run_size(n, dim, work, args.queries, append=(n == min(sizes)) and not args.no_append, grid=grid,
-                                   sub_vectors=args.sub_vectors, partitions=args.partitions)
+        size_rows, info = run_size(
+            n,
+            dim,
+            work,
+            args.queries,
+            append=(n == min(sizes)) and not args.no_append,
+            grid=grid,
+            sub_vectors=args.sub_vectors,
+            partitions=args.partitions,
+        )
         rows += size_rows
         infos.append(info)
         print(json.dumps(info), flush=True)
-    table_rows = [[r["n"], r["search"], r["nprobes"] or "", r["refine_factor"] or "", round(r["recall_at_50"], 4),
-                   round(r["single_ms_p50"], 2), round(r["single_ms_p95"], 2),
-                   round(r["batch64_ms_per_query_p50"], 2), round(r["batch64_ms_per_query_p95"], 2)] for r in rows]
-    report(args.name, f"vector search, dim {dim}, top-{K}, {args.queries} queries",
-           ["vectors", "search", "nprobes", "refine", "recall@50", "single p50 ms", "single p95 ms", "batch64 p50 ms/q", "batch64 p95 ms/q"],
-           table_rows, {"dim": dim, "k": K, "queries": args.queries, "results": rows, "sizes": infos})
+    table_rows = [
+        [
+            r["n"],
+            r["search"],
+            r["nprobes"] or "",
+            r["refine_factor"] or "",
+            round(r["recall_at_50"], 4),
+            round(r["single_ms_p50"], 2),
+            round(r["single_ms_p95"], 2),
+            round(r["batch64_ms_per_query_p50"], 2),
+            round(r["batch64_ms_per_query_p95"], 2),
+        ]
+        for r in rows
+    ]
+    report(
+        args.name,
+        f"vector search, dim {dim}, top-{K}, {args.queries} queries",
+        [
+            "vectors",
+            "search",
+            "nprobes",
+            "refine",
+            "recall@50",
+            "single p50 ms",
+            "single p95 ms",
+            "batch64 p50 ms/q",
+            "batch64 p95 ms/q",
+        ],
+        table_rows,
+        {"dim": dim, "k": K, "queries": args.queries, "results": rows, "sizes": infos},
+    )
 
 
 if __name__ == "__main__":

@@ -14,9 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 import _common  # noqa: F401
+import numpy as np
 from _common import report
 
 
@@ -37,7 +36,9 @@ def main() -> None:
 
     # The scan's shape: one transaction per batch.
     with Store(work / "batched.duckdb") as store:
-        store.con.execute("INSERT INTO scans (id, started_at, root, encoder_id, index_version, top_k, device, status) VALUES (1, now(), '/x', 'e', 1, 50, 'cpu', 'running')")
+        store.con.execute(
+            "INSERT INTO scans (id, started_at, root, encoder_id, index_version, top_k, device, status) VALUES (1, now(), '/x', 'e', 1, 50, 'cpu', 'running')"
+        )
         batches = []
         for start in range(0, n_gen, batch):
             m = min(batch, n_gen - start)
@@ -46,15 +47,22 @@ def main() -> None:
             shares = embed.softmax_shares(scores.astype(np.float64), 0.05)
             batches.append(scan._attribution_rows(list(range(start + 1, start + m + 1)), ids, scores, shares, "enc", 1))
         t0 = time.perf_counter()
-        for i, rows in enumerate(batches):
+        for _i, rows in enumerate(batches):
             with store.transaction():
                 store.insert_arrow("attributions", rows)
                 store.con.execute("UPDATE scans SET n_attributed = n_attributed + ? WHERE id = 1", [rows.num_rows // k])
         seconds = time.perf_counter() - t0
         count = store.value("SELECT count(*) FROM attributions")
-    results.append({"shape": f"per batch of {batch} generations ({batch * k} rows), one transaction each",
-                    "rows": count, "transactions": len(batches), "seconds": seconds, "rows_per_s": count / seconds,
-                    "ms_per_transaction": seconds / len(batches) * 1000})
+    results.append(
+        {
+            "shape": f"per batch of {batch} generations ({batch * k} rows), one transaction each",
+            "rows": count,
+            "transactions": len(batches),
+            "seconds": seconds,
+            "rows_per_s": count / seconds,
+            "ms_per_transaction": seconds / len(batches) * 1000,
+        }
+    )
 
     import pyarrow as pa
 
@@ -65,13 +73,34 @@ def main() -> None:
             store.insert_arrow("attributions", everything)
         seconds = time.perf_counter() - t0
         count = store.value("SELECT count(*) FROM attributions")
-    results.append({"shape": "one bulk insert", "rows": count, "transactions": 1, "seconds": seconds, "rows_per_s": count / seconds,
-                    "ms_per_transaction": seconds * 1000})
+    results.append(
+        {
+            "shape": "one bulk insert",
+            "rows": count,
+            "transactions": 1,
+            "seconds": seconds,
+            "rows_per_s": count / seconds,
+            "ms_per_transaction": seconds * 1000,
+        }
+    )
 
-    report("bench_store", "DuckDB attribution writes (Store.insert_arrow)",
-           ["shape", "rows", "transactions", "seconds", "rows/s", "ms/transaction"],
-           [[r["shape"], r["rows"], r["transactions"], round(r["seconds"], 3), round(r["rows_per_s"]), round(r["ms_per_transaction"], 2)] for r in results],
-           {"results": results})
+    report(
+        "bench_store",
+        "DuckDB attribution writes (Store.insert_arrow)",
+        ["shape", "rows", "transactions", "seconds", "rows/s", "ms/transaction"],
+        [
+            [
+                r["shape"],
+                r["rows"],
+                r["transactions"],
+                round(r["seconds"], 3),
+                round(r["rows_per_s"]),
+                round(r["ms_per_transaction"], 2),
+            ]
+            for r in results
+        ],
+        {"results": results},
+    )
 
 
 if __name__ == "__main__":

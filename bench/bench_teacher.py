@@ -28,9 +28,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
-    missing = [p for p in ("training/contributors.csv", "outputs", "encoder/encoder.json", "model/model_index.json") if not (WORLD / p).exists()]
+    missing = [
+        p
+        for p in ("training/contributors.csv", "outputs", "encoder/encoder.json", "model/model_index.json")
+        if not (WORLD / p).exists()
+    ]
     if missing:
-        raise SystemExit(f"the example world is not built ({', '.join(missing)} missing): run examples/digits_world/build.py first")
+        raise SystemExit(
+            f"the example world is not built ({', '.join(missing)} missing): run examples/digits_world/build.py first"
+        )
 
     from auditor import sql, workspace
     from auditor.confirm import confirm
@@ -50,24 +56,41 @@ def main() -> None:
     t0 = time.perf_counter()
     confirmed = confirm(ws, top=top, device=args.device)
     confirm_wall = time.perf_counter() - t0
-    per_generation = sql.query(ws, f"select seconds from confirmations where run_id = {confirmed.run_id}")["seconds"].to_list()
+    per_generation = sql.query(ws, f"select seconds from confirmations where run_id = {confirmed.run_id}")[
+        "seconds"
+    ].to_list()
     teacher = percentile(per_generation, 50)
     teacher_wall = confirm_wall / max(1, confirmed.generations)
     data = {
-        "scan": {"generations": scanned.attributed, "seconds": scanned.seconds, "wall_seconds": scan_wall,
-                 "seconds_per_generation": fast, "wall_seconds_per_generation": fast_wall},
-        "confirm": {"generations": confirmed.generations, "per_generation_seconds": per_generation, "wall_seconds": confirm_wall,
-                    "median_seconds_per_generation": teacher, "wall_seconds_per_generation": teacher_wall,
-                    "settings": dict(ws.config["confirm"])},
+        "scan": {
+            "generations": scanned.attributed,
+            "seconds": scanned.seconds,
+            "wall_seconds": scan_wall,
+            "seconds_per_generation": fast,
+            "wall_seconds_per_generation": fast_wall,
+        },
+        "confirm": {
+            "generations": confirmed.generations,
+            "per_generation_seconds": per_generation,
+            "wall_seconds": confirm_wall,
+            "median_seconds_per_generation": teacher,
+            "wall_seconds_per_generation": teacher_wall,
+            "settings": dict(ws.config["confirm"]),
+        },
         "speedup": teacher / fast,
         "speedup_wall": teacher_wall / fast_wall,
     }
-    report("bench_teacher", "fast path vs teacher, seconds per generation (example world)",
-           ["path", "generations", "s/generation", "s/generation (wall, incl. load)"],
-           [["scan (fast)", scanned.attributed, round(fast, 5), round(fast_wall, 5)],
+    report(
+        "bench_teacher",
+        "fast path vs teacher, seconds per generation (example world)",
+        ["path", "generations", "s/generation", "s/generation (wall, incl. load)"],
+        [
+            ["scan (fast)", scanned.attributed, round(fast, 5), round(fast_wall, 5)],
             ["confirm (teacher)", confirmed.generations, round(teacher, 2), round(teacher_wall, 2)],
-            ["speed-up", "", round(teacher / fast), round(teacher_wall / fast_wall)]],
-           data)
+            ["speed-up", "", round(teacher / fast), round(teacher_wall / fast_wall)],
+        ],
+        data,
+    )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,11 @@ def main() -> None:
     training = {i: parse(c) for i, c in sql.query(ws, "select id, caption from training_images").rows()}
     all_digits = np.array([d for d, _ in training.values()])
     all_palettes = [p for _, p in training.values()]
-    rows = sql.query(ws, "select s.generation_id, g.prompt, s.training_id, s.influence, s.raw_influence, s.teacher_rank, s.is_control,"
-                         " s.fast_rank from teacher_scores s join generations g on g.id = s.generation_id").rows()
+    rows = sql.query(
+        ws,
+        "select s.generation_id, g.prompt, s.training_id, s.influence, s.raw_influence, s.teacher_rank, s.is_control,"
+        " s.fast_rank from teacher_scores s join generations g on g.id = s.generation_id",
+    ).rows()
     by_gen: dict[int, list] = {}
     for row in rows:
         by_gen.setdefault(row[0], []).append(row)
@@ -70,7 +73,7 @@ def main() -> None:
 
     stats = {key: [] for key in ("corrected", "raw", "fast", "candidates", "all")}
     margins, controls_in_top = [], []
-    for gen, items in by_gen.items():
+    for _gen, items in by_gen.items():
         digit, palette = parse(items[0][1])
         if digit is None:
             continue
@@ -83,15 +86,28 @@ def main() -> None:
         stats["raw"].append(fractions(ids[np.argsort(-raw)[: args.k]], digit, palette))
         stats["fast"].append(fractions(ids[np.argsort(fast_rank)[: args.k]], digit, palette))
         stats["candidates"].append(fractions(ids[~control], digit, palette))
-        stats["all"].append((np.mean(all_digits == digit), np.mean([p == palette for p in all_palettes]),
-                             np.mean([(training[i][0] == digit and training[i][1] == palette) for i in training])))
+        stats["all"].append(
+            (
+                np.mean(all_digits == digit),
+                np.mean([p == palette for p in all_palettes]),
+                np.mean([(training[i][0] == digit and training[i][1] == palette) for i in training]),
+            )
+        )
         top_fast = (~control) & (fast_rank <= args.k)
         margins.append(float(np.median(infl[top_fast]) - np.median(infl[control])))
         controls_in_top.append(float(control[np.argsort(-infl)[: args.k]].mean()))
     run = sql.query(ws, "select * from confirm_runs").row(0, named=True)
-    conf = sql.query(ws, "select avg(map_at_k) m, avg(top1_agree::int) t1, avg(spearman) sp, avg(confirmed::int) c from confirmations").row(0, named=True)
-    labels = {"corrected": "teacher top-10 (corrected, stored as influence)", "raw": "teacher top-10 (raw Δloss)",
-              "fast": "fast path top-10", "candidates": "base rate: the teacher's candidate set", "all": "base rate: whole training set"}
+    conf = sql.query(
+        ws,
+        "select avg(map_at_k) m, avg(top1_agree::int) t1, avg(spearman) sp, avg(confirmed::int) c from confirmations",
+    ).row(0, named=True)
+    labels = {
+        "corrected": "teacher top-10 (corrected, stored as influence)",
+        "raw": "teacher top-10 (raw Δloss)",
+        "fast": "fast path top-10",
+        "candidates": "base rate: the teacher's candidate set",
+        "all": "base rate: whole training set",
+    }
     lines = [
         "# The unlearning teacher on the example world",
         "",

@@ -50,7 +50,9 @@ def main() -> None:
     started = time.perf_counter()
     for part in ("training", "outputs", "model", "encoder"):
         if not (WORLD / part).exists():
-            raise SystemExit(f"error: {WORLD / part} is missing; rebuild the example world with `python {WORLD / 'build.py'}`")
+            raise SystemExit(
+                f"error: {WORLD / part} is missing; rebuild the example world with `python {WORLD / 'build.py'}`"
+            )
     workdir = args.workdir.resolve()
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
@@ -88,7 +90,9 @@ def main() -> None:
         workspace=ws,
     )
     run("report", "--pool", "1000", "--currency", "EUR", "--out", workdir / "report", workspace=ws)
-    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; workspace {ws}; report {workdir / 'report' / 'index.html'}")
+    print(
+        f"\ndemo finished in {time.perf_counter() - started:.0f} s; workspace {ws}; report {workdir / 'report' / 'index.html'}"
+    )
 
 
 if __name__ == "__main__":

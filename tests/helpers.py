@@ -12,7 +12,9 @@ def audit(*args, ws=None, check=True, **kwargs) -> subprocess.CompletedProcess:
         env["AUDIT_WORKSPACE"] = str(ws.root if hasattr(ws, "root") else ws)
     proc = subprocess.run([*AUDIT, *map(str, args)], capture_output=True, text=True, env=env, **kwargs)
     if check and proc.returncode != 0:
-        raise AssertionError(f"audit {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"audit {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 

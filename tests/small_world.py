@@ -52,8 +52,15 @@ def build_training(root: Path, per_contributor: int = 30, seed: int = 0) -> Path
         for j in order[c * per_contributor : (c + 1) * per_contributor]:
             rel = f"{name}/{j:04d}.png"
             digit_image(digits.images[j], ink, paper).save(root / rel)
-            rows.append({"path": rel, "contributor_id": name, "contributor_name": name.title() + " Studio",
-                         "caption": caption(int(digits.target[j]), name), "license": "CC-BY-4.0"})
+            rows.append(
+                {
+                    "path": rel,
+                    "contributor_id": name,
+                    "contributor_name": name.title() + " Studio",
+                    "caption": caption(int(digits.target[j]), name),
+                    "license": "CC-BY-4.0",
+                }
+            )
     with open(root / "contributors.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -63,7 +70,10 @@ def build_training(root: Path, per_contributor: int = 30, seed: int = 0) -> Path
 
 def a1111(prompt: str, seed: int) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", f"{prompt}\nNegative prompt: blurry\nSteps: 20, Sampler: DDIM, CFG scale: 4, Seed: {seed}, Size: 32x32")
+    info.add_text(
+        "parameters",
+        f"{prompt}\nNegative prompt: blurry\nSteps: 20, Sampler: DDIM, CFG scale: 4, Seed: {seed}, Size: 32x32",
+    )
     return info
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from auditor import workspace
-from auditor.ingest import Limits, decode, parse_a1111, parse_comfyui, IngestError
+from auditor.ingest import IngestError, Limits, decode, parse_a1111, parse_comfyui
 
 from .corpus.build import ATTRIBUTED, TOO_LARGE_BYTES, build
 from .helpers import sql_value
@@ -50,13 +50,18 @@ def test_hostile_corpus_is_attributed_or_recorded(indexed_template, tiny_encoder
                 if os.path.basename(name) != "unreadable.png":
                     os.lchown(name, NOBODY, NOBODY)
     env = {**os.environ, "AUDIT_WORKSPACE": str(ws_root), "HOME": str(shared_tmp), "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = _run_as_unprivileged([sys.executable, "-m", "auditor", "scan", str(shared_tmp / "corpus"), "--top-k", "5"], env)
+    proc = _run_as_unprivileged(
+        [sys.executable, "-m", "auditor", "scan", str(shared_tmp / "corpus"), "--top-k", "5"], env
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
 
     attributed = {
         Path(p).name
-        for (p,) in workspace_rows(ws, "select g.path from generations g where exists (select 1 from attributions a where a.generation_id = g.id)")
+        for (p,) in workspace_rows(
+            ws,
+            "select g.path from generations g where exists (select 1 from attributions a where a.generation_id = g.id)",
+        )
     }
     errors = {Path(p).name: code for p, code in workspace_rows(ws, "select path, code from scan_errors")}
     # Identical pixels are one generation (sha256), so compare per expected file, allowing for shared content.
@@ -97,7 +102,9 @@ def test_a1111_parameters_parse_to_the_positive_prompt():
 
 
 def test_comfyui_prompt_follows_the_sampler_positive_input():
-    graph = '{"1": {"class_type": "CLIPTextEncode", "inputs": {"text": "negative words"}},' \
-            ' "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "positive words"}},' \
-            ' "3": {"class_type": "KSampler", "inputs": {"positive": ["2", 0], "negative": ["1", 0]}}}'
+    graph = (
+        '{"1": {"class_type": "CLIPTextEncode", "inputs": {"text": "negative words"}},'
+        ' "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "positive words"}},'
+        ' "3": {"class_type": "KSampler", "inputs": {"positive": ["2", 0], "negative": ["1", 0]}}}'
+    )
     assert parse_comfyui(graph) == "positive words"

@@ -61,7 +61,10 @@ def test_confirm_stores_scores_and_agreement_and_skips_on_rerun(scanned_ws):
     assert result.noise_floor > 0 and result.signal_to_noise > 0
     n_candidates = 20 + 8
     assert sql_value(scanned_ws, "select count(*) from teacher_scores") == 2 * n_candidates
-    assert sql_value(scanned_ws, "select count(*) from teacher_scores where is_control = (fast_rank is null)") == 2 * n_candidates
+    assert (
+        sql_value(scanned_ws, "select count(*) from teacher_scores where is_control = (fast_rank is null)")
+        == 2 * n_candidates
+    )
     assert sql_value(scanned_ws, "select count(distinct teacher_rank) from teacher_scores") == n_candidates
     row = sql.query(scanned_ws, "select * from confirm_runs").row(0, named=True)
     assert row["status"] == "finished" and row["n_generations"] == 2 and row["noise_floor"] > 0
@@ -69,14 +72,21 @@ def test_confirm_stores_scores_and_agreement_and_skips_on_rerun(scanned_ws):
     assert conf.height == 2 and conf["map_at_k"].is_between(0, 1).all()
     # The two with the highest top-1 share were picked.
     picked = set(conf["generation_id"].to_list())
-    best = set(sql.query(scanned_ws, "select generation_id from attributions where rank = 1 order by share desc, generation_id limit 2")["generation_id"].to_list())
+    best = set(
+        sql.query(
+            scanned_ws,
+            "select generation_id from attributions where rank = 1 order by share desc, generation_id limit 2",
+        )["generation_id"].to_list()
+    )
     assert picked == best
     checks = sql_value(scanned_ws, "select count(*) from attribution_checks where confirm_run_id is not null")
     assert checks == 2 * 5
 
     again = confirm.confirm(scanned_ws, top=2)
     assert again.generations == 2
-    assert set(sql.query(scanned_ws, "select generation_id from confirmations where run_id = 2")["generation_id"].to_list()).isdisjoint(picked)
+    assert set(
+        sql.query(scanned_ws, "select generation_id from confirmations where run_id = 2")["generation_id"].to_list()
+    ).isdisjoint(picked)
     gen = next(iter(picked))
     # A run killed after its last commit is left 'running'; the next call, even one with nothing to do, ends it.
     sql.query(scanned_ws, "update confirm_runs set status = 'running', finished_at = null where id = 2", write=True)
@@ -106,7 +116,9 @@ def test_scoring_noise_is_drawn_per_query(scanned_ws):
     first, second = session.losses(ids, session.noise_seed(1)), session.losses(ids, session.noise_seed(2))
     assert (first != second).all()
     assert np.array_equal(first, session.losses(ids, session.noise_seed(1)))
-    image = diffusion.read_image(sql_value(scanned_ws, "select path from generations order by id limit 1"), training.limits)
+    image = diffusion.read_image(
+        sql_value(scanned_ws, "select path from generations order by id limit 1"), training.limits
+    )
     a, b = session.score(image, "a prompt", ids, 5), session.score(image, "a prompt", ids, 5)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and np.abs(a[0]).max() > 0
 

@@ -20,8 +20,18 @@ def _inputs(model, n=24, seed=0):
 
 def _train(model, keep, recipe):
     mean, std, tokens, empty = _inputs(model)
-    unet, text, losses = retrain.train(model.unet.config, model.text_encoder.config, model.scheduler, mean[keep], std[keep],
-                                       0.18, tokens[keep], empty, recipe, steps=6)
+    unet, text, losses = retrain.train(
+        model.unet.config,
+        model.text_encoder.config,
+        model.scheduler,
+        mean[keep],
+        std[keep],
+        0.18,
+        tokens[keep],
+        empty,
+        recipe,
+        steps=6,
+    )
     return torch.cat([p.flatten() for p in [*unet.parameters(), *text.parameters()]]), losses
 
 
@@ -73,7 +83,10 @@ def test_counterfactual_end_to_end_on_a_tiny_model(scanned_ws):
     gen = report.generations[0]
     abu = next(c for c in report.conditions if c.name == "abu").per_generation[0]["removed"]
     from auditor import sql
-    top = sql.query(scanned_ws, f"select training_id from teacher_scores where generation_id = {gen} order by teacher_rank limit 3")
+
+    top = sql.query(
+        scanned_ws, f"select training_id from teacher_scores where generation_id = {gen} order by teacher_rank limit 3"
+    )
     assert abu == top["training_id"].to_list()
     # Retrained weights are cached per removed set: a rerun retrains nothing and measures the same.
     cached = sorted(report.folder.glob("without-*.safetensors"))

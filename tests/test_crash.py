@@ -61,7 +61,9 @@ for line in sys.stdin:
 class Zygote:
     def __init__(self):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
         assert self.proc.stdout.readline().strip() == "ready"
 
     def start(self, args, ws_root, log) -> "Child":
@@ -142,14 +144,18 @@ def scan_reference(zygote, indexed_template, many_outputs, tmp_path_factory):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_scan_killed_at_random_points_then_rerun_matches_uninterrupted(zygote, scan_reference, indexed_template, many_outputs, tmp_path, seed):
+def test_scan_killed_at_random_points_then_rerun_matches_uninterrupted(
+    zygote, scan_reference, indexed_template, many_outputs, tmp_path, seed
+):
     rng = np.random.default_rng(seed)
     root = _copy(indexed_template.root, tmp_path / "crashed")
     args = ["-v", "scan", many_outputs, "--top-k", 5, "--batch-size", 4]
     progress = []
     for kill in range(3):  # 40 batches of 4; at most 3 × 7 of them commit before the kills
         child = zygote.start(args, root, tmp_path / f"kill{kill}.log")
-        assert child.kill_after("committed batch", int(rng.integers(1, 8)), float(rng.uniform(0, 0.02))) == -signal.SIGKILL
+        assert (
+            child.kill_after("committed batch", int(rng.integers(1, 8)), float(rng.uniform(0, 0.02))) == -signal.SIGKILL
+        )
         progress.append(sql.query(workspace.load(root), "select count(*) n from generations")["n"].item())
     assert 0 < progress[0] <= progress[1] <= progress[2] < 160  # really interrupted, mid-way, three times
     zygote.start(args, root, tmp_path / "rerun.log").finish()
@@ -170,17 +176,23 @@ def test_scan_killed_at_random_points_then_rerun_matches_uninterrupted(zygote, s
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_index_killed_at_random_points_keeps_lance_and_duckdb_in_step(zygote, ws, indexed_template, training_dir, tmp_path, seed):
+def test_index_killed_at_random_points_keeps_lance_and_duckdb_in_step(
+    zygote, ws, indexed_template, training_dir, tmp_path, seed
+):
     rng = np.random.default_rng(100 + seed)
     args = ["-v", "index", training_dir, "--batch-size", 4]
     for kill in range(3):  # 30 batches of 4 (a few ms each); at most 3 × 7 of them commit before the kills
         child = zygote.start(args, ws.root, tmp_path / f"kill{kill}.log")
-        assert child.kill_after("indexed batch", int(rng.integers(1, 8)), float(rng.uniform(0, 0.01))) == -signal.SIGKILL
+        assert (
+            child.kill_after("indexed batch", int(rng.integers(1, 8)), float(rng.uniform(0, 0.01))) == -signal.SIGKILL
+        )
     zygote.start(args, ws.root, tmp_path / "rerun.log").finish()
 
     crashed = workspace.load(ws.root)
     query = "select id, sha256, contributor_id, caption, caption_source, width, height from training_images order by id"
-    assert sql.query(crashed, query).equals(sql.query(indexed_template, query))  # same ids for the same content: 0 lost, 0 extra
+    assert sql.query(crashed, query).equals(
+        sql.query(indexed_template, query)
+    )  # same ids for the same content: 0 lost, 0 extra
     encoder_id, recorded = sql.query(crashed, "select encoder_id, rows from vector_tables").row(0)
     table = VectorTable(crashed.lancedb_uri, encoder_id, 64, IndexSettings())
     ids = table.ids()
@@ -200,7 +212,9 @@ def _teacher_rows(ws):
 
 def test_confirm_killed_at_random_points_then_rerun_matches_uninterrupted(zygote, scanned_ws, tmp_path):
     # The cheapest teacher that still runs every stage (Fisher, caches, unlearning, scoring, controls, agreement).
-    scanned_ws.config["confirm"].update(candidates=6, controls=2, draws=2, timesteps=2, fisher_samples=4, reference_samples=2, k=3)
+    scanned_ws.config["confirm"].update(
+        candidates=6, controls=2, draws=2, timesteps=2, fisher_samples=4, reference_samples=2, k=3
+    )
     scanned_ws.save()
     reference_root = _copy(scanned_ws.root, tmp_path / "reference")
     n = 24  # every generation of the small world: the runs last long enough for kills to land mid-way
@@ -227,7 +241,9 @@ def test_confirm_killed_at_random_points_then_rerun_matches_uninterrupted(zygote
 
     crashed = workspace.load(scanned_ws.root)
     confirmed = "select generation_id, k from confirmations order by 1"
-    assert sql.query(crashed, confirmed).equals(sql.query(reference, confirmed))  # each generation once: 0 lost, 0 duplicated
+    assert sql.query(crashed, confirmed).equals(
+        sql.query(reference, confirmed)
+    )  # each generation once: 0 lost, 0 duplicated
     assert sql.query(crashed, confirmed).height == n
     expected, got = _teacher_rows(reference), _teacher_rows(crashed)
     assert got.height == expected.height == n * 8  # 6 candidates + 2 controls each

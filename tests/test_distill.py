@@ -50,8 +50,12 @@ def _raw_cosine_map(val, t, k):
     qn = val.query_features / np.linalg.norm(val.query_features, axis=1, keepdims=True)
     tn = t / np.linalg.norm(t, axis=1, keepdims=True)
     sims = qn @ tn.T
-    return np.mean([metrics.average_precision(np.argsort(-row), set(c[np.argsort(r)[:k]].tolist()))
-                    for row, c, r in zip(sims, val.candidates, val.ranks)])
+    return np.mean(
+        [
+            metrics.average_precision(np.argsort(-row), set(c[np.argsort(r)[:k]].tolist()))
+            for row, c, r in zip(sims, val.candidates, val.ranks)
+        ]
+    )
 
 
 def test_head_recovers_a_known_ranking_embedding():
@@ -59,7 +63,17 @@ def test_head_recovers_a_known_ranking_embedding():
     fit_rows, val_rows = slice(0, 240), slice(240, 300)
     train = distill.Rankings(q[fit_rows], cands[fit_rows], ranks[fit_rows])
     val = distill.Rankings(q[val_rows], cands[val_rows], ranks[val_rows])
-    s = DistillSettings(hidden_dims=(64,), out_dim=16, dropout=0.0, layernorm=False, epochs=80, batch_size=512, lr=3e-3, patience=15, k=5)
+    s = DistillSettings(
+        hidden_dims=(64,),
+        out_dim=16,
+        dropout=0.0,
+        layernorm=False,
+        epochs=80,
+        batch_size=512,
+        lr=3e-3,
+        patience=15,
+        k=5,
+    )
     raw = _raw_cosine_map(val, t, 5)
     fit = distill.fit_head(train, val, t, s)
     print(f"val mAP@5: raw cosine {raw:.3f} → distilled {fit.best_val_map:.3f} after {fit.epochs} epochs")
@@ -71,12 +85,24 @@ def test_validation_scores_and_the_fit_keeps_the_weights_moving_average():
     q, t, cands, ranks = _synthetic(n_queries=120)
     train = distill.Rankings(q[:90], cands[:90], ranks[:90])
     val = distill.Rankings(q[90:], cands[90:], ranks[90:])
-    s = DistillSettings(hidden_dims=(32,), out_dim=16, dropout=0.0, layernorm=False, epochs=4, batch_size=256, lr=3e-3,
-                        patience=10, k=5, strengths=False)
+    s = DistillSettings(
+        hidden_dims=(32,),
+        out_dim=16,
+        dropout=0.0,
+        layernorm=False,
+        epochs=4,
+        batch_size=256,
+        lr=3e-3,
+        patience=10,
+        k=5,
+        strengths=False,
+    )
     plain, averaged = (distill.fit_head(train, val, t, replace(s, ema=ema)) for ema in (0.0, 0.9))
     # The same optimisation (same seed); only what validation sees and the fit keeps differs after the first step.
     assert plain.history[0]["val_map"] == averaged.history[0]["val_map"] and plain.epochs > 0 and averaged.epochs > 0
-    assert any(not torch.equal(a, b) for a, b in zip(plain.head.state_dict().values(), averaged.head.state_dict().values()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(plain.head.state_dict().values(), averaged.head.state_dict().values())
+    )
     for fit in (plain, averaged):  # the head kept is the one validation scored
         assert distill._val_map(fit.head, val, torch.as_tensor(t), s.k) == pytest.approx(fit.best_val_map)
 
@@ -85,8 +111,18 @@ def test_the_shipped_head_is_refit_on_fit_and_validation_queries_for_the_epochs_
     q, t, cands, ranks = _synthetic(n_train=2000, n_queries=120, candidates=10)
     train = distill.Rankings(q[:90], cands[:90], ranks[:90])
     val = distill.Rankings(q[90:], cands[90:], ranks[90:])
-    s = DistillSettings(hidden_dims=(32,), out_dim=16, dropout=0.0, layernorm=False, epochs=8, batch_size=256, lr=3e-3,
-                        patience=10, k=5, negatives=0.0)
+    s = DistillSettings(
+        hidden_dims=(32,),
+        out_dim=16,
+        dropout=0.0,
+        layernorm=False,
+        epochs=8,
+        batch_size=256,
+        lr=3e-3,
+        patience=10,
+        k=5,
+        negatives=0.0,
+    )
     rows = []
     selected, final = distill.fit(train, val, t, s, rows.append)
     assert selected.epochs > 0 and final.epochs == selected.epochs
@@ -98,7 +134,9 @@ def test_the_shipped_head_is_refit_on_fit_and_validation_queries_for_the_epochs_
     assert len(only_val) and not selected.touched[only_val].any() and final.touched[only_val].all()
     fit_only = distill.fit_head(train, None, t, replace(s, epochs=selected.epochs))
     assert fit_only.epochs == selected.epochs
-    assert any(not torch.equal(a, b) for a, b in zip(fit_only.head.state_dict().values(), final.head.state_dict().values()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(fit_only.head.state_dict().values(), final.head.state_dict().values())
+    )
     # A run that keeps the head it validated ships that one.
     kept, shipped = distill.fit(train, val, t, replace(s, refit=False))
     assert shipped is kept
@@ -114,12 +152,25 @@ def test_strengths_recover_a_known_per_image_factor():
     fit_rows, val_rows = slice(0, 240), slice(240, 300)
     train = distill.Rankings(q[fit_rows], cands[fit_rows], ranks[fit_rows])
     val = distill.Rankings(q[val_rows], cands[val_rows], ranks[val_rows])
-    s = DistillSettings(hidden_dims=(64,), out_dim=16, dropout=0.0, layernorm=False, epochs=80, batch_size=512, lr=3e-3,
-                        patience=15, k=5, strength_decay=1e-5, query_map=False)  # the strengths alone
+    s = DistillSettings(
+        hidden_dims=(64,),
+        out_dim=16,
+        dropout=0.0,
+        layernorm=False,
+        epochs=80,
+        batch_size=512,
+        lr=3e-3,
+        patience=15,
+        k=5,
+        strength_decay=1e-5,
+        query_map=False,
+    )  # the strengths alone
     without = distill.fit_head(train, val, t, DistillSettings(**{**s.__dict__, "strengths": False}))
     fit = distill.fit_head(train, val, t, s)
     rho = spearmanr(fit.log_strength[fit.touched], true_log[fit.touched])[0]
-    print(f"val mAP@5: without strengths {without.best_val_map:.3f}, with {fit.best_val_map:.3f}; strength Spearman {rho:.3f}")
+    print(
+        f"val mAP@5: without strengths {without.best_val_map:.3f}, with {fit.best_val_map:.3f}; strength Spearman {rho:.3f}"
+    )
     assert fit.touched.all() and without.log_strength is None
     assert rho >= 0.9
     assert fit.best_val_map >= 0.85 and fit.best_val_map > without.best_val_map + 0.1
@@ -134,8 +185,18 @@ def test_a_query_map_recovers_an_asymmetric_ranking():
     fit_rows, val_rows = slice(0, 240), slice(240, 300)
     train = distill.Rankings(q[fit_rows], cands[fit_rows], ranks[fit_rows])
     val = distill.Rankings(q[val_rows], cands[val_rows], ranks[val_rows])
-    s = DistillSettings(hidden_dims=(64,), out_dim=16, dropout=0.0, layernorm=False, epochs=80, batch_size=512, lr=3e-3, patience=15, k=5,
-                        strengths=False)
+    s = DistillSettings(
+        hidden_dims=(64,),
+        out_dim=16,
+        dropout=0.0,
+        layernorm=False,
+        epochs=80,
+        batch_size=512,
+        lr=3e-3,
+        patience=15,
+        k=5,
+        strengths=False,
+    )
     shared = distill.fit_head(train, val, t, DistillSettings(**{**s.__dict__, "query_map": False}))
     fit = distill.fit_head(train, val, t, s)
     print(f"val mAP@5: shared head {shared.best_val_map:.3f}, with the query map {fit.best_val_map:.3f}")
@@ -169,7 +230,9 @@ def test_temperature_fit_recovers_a_known_temperature():
         positives.append(mask)
     tau, nll = distill.fit_temperature(scores, positives)
     assert tau == pytest.approx(true_tau, rel=0.1)
-    assert distill.calibration_error(scores, positives, tau) < distill.calibration_error(scores, positives, true_tau * 20)
+    assert distill.calibration_error(scores, positives, tau) < distill.calibration_error(
+        scores, positives, true_tau * 20
+    )
 
 
 def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path, monkeypatch):
@@ -178,13 +241,20 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
     ws.save()
     teachers = []  # the teacher settings each collection ranks with
     session = distill.TeacherSession
-    monkeypatch.setattr(distill, "TeacherSession", lambda training, settings, cache: teachers.append(settings) or session(training, settings, cache))
+    monkeypatch.setattr(
+        distill,
+        "TeacherSession",
+        lambda training, settings, cache: teachers.append(settings) or session(training, settings, cache),
+    )
     collected = distill.collect(ws, queries=10, candidates=12, sample_steps=2, test_fraction=0.3)
     assert collected.collected == 10 and collected.train + collected.test == 10 and collected.test > 0
     assert sql_value(ws, "select count(*) from distill_rankings") == 10 * 12
     # Test prompts never appear among training queries.
-    overlap = sql_value(ws, "select count(*) from distill_queries a join distill_queries b on a.prompt = b.prompt "
-                            "where a.split = 'test' and b.split = 'train'")
+    overlap = sql_value(
+        ws,
+        "select count(*) from distill_queries a join distill_queries b on a.prompt = b.prompt "
+        "where a.split = 'test' and b.split = 'train'",
+    )
     assert overlap == 0
     again = distill.collect(ws, queries=10, candidates=12, sample_steps=2, test_fraction=0.3)
     assert again.collected == 0  # resumable: nothing left to do
@@ -194,7 +264,9 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
     ws.config["confirm"].update(batch_size=3, candidates=5, k=4, confirm_threshold=0.9)
     assert distill.collect(ws, queries=10, candidates=12, sample_steps=2, test_fraction=0.3).collected == 0
     ws.config["confirm"] = kept
-    with pytest.raises(AuditError, match=r"timesteps: no \[distill\] setting; the teacher's settings are the workspace's \[confirm\]"):
+    with pytest.raises(
+        AuditError, match=r"timesteps: no \[distill\] setting; the teacher's settings are the workspace's \[confirm\]"
+    ):
         distill.collect(ws, queries=10, timesteps=3)
     # A larger count extends the collection: only the missing queries are planned and ranked, continuing its seeds and
     # its prompts, even when captions were indexed since (the collection keeps the list it started from).
@@ -206,7 +278,9 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
     sql.query(ws, renamed.replace("?", f"'{first_caption}'"), write=True)
     assert extended.collected == 2 and extended.planned == 12
     assert [p for (p,) in sql.query(ws, "select prompt from distill_queries where id > 10 order by id").rows()] == [
-        captions[10 % len(captions)], captions[11 % len(captions)]]
+        captions[10 % len(captions)],
+        captions[11 % len(captions)],
+    ]
     assert sql_value(ws, "select count(*) from distill_queries") == 12
     assert sql_value(ws, "select count(distinct seed) from distill_queries") == 12
     assert sql_value(ws, "select count(*) from distill_rankings") == 12 * 12
@@ -214,8 +288,14 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
     more = distill.collect(ws, queries=4, candidates=12, sample_steps=2, test_fraction=0.3, seed=1)
     assert more.collected == 4 and more.planned == 4
     assert sql_value(ws, "select count(distinct seed) from distill_queries") == 16
-    assert sql_value(ws, "select count(*) from distill_queries where id > 12 and prompt not in "
-                         "(select prompt from distill_queries where id <= 12)") == 0
+    assert (
+        sql_value(
+            ws,
+            "select count(*) from distill_queries where id > 12 and prompt not in "
+            "(select prompt from distill_queries where id <= 12)",
+        )
+        == 0
+    )
     assert len(teachers) == 5 and teachers[4] == teachers[0]
     monkeypatch.setattr(distill, "TeacherSession", session)
 
@@ -224,7 +304,10 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
     bundle = embed.load(result.path)
     # Shipped after the refit on train + validation queries, when validation picked a trained epoch.
     assert result.fitted_queries == result.train_queries + (result.val_queries if result.epochs else 0)
-    assert json.loads((result.path / embed.CONFIG_NAME).read_text())["distilled"]["fitted_queries"] == result.fitted_queries
+    assert (
+        json.loads((result.path / embed.CONFIG_NAME).read_text())["distilled"]["fitted_queries"]
+        == result.fitted_queries
+    )
     assert bundle.head is not None and bundle.dim == 16 and bundle.id == result.encoder_id
     assert bundle.temperature == pytest.approx(result.temperature) and result.temperature > 0
     assert embed.load(old_encoder).head is None  # the old bundle is untouched
@@ -248,16 +331,29 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
         mean, se, baseline = gains[names[3]][k]
         assert baseline == best.name and mean == pytest.approx(differences.mean())
         assert se == pytest.approx(differences.std(ddof=1) / np.sqrt(len(differences)))
-        assert json.loads(evaluate.to_json(results, n))["methods"][3]["gain_over_best_untuned"][str(k)]["baseline"] == best.name
+        assert (
+            json.loads(evaluate.to_json(results, n))["methods"][3]["gain_over_best_untuned"][str(k)]["baseline"]
+            == best.name
+        )
     assert f"{gains[names[3]][5][0]:+.3f} ± {gains[names[3]][5][1]:.3f}" in evaluate.to_markdown(results, n)
 
     # The teacher run again with independent noise ranks the same candidates, differently, and is scored like a method.
     replica = distill.replicate(ws)
-    collected_test = dict(sql.query(ws, "select q.id, list(r.training_id order by r.backbone_rank) from distill_queries q "
-                                        "join distill_rankings r on r.query_id = q.id where q.split = 'test' group by 1").rows())
+    collected_test = dict(
+        sql.query(
+            ws,
+            "select q.id, list(r.training_id order by r.backbone_rank) from distill_queries q "
+            "join distill_rankings r on r.query_id = q.id where q.split = 'test' group by 1",
+        ).rows()
+    )
     assert {q: c.tolist() for q, (c, _) in replica.items()} == collected_test
-    stored = dict(sql.query(ws, "select q.id, list(r.influence order by r.backbone_rank) from distill_queries q "
-                                "join distill_rankings r on r.query_id = q.id where q.split = 'test' group by 1").rows())
+    stored = dict(
+        sql.query(
+            ws,
+            "select q.id, list(r.influence order by r.backbone_rank) from distill_queries q "
+            "join distill_rankings r on r.query_id = q.id where q.split = 'test' group by 1",
+        ).rows()
+    )
     assert all(not np.allclose(influence, stored[q]) for q, (_, influence) in replica.items())
     # Stored as it goes: asking again runs no teacher and returns the same scores.
     assert sql_value(ws, "select count(*) from distill_replicates") == sum(len(c) for c, _ in replica.values())
@@ -293,7 +389,9 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
         by_mean = candidates[np.argsort(-(np.array(stored[qid]) + influence) / 2, kind="stable")]
         top = {index_of[int(t)] for t in by_mean[:3]}
         assert ap == pytest.approx(metrics.average_precision(np.argsort(-row, kind="stable"), top))
-        moved += set(by_mean[:3].tolist()) != set(candidates[np.argsort(-np.array(stored[qid]), kind="stable")[:3]].tolist())
+        moved += set(by_mean[:3].tolist()) != set(
+            candidates[np.argsort(-np.array(stored[qid]), kind="stable")[:3]].tolist()
+        )
     assert moved > 0  # the replicate changes some query's top-3, so the check above sees the pooling
     assert evaluate.POOLED_NOTE in evaluate.to_markdown(pooled, n_pooled, pooled=True)
     assert json.loads(evaluate.to_json(pooled, n_pooled, pooled=True))["reference"] == "pooled"
@@ -316,7 +414,8 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
 
 
 def test_distill_collect_from_a_folder_skips_unreadable_files_picks_up_new_ones_and_ranks_replaced_ones_again(
-        indexed_ws, outputs_dir, tiny_pipeline, tmp_path):
+    indexed_ws, outputs_dir, tiny_pipeline, tmp_path
+):
     ws = indexed_ws
     ws.config["paths"]["model"] = str(tiny_pipeline)
     ws.config["confirm"].update(draws=4, timesteps=2, fisher_samples=8, reference_samples=4)
@@ -352,18 +451,24 @@ def test_distill_collect_from_a_folder_skips_unreadable_files_picks_up_new_ones_
     def current():  # the queries training and evaluation would use
         with Store(ws.db_path, read_only=True) as store:
             index_of = {int(i): j for j, (i,) in enumerate(store.rows("select id from training_images order by id"))}
-            return sum(len(distill.load_rankings(store, split, index_of, left_out.append)[0]) for split in ("train", "test"))
+            return sum(
+                len(distill.load_rankings(store, split, index_of, left_out.append)[0]) for split in ("train", "test")
+            )
 
     assert current() == 3 and not left_out
     # A file replaced under its path no longer matches its ranking: left out until a rerun ranks it as a new query.
     replaced = folder / images[0].name
     shutil.copy2(images[3], replaced)
-    assert current() == 2 and left_out == [f"left out query 1 ({replaced}): the file has changed since the teacher ranked it; "
-                                            "`audit distill collect` ranks a folder's new file again"]
+    assert current() == 2 and left_out == [
+        f"left out query 1 ({replaced}): the file has changed since the teacher ranked it; "
+        "`audit distill collect` ranks a folder's new file again"
+    ]
     third = distill.collect(ws, folder=folder, candidates=8)
     assert third.collected == 1 and third.planned == 3
     with Store(ws.db_path, read_only=True) as store:
-        rows = store.rows("select id, replaced_at is not null from distill_queries where path = ? order by id", [str(replaced)])
+        rows = store.rows(
+            "select id, replaced_at is not null from distill_queries where path = ? order by id", [str(replaced)]
+        )
     assert rows == [(1, True), (4, False)]
     assert sql_value(ws, "select count(*) from distill_rankings") == 4 * 8  # the old ranking stays, for SQL
     left_out.clear()
@@ -380,7 +485,9 @@ def _outputs(ws):
     return sql_value(ws, "select root from scans order by id limit 1")
 
 
-def test_a_collection_exported_from_one_workspace_imports_into_another(indexed_ws, indexed_template, tiny_pipeline, tmp_path, monkeypatch):
+def test_a_collection_exported_from_one_workspace_imports_into_another(
+    indexed_ws, indexed_template, tiny_pipeline, tmp_path, monkeypatch
+):
     import pyarrow.parquet as pq
 
     from auditor import workspace
@@ -400,19 +507,32 @@ def test_a_collection_exported_from_one_workspace_imports_into_another(indexed_w
 
     shutil.copytree(indexed_template.root, tmp_path / "other", symlinks=True)
     target = configured(workspace.load(tmp_path / "other"))
-    sql.query(target, "insert into distill_queries (id, split, source, path, prompt, model_hash, backbone_id, settings_hash) "
-                      "values (1, 'train', 'folder', 'elsewhere.png', 'x', 'm', 'b', 'another collection')", write=True)
+    sql.query(
+        target,
+        "insert into distill_queries (id, split, source, path, prompt, model_hash, backbone_id, settings_hash) "
+        "values (1, 'train', 'folder', 'elsewhere.png', 'x', 'm', 'b', 'another collection')",
+        write=True,
+    )
     imported = distill.import_collection(target, tmp_path / "collection")
     assert (imported.queries, imported.rankings, imported.replicates, imported.skipped) == (6, 48, 8 * len(replica), 0)
     assert sorted(imported.ids.values()) == list(range(2, 8))  # after the store's own query: ids never collide
 
     # The same queries, splits, images and teacher ranks, with candidates matched by content, not by id.
-    ranked = ("select q.prompt, q.split, q.seed, q.sha256, t.sha256, r.teacher_rank, r.influence from distill_rankings r "
-              "join distill_queries q on q.id = r.query_id join training_images t on t.id = r.training_id "
-              "where q.settings_hash <> 'another collection' order by q.seed, t.sha256")
+    ranked = (
+        "select q.prompt, q.split, q.seed, q.sha256, t.sha256, r.teacher_rank, r.influence from distill_rankings r "
+        "join distill_queries q on q.id = r.query_id join training_images t on t.id = r.training_id "
+        "where q.settings_hash <> 'another collection' order by q.seed, t.sha256"
+    )
     assert sql.query(target, ranked).rows() == sql.query(source, ranked).rows()
-    images = lambda ws: [open(p, "rb").read() for (p,) in sql.query(  # noqa: E731
-        ws, "select path from distill_queries where settings_hash <> 'another collection' order by seed").rows()]
+
+    def images(ws):
+        return [
+            open(p, "rb").read()
+            for (p,) in sql.query(  # noqa: E731
+                ws, "select path from distill_queries where settings_hash <> 'another collection' order by seed"
+            ).rows()
+        ]
+
     assert images(target) == images(source)
     # The teacher's replicate came along: the target answers it from the store, without a teacher run.
     monkeypatch.setattr(distill, "TeacherSession", None)
@@ -428,8 +548,12 @@ def test_a_collection_exported_from_one_workspace_imports_into_another(indexed_w
     queries = pq.read_table(tmp_path / "collection" / distill.QUERIES_FILE)
     foreign = tmp_path / "foreign"
     shutil.copytree(tmp_path / "collection", foreign)
-    pq.write_table(queries.set_column(queries.column_names.index("model_hash"), "model_hash",
-                                      pa.array(["0123456789abcdef"] * queries.num_rows)), foreign / distill.QUERIES_FILE)
+    pq.write_table(
+        queries.set_column(
+            queries.column_names.index("model_hash"), "model_hash", pa.array(["0123456789abcdef"] * queries.num_rows)
+        ),
+        foreign / distill.QUERIES_FILE,
+    )
     with pytest.raises(AuditError, match="on model 0123456789abcdef.*import into a workspace on that model"):
         distill.import_collection(target, foreign)
     # An image swapped inside the folder is not the one its ranking was made from: refused.

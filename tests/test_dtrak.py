@@ -20,8 +20,12 @@ def _brute_force(model, params, latent, text_emb, noise, timesteps, views):
         p.requires_grad_(True)
     try:
         with torch.enable_grad():
-            rows = torch.cat([model.scheduler.add_noise(v.expand(len(noise), -1, -1, -1), noise, timesteps) for v in views(latent)])
-            out = model.unet(rows, timesteps.repeat(len(views(latent))), encoder_hidden_states=text_emb.expand(len(rows), -1, -1)).sample
+            rows = torch.cat(
+                [model.scheduler.add_noise(v.expand(len(noise), -1, -1, -1), noise, timesteps) for v in views(latent)]
+            )
+            out = model.unet(
+                rows, timesteps.repeat(len(views(latent))), encoder_hidden_states=text_emb.expand(len(rows), -1, -1)
+            ).sample
             f = out.pow(2).flatten(1).sum(1).mean()
             grads = torch.autograd.grad(f, list(params.values()))
     finally:
@@ -42,7 +46,9 @@ def test_blockwise_features_equal_brute_force_per_sample_gradients(model, which,
     views = (lambda x: [x, x.flip(-1)]) if flip else (lambda x: [x])
     params = diffusion.parameter_set(model.unet, which, "test")
     for i in range(3):
-        expected = features.projection(_brute_force(model, params, latents[i], text[i], noise[i], timesteps, views))[0].numpy()
+        expected = features.projection(_brute_force(model, params, latents[i], text[i], noise[i], timesteps, views))[
+            0
+        ].numpy()
         np.testing.assert_allclose(got[i], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     # The model is as it was: no gradients switched on, the attention processors restored.
     assert not any(p.requires_grad for p in model.unet.parameters())
@@ -94,7 +100,9 @@ def test_confirm_dtrak_stores_rows_agreement_and_reuses_features(scanned_ws):
     conf = sql.query(ws, "select * from confirmations")
     assert conf.height == 2 and set(conf["method"]) == {"dtrak"} and conf["map_at_k"].is_between(0, 1).all()
     features = dtrak.FeatureTable(ws.lancedb_uri, json.loads(run["settings"])["feature_table"], 256)
-    assert sorted(features.ids().tolist()) == sql.query(ws, "select id from training_images order by id")["id"].to_list()
+    assert (
+        sorted(features.ids().tolist()) == sql.query(ws, "select id from training_images order by id")["id"].to_list()
+    )
     version = features.version
     kernels = list((ws.dir / "cache").glob("dtrak-kernel-*.npz"))
     assert len(kernels) == 1
@@ -112,12 +120,15 @@ def test_confirm_dtrak_stores_rows_agreement_and_reuses_features(scanned_ws):
 
     # AbU on one of the same generations: the same candidates, so the teachers compare in one query.
     confirm.confirm(ws, method="abu", generation=gen)
-    both = sql.query(ws, f"""
+    both = sql.query(
+        ws,
+        f"""
         select a.training_id, a.fast_rank, a.teacher_rank as abu_rank, d.teacher_rank as dtrak_rank
         from teacher_scores a join confirm_runs ra on ra.id = a.run_id and ra.method = 'abu'
         join teacher_scores d on d.generation_id = a.generation_id and d.training_id = a.training_id
         join confirm_runs rd on rd.id = d.run_id and rd.method = 'dtrak'
-        where a.generation_id = {gen}""")
+        where a.generation_id = {gen}""",
+    )
     assert both.height == n_candidates
 
 

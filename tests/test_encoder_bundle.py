@@ -21,8 +21,8 @@ def test_features_are_unit_vectors_of_image_and_text(tiny_encoder):
     assert feats.shape == (2, enc.dim) == (2, enc.image_dim + enc.text_dim)
     assert np.allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
     # A missing prompt leaves the text half empty; the image half carries the whole vector.
-    assert np.allclose(feats[1, enc.image_dim:], 0)
-    assert not np.allclose(feats[0, enc.image_dim:], 0)
+    assert np.allclose(feats[1, enc.image_dim :], 0)
+    assert not np.allclose(feats[0, enc.image_dim :], 0)
 
 
 def test_encoder_id_is_a_content_hash(tiny_encoder, tmp_path):
@@ -61,7 +61,14 @@ def test_weights_that_do_not_match_the_config_are_refused(tiny_encoder, tmp_path
 def test_head_is_applied_and_checked(tiny_encoder, tmp_path):
     base = embed.load(tiny_encoder)
     config = json.loads((tiny_encoder / "encoder.json").read_text())
-    head_cfg = {"in_dim": base.dim, "hidden_dims": [16], "out_dim": 8, "layernorm": True, "dropout": 0.1, "weights": "head.safetensors"}
+    head_cfg = {
+        "in_dim": base.dim,
+        "hidden_dims": [16],
+        "out_dim": 8,
+        "layernorm": True,
+        "dropout": 0.1,
+        "weights": "head.safetensors",
+    }
     torch.manual_seed(0)
     head = embed.ProjectionHead.from_config(head_cfg)
     target = tmp_path / "headed"
@@ -78,22 +85,35 @@ def test_head_is_applied_and_checked(tiny_encoder, tmp_path):
 def test_a_query_map_moves_queries_and_not_training_images(tiny_encoder, tmp_path):
     config = json.loads((tiny_encoder / "encoder.json").read_text())
     config.pop("format")
-    head_cfg = {"in_dim": embed.load(tiny_encoder).dim, "hidden_dims": [16], "out_dim": 8, "layernorm": True, "dropout": 0.1,
-                "residual": True, "weights": "head.safetensors"}
+    head_cfg = {
+        "in_dim": embed.load(tiny_encoder).dim,
+        "hidden_dims": [16],
+        "out_dim": 8,
+        "layernorm": True,
+        "dropout": 0.1,
+        "residual": True,
+        "weights": "head.safetensors",
+    }
     torch.manual_seed(0)
     head = embed.ProjectionHead.from_config({**head_cfg, "query_map": True})
     with torch.no_grad():
         head.query_map.weight.copy_(torch.randn(8, 8))  # as if trained
     paths = {}
-    for name, cfg, state in (("mapped", {**head_cfg, "query_map": True}, head.state_dict()),
-                             ("shared", head_cfg, {k: v for k, v in head.state_dict().items() if not k.startswith("query_map")})):
+    for name, cfg, state in (
+        ("mapped", {**head_cfg, "query_map": True}, head.state_dict()),
+        ("shared", head_cfg, {k: v for k, v in head.state_dict().items() if not k.startswith("query_map")}),
+    ):
         paths[name] = tmp_path / name
         shutil.copytree(tiny_encoder, paths[name])
         embed.save(paths[name], {**config, "head": cfg}, {"head.safetensors": state})
     mapped, shared = embed.load(paths["mapped"]), embed.load(paths["shared"])
     img = mapped.preprocess(Image.new("RGB", (32, 32), (200, 0, 0)))
     # Training images: the same vectors with or without the map. Queries: moved by it, still unit vectors.
-    np.testing.assert_allclose(mapped.index_features(img[None], ["x"], ["0" * 64]), shared.index_features(img[None], ["x"], ["0" * 64]), atol=1e-6)
+    np.testing.assert_allclose(
+        mapped.index_features(img[None], ["x"], ["0" * 64]),
+        shared.index_features(img[None], ["x"], ["0" * 64]),
+        atol=1e-6,
+    )
     query = mapped.features(img[None], ["x"])
     assert np.isclose(np.linalg.norm(query), 1.0, atol=1e-5)
     assert (query @ shared.features(img[None], ["x"]).T).item() < 0.99
@@ -108,8 +128,11 @@ def test_strengths_scale_index_vectors_by_content_and_are_checked(tiny_encoder, 
     known, other = hashlib.sha256(b"known").hexdigest(), hashlib.sha256(b"other").hexdigest()
     target = tmp_path / "strong"
     shutil.copytree(tiny_encoder, target)
-    embed.save(target, {**config, "strengths": {"weights": "strengths.safetensors"}},
-               {"strengths.safetensors": embed.strengths_state({known: 2.5})})
+    embed.save(
+        target,
+        {**config, "strengths": {"weights": "strengths.safetensors"}},
+        {"strengths.safetensors": embed.strengths_state({known: 2.5})},
+    )
     enc = embed.load(target)
     assert enc.metric == "dot" and embed.load(tiny_encoder).metric == "cosine"
     assert enc.strengths == {known: pytest.approx(2.5)}

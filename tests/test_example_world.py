@@ -51,7 +51,7 @@ def test_contributors_csv_has_disjoint_owners():
     assert len({r["contributor_id"] for r in rows}) >= 8
     for r in rows:
         assert r["path"].startswith(r["contributor_id"] + "/")
-        assert re.fullmatch(r"an? \w+ handwritten (%s) on \w+ paper" % "|".join(DIGIT_WORDS), r["caption"])
+        assert re.fullmatch(r"an? \w+ handwritten ({}) on \w+ paper".format("|".join(DIGIT_WORDS)), r["caption"])
     for field in ("contributor_name", "license"):
         per_owner = {(r["contributor_id"], r[field]) for r in rows}
         assert len(per_owner) == len({r["contributor_id"] for r in rows}), f"{field} varies within a contributor"
@@ -83,8 +83,13 @@ def test_unet_has_cross_attention_keys_and_values(pipe):
 def test_pipeline_draws_the_prompted_palette(pipe, palettes):
     ids = ["c0", "c2"]  # light paper vs dark paper
     prompts = [f"a {palettes[c]['ink_word']} handwritten seven on {palettes[c]['paper_word']} paper" for c in ids]
-    images = pipe(prompts, num_inference_steps=12, guidance_scale=4.0, output_type="np",
-                  generator=[torch.Generator().manual_seed(s) for s in (1, 2)]).images
+    images = pipe(
+        prompts,
+        num_inference_steps=12,
+        guidance_scale=4.0,
+        output_type="np",
+        generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+    ).images
     assert images.shape == (2, 32, 32, 3)
     assert all(image.std() > 0.05 for image in images), "blank image"
     assert np.abs(images[0] - images[1]).mean() > 0.1
@@ -97,8 +102,8 @@ def test_pipeline_draws_the_prompted_palette(pipe, palettes):
 
 def test_encoder_bundle_zero_shot_digits():
     import open_clip
-    from safetensors.torch import load_file
     from PIL import Image
+    from safetensors.torch import load_file
 
     bundle = json.loads((WORLD / "encoder" / "encoder.json").read_text())
     assert bundle["format"] == "auditor.encoder/1"
@@ -134,7 +139,10 @@ def test_distilled_encoder_ships_with_strengths_for_the_world_s_training_images(
     base = embed.load(WORLD / "encoder")
     assert enc.head is not None and enc.metric == "dot" and enc.image_dim + enc.text_dim == base.dim
     assert (bundle / "backbone.safetensors").read_bytes() == (WORLD / "encoder" / "backbone.safetensors").read_bytes()
-    digests = {hashlib.sha256((WORLD / "training" / r["path"]).read_bytes()).hexdigest() for r in read_csv(WORLD / "training" / "contributors.csv")}
+    digests = {
+        hashlib.sha256((WORLD / "training" / r["path"]).read_bytes()).hexdigest()
+        for r in read_csv(WORLD / "training" / "contributors.csv")
+    }
     assert set(enc.strengths) <= digests and len(enc.strengths) >= 0.9 * len(digests)
     logs = np.log(list(enc.strengths.values()))
     # Centred on a typical image, and not all alike (the shipped ones: std of the log 0.04).
@@ -142,13 +150,18 @@ def test_distilled_encoder_ships_with_strengths_for_the_world_s_training_images(
     assert enc.id in (WORLD / "EVAL.md").read_text()
 
 
-@pytest.mark.parametrize("collection, tables, timesteps", [
-    # distill.py's --timesteps, with which the training collection was made
-    ("distill-collection", ("eval.json", "eval-pooled.json"), 12),
-    # the test queries again, by the teacher at `audit confirm` defaults
-    ("distill-reference", ("eval-reference.json", "eval-reference-pooled.json"), None),
-])
-def test_the_shipped_eval_tables_are_recomputed_from_the_shipped_collection(tmp_path, monkeypatch, collection, tables, timesteps):
+@pytest.mark.parametrize(
+    "collection, tables, timesteps",
+    [
+        # distill.py's --timesteps, with which the training collection was made
+        ("distill-collection", ("eval.json", "eval-pooled.json"), 12),
+        # the test queries again, by the teacher at `audit confirm` defaults
+        ("distill-reference", ("eval-reference.json", "eval-reference-pooled.json"), None),
+    ],
+)
+def test_the_shipped_eval_tables_are_recomputed_from_the_shipped_collection(
+    tmp_path, monkeypatch, collection, tables, timesteps
+):
     # EVAL.md's tables from what ships: the teacher's rankings and its replicate, imported as `audit distill import`
     # does, and the two encoders, without running the teacher; against its run, and against its run and replicate pooled.
     import json
@@ -172,8 +185,13 @@ def test_the_shipped_eval_tables_are_recomputed_from_the_shipped_collection(tmp_
         shipped = json.loads((WORLD / table).read_text())
         assert shipped["reference"] == ("pooled" if pooled else "run")
         assert imported.replicates == 100 * shipped["queries"]
-        results, n = evaluate.evaluate(ws, encoders=[WORLD / "encoder", WORLD / "encoder-distilled"], ks=(5, 10, 20, 50),
-                                       replicate=replica, pooled=pooled)
+        results, n = evaluate.evaluate(
+            ws,
+            encoders=[WORLD / "encoder", WORLD / "encoder-distilled"],
+            ks=(5, 10, 20, 50),
+            replicate=replica,
+            pooled=pooled,
+        )
         assert n == shipped["queries"]
         by_name = {m["name"]: m for m in shipped["methods"]}
         # untuned ×3, the replicate (a method only against the single run), the shipped head
@@ -181,5 +199,11 @@ def test_the_shipped_eval_tables_are_recomputed_from_the_shipped_collection(tmp_
         for r in results:
             for k, (mean, stderr) in r.map_at.items():
                 assert mean == pytest.approx(by_name[r.name]["map_at"][str(k)]["mean"], abs=2e-3), (table, r.name, k)
-                assert stderr == pytest.approx(by_name[r.name]["map_at"][str(k)]["stderr"], abs=2e-3), (table, r.name, k)
-            assert r.recall_at == pytest.approx({int(K): v for K, v in by_name[r.name]["recall_at"].items()}, abs=0.02), (table, r.name)
+                assert stderr == pytest.approx(by_name[r.name]["map_at"][str(k)]["stderr"], abs=2e-3), (
+                    table,
+                    r.name,
+                    k,
+                )
+            assert r.recall_at == pytest.approx(
+                {int(K): v for K, v in by_name[r.name]["recall_at"].items()}, abs=0.02
+            ), (table, r.name)

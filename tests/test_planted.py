@@ -37,13 +37,30 @@ def test_planted_benchmark_end_to_end(indexed_ws, tiny_pipeline, outputs_dir, tm
     ws.config["paths"]["model"] = str(tiny_pipeline)
     ws.config["confirm"].update(draws=4, timesteps=2, fisher_samples=8, reference_samples=4)
     ws.config["dtrak"].update(dim=128, timesteps=2, batch_size=32)
-    ws.config["planted"].update(exemplars=2, steps=4, batch_size=4, candidates=10, kernel_samples=12, prior_samples=8, sample_steps=2)
+    ws.config["planted"].update(
+        exemplars=2, steps=4, batch_size=4, candidates=10, kernel_samples=12, prior_samples=8, sample_steps=2
+    )
     ws.save()
     n_train = sql_value(ws, "select count(*) from training_images")
     lance_before = sorted(p.name for p in (ws.dir / "lancedb").iterdir())
 
-    audit("eval", "--planted", "--exemplars", outputs_dir, "--style", "stroke", "--tune", "all", "--customisations", 2, "--generations", 2,
-          "--out", tmp_path / "out", ws=ws)
+    audit(
+        "eval",
+        "--planted",
+        "--exemplars",
+        outputs_dir,
+        "--style",
+        "stroke",
+        "--tune",
+        "all",
+        "--customisations",
+        2,
+        "--generations",
+        2,
+        "--out",
+        tmp_path / "out",
+        ws=ws,
+    )
     report = json.loads((tmp_path / "out" / "planted.json").read_text())
     names = [m["name"] for m in report["methods"]]
     assert names[1:] == ["untuned image", "untuned image ⊕ text", "AbU (candidates)", "D-TRAK (candidates)"]

@@ -32,7 +32,9 @@ def _attributions(ws):
     )
 
 
-def test_ray_index_and_scan_match_the_local_engine(local_ray, ws, indexed_template, outputs_dir, training_dir, tmp_path, monkeypatch):
+def test_ray_index_and_scan_match_the_local_engine(
+    local_ray, ws, indexed_template, outputs_dir, training_dir, tmp_path, monkeypatch
+):
     # Local reference: the session's template (indexed locally), scanned locally.
     local = workspace.load(shutil.copytree(indexed_template.root, tmp_path / "local", symlinks=True))
     scan(local, outputs_dir, top_k=5, batch_size=8)

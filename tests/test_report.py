@@ -25,12 +25,18 @@ from .helpers import audit
 HOSTILE = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\">"
 BOLD_NAME = "Ben <b>Bold</b> & Sons"
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
 # --------------------------------------------------------------------------- payout arithmetic
+
 
 def test_largest_remainder_splits_100_eur_three_ways_exactly():
     split = payout.split(payout.to_minor(Decimal("100.00"), "EUR"), {"a": 1, "b": 1, "c": 1})
@@ -69,20 +75,27 @@ def test_minimum_payout_redistributes_pro_rata_to_the_others():
     split = payout.split(1000, {"a": 50, "b": 30, "c": 15, "d": 5}, min_payout=60)
     assert split.quota["d"] == 50  # below 60: paid nothing
     assert split.paid == {"a", "b", "c"}
-    assert split.adjusted == {"a": Fraction(1000 * 50, 95), "b": Fraction(1000 * 30, 95), "c": Fraction(1000 * 15, 95), "d": 0}
+    assert split.adjusted == {
+        "a": Fraction(1000 * 50, 95),
+        "b": Fraction(1000 * 30, 95),
+        "c": Fraction(1000 * 15, 95),
+        "d": 0,
+    }
     assert split.amount == {"a": 526, "b": 316, "c": 158, "d": 0}
     with pytest.raises(AuditError, match="no contributor reaches the minimum payout"):
         payout.split(1000, {"a": 1, "b": 1}, min_payout=501)
 
 
 def test_confirmed_attributions_weigh_more_within_their_generation_only():
-    frame = pl.DataFrame({
-        "generation_id": [1, 1, 2, 2, 2],
-        "share": [0.5, 0.5, 0.6, 0.3, 0.1],
-        "confirmed": [True, False, False, False, False],
-        "generation_confirmed": [True, True, None, None, None],
-        "contributor_id": ["a", "b", "a", "b", None],
-    })
+    frame = pl.DataFrame(
+        {
+            "generation_id": [1, 1, 2, 2, 2],
+            "share": [0.5, 0.5, 0.6, 0.3, 0.1],
+            "confirmed": [True, False, False, False, False],
+            "generation_confirmed": [True, True, None, None, None],
+            "contributor_id": ["a", "b", "a", "b", None],
+        }
+    )
     credited = credit(frame, confirmed_weight=3.0)
     assert credited["credit"].to_list() == pytest.approx([0.75, 0.25, 0.6 / 0.9, 0.3 / 0.9])
     assert credited["check"].to_list() == ["confirmed", "not confirmed", "unchecked", "unchecked"]
@@ -94,8 +107,12 @@ def test_periods_are_months_or_inclusive_days():
     days = Period.parse(date_from=date(2026, 11, 3), date_to=date(2026, 11, 5))
     assert (days.start, days.end) == (datetime(2026, 11, 3), datetime(2026, 11, 6))
     assert Period.parse().where("t") == ("true", [])
-    for bad in ({"period": "2026-13"}, {"period": "11/2026"}, {"period": "2026-11", "date_from": date(2026, 11, 1)},
-                {"date_from": date(2026, 11, 5), "date_to": date(2026, 11, 3)}):
+    for bad in (
+        {"period": "2026-13"},
+        {"period": "11/2026"},
+        {"period": "2026-11", "date_from": date(2026, 11, 1)},
+        {"date_from": date(2026, 11, 5), "date_to": date(2026, 11, 3)},
+    ):
         with pytest.raises(AuditError):
             Period.parse(**bad)
 
@@ -109,6 +126,7 @@ def test_statement_names_are_safe_file_names():
 
 # --------------------------------------------------------------------------- a seeded workspace
 
+
 @pytest.fixture
 def seeded(indexed_ws, outputs_dir):
     """The small world scanned, then edited where a real audit would differ from it.
@@ -120,11 +138,17 @@ def seeded(indexed_ws, outputs_dir):
     """
     result = scan(indexed_ws, outputs_dir, top_k=5)
     with Store(indexed_ws.db_path) as store:
-        owner = dict(store.rows(
-            "SELECT a.generation_id, t.contributor_id FROM attributions a JOIN training_images t ON t.id = a.training_id WHERE a.rank = 1"
-        ))
-        images = {c: [row[0] for row in store.rows("SELECT id FROM training_images WHERE contributor_id = ? ORDER BY id", [c])]
-                  for c in set(owner.values())}
+        owner = dict(
+            store.rows(
+                "SELECT a.generation_id, t.contributor_id FROM attributions a JOIN training_images t ON t.id = a.training_id WHERE a.rank = 1"
+            )
+        )
+        images = {
+            c: [
+                row[0] for row in store.rows("SELECT id FROM training_images WHERE contributor_id = ? ORDER BY id", [c])
+            ]
+            for c in set(owner.values())
+        }
         generations = {c: sorted(g for g, o in owner.items() if o == c) for c in images}
         mixed, checked = generations["ana"][:2]
         moves = [(images["ben"][rank], mixed, rank) for rank in (4, 5)]
@@ -166,11 +190,16 @@ def expected(ws, confirmed_weight: float) -> dict[str, dict]:
             "SELECT (SELECT count(*) FROM generations), count(*), count(*) FILTER (WHERE confirmed) FROM attribution_checks"
         )[0]
     keys = ("attributions", "confirmed", "generations", "credit")
-    return {"contributors": {row[0]: dict(zip(keys, row[1:])) for row in rows},
-            "generations": totals[0], "attributions": totals[1], "confirmed": totals[2]}
+    return {
+        "contributors": {row[0]: dict(zip(keys, row[1:])) for row in rows},
+        "generations": totals[0],
+        "attributions": totals[1],
+        "confirmed": totals[2],
+    }
 
 
 # --------------------------------------------------------------------------- the DOM Chromium rendered
+
 
 class Node:
     def __init__(self, tag: str, attrs: dict):
@@ -182,9 +211,12 @@ class Node:
             if isinstance(child, Node):
                 yield from child.iter()
 
-    def find(self, tag: str | None = None, **attrs) -> list["Node"]:
-        return [n for n in self.iter() if (tag is None or n.tag == tag)
-                and all(n.attrs.get(k.replace("_", "-")) == v for k, v in attrs.items())]
+    def find(self, tag: str | None = None, **attrs) -> list[Node]:
+        return [
+            n
+            for n in self.iter()
+            if (tag is None or n.tag == tag) and all(n.attrs.get(k.replace("_", "-")) == v for k, v in attrs.items())
+        ]
 
     def has_class(self, name: str) -> bool:
         return name in (self.attrs.get("class") or "").split()
@@ -221,16 +253,29 @@ def chromium() -> str:
     if found:
         return found
     if shutil.which("apt-get"):
-        pytest.fail("Chromium is not installed: run `make browser` (apt-get install chromium); the report test needs a real browser")
-    pytest.skip("Chromium is not installed and cannot be here (no apt-get): the report's browser test needs Debian's chromium")
+        pytest.fail(
+            "Chromium is not installed: run `make browser` (apt-get install chromium); the report test needs a real browser"
+        )
+    pytest.skip(
+        "Chromium is not installed and cannot be here (no apt-get): the report's browser test needs Debian's chromium"
+    )
 
 
 def open_in_chromium(page: Path, screenshot: Path, profile: Path) -> Node:
     """Load the page from disk in headless Chromium; screenshot it and return the DOM after its scripts (if any) ran."""
     proc = subprocess.run(
-        [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", f"--screenshot={screenshot}",
-         "--window-size=1280,1600", page.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            chromium(),
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            "--dump-dom",
+            f"--screenshot={screenshot}",
+            "--window-size=1280,1600",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0 and proc.stdout, proc.stderr[-2000:]
     with Image.open(screenshot) as shot:
@@ -244,8 +289,10 @@ def assert_inert(dom: Node, title: str) -> None:
     assert dom.find("head")[0].find("title")[0].text() == title  # not 'pwned'
     assert dom.find("script") == []
     assert dom.find("b") == []
-    assert all(img.attrs["src"].startswith("data:image/png;base64,") and set(img.attrs) == {"class", "src", "alt"}
-               for img in dom.find("img"))
+    assert all(
+        img.attrs["src"].startswith("data:image/png;base64,") and set(img.attrs) == {"class", "src", "alt"}
+        for img in dom.find("img")
+    )
 
 
 def minor_of(cell: Node) -> int:
@@ -277,11 +324,19 @@ def test_report_in_chromium_matches_duckdb_sums_to_the_pool_and_runs_no_user_tex
         assert float(cells["basis"].attrs["data-value"]) == pytest.approx(want["credit"], abs=1e-9)
         assert int(cells["amount"].attrs["data-minor"]) == minor_of(cells["amount"]) == split.amount[contributor]
     amounts = [minor_of(rows[c].find(data_field="amount")[0]) for c in rows]
-    assert sum(amounts) == 100001 == int(dom.find(id="pool")[0].attrs["data-minor"]) == int(dom.find(id="total-paid")[0].attrs["data-minor"])
+    assert (
+        sum(amounts)
+        == 100001
+        == int(dom.find(id="pool")[0].attrs["data-minor"])
+        == int(dom.find(id="total-paid")[0].attrs["data-minor"])
+    )
     assert minor_of(dom.find(id="sum-amounts")[0]) == 100001
     assert amounts.count(0) == 1
-    for element, want in (("generations", truth["generations"]), ("attributions", truth["attributions"]),
-                          ("confirmed-attributions", truth["confirmed"])):
+    for element, want in (
+        ("generations", truth["generations"]),
+        ("attributions", truth["attributions"]),
+        ("confirmed-attributions", truth["confirmed"]),
+    ):
         assert int(dom.find(id=element)[0].text()) == want
     assert truth["confirmed"] == 2  # 'mixed': ana's rank 1 and ben's rank 4
 
@@ -310,17 +365,24 @@ def test_report_in_chromium_matches_duckdb_sums_to_the_pool_and_runs_no_user_tex
 def test_payout_files_period_and_cli(seeded, tmp_path):
     ws, seed = seeded
     with Store(ws.db_path) as store:  # 'checked' was registered in January 2025
-        store.con.execute("UPDATE generations SET created_at = TIMESTAMP '2025-01-15 12:00:00' WHERE id = ?", [seed["checked"]])
+        store.con.execute(
+            "UPDATE generations SET created_at = TIMESTAMP '2025-01-15 12:00:00' WHERE id = ?", [seed["checked"]]
+        )
     out = tmp_path / "january"
     proc = audit("report", "--period", "2025-01", "--pool", "1000", "--currency", "JPY", "--out", out, ws=ws)
     assert f"report: {out / 'index.html'}" in proc.stdout
     csv = pl.read_csv(out / "payouts.csv")
     assert csv["amount"].sum() == 1000 and csv.filter(pl.col("amount") > 0)["contributor_id"].to_list() == ["ana"]
     parquet = pl.read_parquet(out / "payouts.parquet")
-    assert parquet["amount"].dtype == pl.Decimal(38, 0) and parquet["amount_minor"].to_list() == csv["amount_minor"].to_list()
+    assert (
+        parquet["amount"].dtype == pl.Decimal(38, 0)
+        and parquet["amount_minor"].to_list() == csv["amount_minor"].to_list()
+    )
     january = _Dom((out / "index.html").read_text()).stack[0]
     assert january.find(id="generations")[0].text() == "1"
-    assert [tr.attrs["data-generation"] for tr in january.find("tr") if "data-generation" in tr.attrs] == [str(seed["checked"])]
+    assert [tr.attrs["data-generation"] for tr in january.find("tr") if "data-generation" in tr.attrs] == [
+        str(seed["checked"])
+    ]
 
     # the rest of the audit is in this month; an earlier report in the folder is replaced whole
     month = utcnow().strftime("%Y-%m")
@@ -335,7 +397,9 @@ def test_payout_files_period_and_cli(seeded, tmp_path):
 def test_training_set_policy_pays_by_images_indexed(seeded, tmp_path):
     ws, _ = seeded
     with Store(ws.db_path) as store:
-        store.con.execute("DELETE FROM training_images WHERE id IN (SELECT id FROM training_images WHERE contributor_id = 'dmitri' LIMIT 3)")
+        store.con.execute(
+            "DELETE FROM training_images WHERE id IN (SELECT id FROM training_images WHERE contributor_id = 'dmitri' LIMIT 3)"
+        )
     result = build_report(ws, tmp_path / "report", pool=Decimal("100.00"), policy="training-set")
     amounts = dict(zip(result.payouts["contributor_id"], result.payouts["amount_minor"]))
     assert sum(amounts.values()) == 10000

@@ -75,7 +75,10 @@ def test_prompts_are_read_from_every_source(indexed_ws, outputs_dir):
     scan(indexed_ws, outputs_dir, top_k=3)
     counts = dict(sql.query(indexed_ws, "select prompt_source, count(*) from generations group by 1").rows())
     assert counts == {"sidecar_txt": 6, "comfyui": 6, "a1111": 6, "none": 6}
-    assert sql_value(indexed_ws, "select count(*) from generations where prompt_source = 'none' and prompt is not null") == 0
+    assert (
+        sql_value(indexed_ws, "select count(*) from generations where prompt_source = 'none' and prompt is not null")
+        == 0
+    )
     prompt = sql_value(indexed_ws, "select prompt from generations where prompt_source = 'a1111' limit 1")
     assert prompt.startswith("a ") and "Negative prompt" not in prompt and "Steps:" not in prompt
 

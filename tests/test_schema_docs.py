@@ -12,7 +12,9 @@ def test_every_table_and_column_is_documented(tmp_path):
     doc = (Path(__file__).parent.parent / "schemas" / "README.md").read_text()
     documented_tables = set(re.findall(r"^## `(\w+)`", doc, re.M)) | {"schema_migrations"}
     with Store(ws.db_path) as store:
-        columns = store.rows("SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'main'")
+        columns = store.rows(
+            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'main'"
+        )
     tables = {t for t, _ in columns}
     assert tables <= documented_tables, f"undocumented tables: {tables - documented_tables}"
     documented_columns = set(re.findall(r"^\| `([\w`, ]+)` \|", doc, re.M))

@@ -40,7 +40,7 @@ def test_ann_matches_exact_search_and_survives_appends(tmp_path):
     table.maintain()
     stats = table.table.index_stats(table._index_name())
     assert (stats.num_indexed_rows, stats.num_unindexed_rows) == (4000, 500)
-    ann_ids, _ = table.searcher().search(vectors[n:n + 50], 1)
+    ann_ids, _ = table.searcher().search(vectors[n : n + 50], 1)
     assert (ann_ids[:, 0] == np.arange(n + 1, n + 51)).mean() >= 0.95
     exact_ids, _ = table.searcher(exact=True).search(queries, 50)
     after = _recall(table.searcher().search(queries, 50)[0], exact_ids)
@@ -80,7 +80,9 @@ def test_inner_product_tables_rank_by_strength_times_cosine_exact_and_ann(tmp_pa
     dim, n = 32, 3000
     unit = _clustered(n, dim, 30, rng)
     vectors = unit * np.exp(rng.normal(0, 0.5, n)).astype(np.float32)[:, None]
-    table = VectorTable(str(tmp_path / "lance"), "enc", dim, IndexSettings(ann_threshold=1000, nprobes=30), metric="dot")
+    table = VectorTable(
+        str(tmp_path / "lance"), "enc", dim, IndexSettings(ann_threshold=1000, nprobes=30), metric="dot"
+    )
     table.add(np.arange(1, n + 1), ["c"] * n, vectors)
     queries = _clustered(100, dim, 30, rng)
     exact_ids, exact_scores = table.searcher(exact=True).search(queries, 20)

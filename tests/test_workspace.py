@@ -48,7 +48,9 @@ def test_no_workspace_is_a_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(WorkspaceNotFound, match="audit init"):
         workspace.find(start=tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "AUDIT_WORKSPACE"}
-    proc = subprocess.run([sys.executable, "-m", "auditor", "sql", "select 1"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "auditor", "sql", "select 1"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "audit init" in proc.stderr
@@ -95,9 +97,15 @@ def test_second_writer_gets_workspace_busy(tmp_path):
 def test_busy_workspace_from_another_process_is_a_clear_error(tmp_path, outputs_dir):
     ws = workspace.init(tmp_path)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys,time; from auditor import workspace; "
-         "w=workspace.load(sys.argv[1]);\nwith w.writing():\n print('held', flush=True); time.sleep(30)", str(tmp_path)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys,time; from auditor import workspace; "
+            "w=workspace.load(sys.argv[1]);\nwith w.writing():\n print('held', flush=True); time.sleep(30)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"

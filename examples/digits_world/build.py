@@ -77,22 +77,35 @@ EXTRA_WORDS = (
 MAX_TOKENS = 32  # pipeline tokenizer max length == text encoder max_position_embeddings
 
 VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, sample_size=SIZE,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    sample_size=SIZE,
     down_block_types=("DownEncoderBlock2D",) * 3,  # 3 blocks -> 2 downsamples: 32x32 -> 8x8
     up_block_types=("UpDecoderBlock2D",) * 3,
-    block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    norm_num_groups=16,
 )
 VAE_TRAIN = dict(steps=900, batch=64, lr=1e-3, kl_weight=1e-3)
 
 TEXT_ENCODER_CONFIG = dict(
-    hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-    max_position_embeddings=MAX_TOKENS, projection_dim=128,
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=MAX_TOKENS,
+    projection_dim=128,
 )
 UNET_CONFIG = dict(
-    sample_size=SIZE // 4, in_channels=4, out_channels=4,
+    sample_size=SIZE // 4,
+    in_channels=4,
+    out_channels=4,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(64, 128), layers_per_block=1, norm_num_groups=16,
+    block_out_channels=(64, 128),
+    layers_per_block=1,
+    norm_num_groups=16,
     cross_attention_dim=TEXT_ENCODER_CONFIG["hidden_size"],
     attention_head_dim=4,  # diffusers quirk: this is the number of heads
 )
@@ -102,8 +115,17 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", pre
 # steps_offset only shifts "leading" spacing; 1 is what the SD pipeline insists on.
 SAMPLER = dict(clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing", steps_offset=1)
 DIFFUSION_TRAIN = dict(  # an auditor.retrain.Recipe; seed 2 is the stage's offset of SEED
-    steps=1000, batch_size=128, lr=2e-3, weight_decay=1e-2, warmup_steps=100, min_lr_ratio=0.1,
-    ema_decay=0.995, caption_dropout=0.1, grad_clip=1.0, autocast="bfloat16", seed=SEED + 2,
+    steps=1000,
+    batch_size=128,
+    lr=2e-3,
+    weight_decay=1e-2,
+    warmup_steps=100,
+    min_lr_ratio=0.1,
+    ema_decay=0.995,
+    caption_dropout=0.1,
+    grad_clip=1.0,
+    autocast="bfloat16",
+    seed=SEED + 2,
 )
 
 CLIP_NAME = "digits-clip-tiny"
@@ -128,6 +150,7 @@ GATE_PALETTE = 0.90
 
 # --------------------------------------------------------------------------- small helpers
 
+
 def seed_everything(offset: int) -> None:
     random.seed(SEED + offset)
     np.random.seed(SEED + offset)
@@ -146,8 +169,13 @@ def caption_digit(text: str) -> int:
 
 def palettes() -> dict[str, dict]:
     return {
-        cid: {"name": name, "ink_word": ink[0], "ink_rgb": list(ink[1]),
-              "paper_word": paper[0], "paper_rgb": list(paper[1])}
+        cid: {
+            "name": name,
+            "ink_word": ink[0],
+            "ink_rgb": list(ink[1]),
+            "paper_word": paper[0],
+            "paper_rgb": list(paper[1]),
+        }
         for cid, name, _, _, ink, paper in CONTRIBUTORS
     }
 
@@ -195,6 +223,7 @@ def load_stats(out: Path) -> dict:
 
 # --------------------------------------------------------------------------- stage: data
 
+
 def render(alpha: np.ndarray, ink: tuple, paper: tuple) -> np.ndarray:
     """Mix ink over paper by ink intensity in [0, 1]; (H, W) -> (H, W, 3) uint8."""
     ink, paper = np.asarray(ink, np.float32), np.asarray(paper, np.float32)
@@ -226,8 +255,8 @@ def stage_data(out: Path) -> dict:
     digits = load_digits()
     alphas = upsample_digits(digits.images)
     train_idx, held_idx = train_test_split(
-        np.arange(len(digits.target)), test_size=HELDOUT_FRACTION,
-        stratify=digits.target, random_state=SEED)
+        np.arange(len(digits.target)), test_size=HELDOUT_FRACTION, stratify=digits.target, random_state=SEED
+    )
     rng = np.random.default_rng(SEED)
     pal = palettes()
     by_id = {c[0]: c for c in CONTRIBUTORS}
@@ -238,10 +267,20 @@ def stage_data(out: Path) -> dict:
         rel = f"{cid}/{i:04d}.png"
         (out / "training" / cid).mkdir(parents=True, exist_ok=True)
         Image.fromarray(render(alphas[i], p["ink_rgb"], p["paper_rgb"])).save(out / "training" / rel)
-        rows.append({"path": rel, "contributor_id": cid, "contributor_name": p["name"],
-                     "caption": caption(p["ink_word"], d, p["paper_word"]), "license": by_id[cid][2]})
-    write_csv(out / "training" / "contributors.csv",
-              ["path", "contributor_id", "contributor_name", "caption", "license"], rows)
+        rows.append(
+            {
+                "path": rel,
+                "contributor_id": cid,
+                "contributor_name": p["name"],
+                "caption": caption(p["ink_word"], d, p["paper_word"]),
+                "license": by_id[cid][2],
+            }
+        )
+    write_csv(
+        out / "training" / "contributors.csv",
+        ["path", "contributor_id", "contributor_name", "caption", "license"],
+        rows,
+    )
     (out / "training" / "palettes.json").write_text(json.dumps(pal, indent=2) + "\n")
 
     # Held-out digits get the palettes round-robin within each digit, so every
@@ -254,8 +293,9 @@ def stage_data(out: Path) -> dict:
         p, d = pal[cid], int(digits.target[i])
         rel = f"{i:04d}.png"
         Image.fromarray(render(alphas[i], p["ink_rgb"], p["paper_rgb"])).save(out / "heldout" / rel)
-        held_rows.append({"path": rel, "digit": d, "palette_id": cid,
-                          "caption": caption(p["ink_word"], d, p["paper_word"])})
+        held_rows.append(
+            {"path": rel, "digit": d, "palette_id": cid, "caption": caption(p["ink_word"], d, p["paper_word"])}
+        )
     write_csv(out / "heldout" / "heldout.csv", ["path", "digit", "palette_id", "caption"], held_rows)
 
     per_contributor = {c[0]: sum(r["contributor_id"] == c[0] for r in rows) for c in CONTRIBUTORS}
@@ -263,6 +303,7 @@ def stage_data(out: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- stage: tokenizer
+
 
 def traced_bpe(word: str, ranks: dict) -> list[tuple[str, str]]:
     """The merges CLIP's BPE applies to one (byte-encoded) word, in order."""
@@ -316,8 +357,7 @@ def stage_tokenizer(out: Path) -> dict:
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(tokens)}
 
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS,
-                              pad_token="<|endoftext|>")
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS, pad_token="<|endoftext|>")
     folder = out / "model" / "tokenizer"
     tokenizer.save_pretrained(folder)
     # vocab.json / merges.txt as well, for tokenizer implementations that read those.
@@ -328,11 +368,16 @@ def stage_tokenizer(out: Path) -> dict:
     example = caption("red", 7, "cream")
     pieces = reloaded.convert_ids_to_tokens(reloaded(example).input_ids)
     assert pieces[1:-1] == [w + "</w>" for w in example.split()], pieces
-    return {"vocab_size": len(vocab), "merges": len(merges), "model_max_length": MAX_TOKENS,
-            "example": " ".join(pieces)}
+    return {
+        "vocab_size": len(vocab),
+        "merges": len(merges),
+        "model_max_length": MAX_TOKENS,
+        "example": " ".join(pieces),
+    }
 
 
 # --------------------------------------------------------------------------- stage: vae
+
 
 def stage_vae(out: Path) -> dict:
     from diffusers import AutoencoderKL
@@ -369,12 +414,18 @@ def stage_vae(out: Path) -> dict:
         recon = vae.decode(held_mean).sample.clamp(-1, 1)
     mse = F.mse_loss(recon, x_held).item()
     vae.save_pretrained(out / "model" / "vae")
-    return {"params": sum(p.numel() for p in vae.parameters()), "scaling_factor": scaling,
-            "latent_mean": mean.mean().item(), "heldout_recon_mse": mse,
-            "heldout_recon_psnr_db": 10 * math.log10(4.0 / mse), **cfg}
+    return {
+        "params": sum(p.numel() for p in vae.parameters()),
+        "scaling_factor": scaling,
+        "latent_mean": mean.mean().item(),
+        "heldout_recon_mse": mse,
+        "heldout_recon_psnr_db": 10 * math.log10(4.0 / mse),
+        **cfg,
+    }
 
 
 # --------------------------------------------------------------------------- stage: diffusion
+
 
 def stage_diffusion(out: Path) -> dict:
     """Train the text encoder and the UNet jointly, from scratch, on VAE latents, by the recipe auditor/retrain.py
@@ -387,8 +438,12 @@ def stage_diffusion(out: Path) -> dict:
     vae = AutoencoderKL.from_pretrained(out / "model" / "vae").eval()
     latent_mean, latent_std = posterior(vae, to_model_range(train_imgs))
     text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TEXT_ENCODER_CONFIG)
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TEXT_ENCODER_CONFIG,
+    )
     recipe = Recipe(**DIFFUSION_TRAIN)
     started = time.time()
 
@@ -397,35 +452,60 @@ def stage_diffusion(out: Path) -> dict:
             print(f"  diffusion step {step:5d} loss(avg100) {loss:.4f} {time.time() - started:6.0f}s", flush=True)
 
     ema_unet, ema_text_encoder, losses = train(
-        UNET_CONFIG, text_config,
-        DDPMScheduler(**SCHEDULE), latent_mean, latent_std, vae.config.scaling_factor,
-        tokenize(tokenizer, [r["caption"] for r in rows]), tokenize(tokenizer, [""]), recipe, log=log)
+        UNET_CONFIG,
+        text_config,
+        DDPMScheduler(**SCHEDULE),
+        latent_mean,
+        latent_std,
+        vae.config.scaling_factor,
+        tokenize(tokenizer, [r["caption"] for r in rows]),
+        tokenize(tokenizer, [""]),
+        recipe,
+        log=log,
+    )
 
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=ema_text_encoder, tokenizer=tokenizer, unet=ema_unet,
+        vae=vae,
+        text_encoder=ema_text_encoder,
+        tokenizer=tokenizer,
+        unet=ema_unet,
         scheduler=DDIMScheduler(**SCHEDULE, **SAMPLER),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(out / "model")
 
     facts = {
-        "objective": "v_prediction", "loss": "mse(unet(z_t, t, text), v)",
-        "noise_schedule": SCHEDULE["beta_schedule"], "num_train_timesteps": SCHEDULE["num_train_timesteps"],
-        "timestep_sampling": "uniform", "optimizer": "AdamW",
+        "objective": "v_prediction",
+        "loss": "mse(unet(z_t, t, text), v)",
+        "noise_schedule": SCHEDULE["beta_schedule"],
+        "num_train_timesteps": SCHEDULE["num_train_timesteps"],
+        "timestep_sampling": "uniform",
+        "optimizer": "AdamW",
         "lr_schedule": f"linear warmup {recipe.warmup_steps} steps, cosine to {recipe.min_lr_ratio} x lr",
         **recipe.as_facts(),
-        "saved_weights": "ema", "flip_augmentation": False, "augmentation": "none",
+        "saved_weights": "ema",
+        "flip_augmentation": False,
+        "augmentation": "none",
         "latents": "vae posterior sample * vae.config.scaling_factor",
         "text_encoder": "trained jointly with the unet, from scratch",
-        "training_set": "training/contributors.csv (caption column)", "resolution": SIZE,
+        "training_set": "training/contributors.csv (caption column)",
+        "resolution": SIZE,
         "final_loss_avg100": float(np.mean(losses[-100:])),
     }
     (out / "model" / "auditor_training.json").write_text(json.dumps(facts, indent=2) + "\n")
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return {"unet_params": count(ema_unet), "text_encoder_params": count(ema_text_encoder),
-            "final_loss_avg100": facts["final_loss_avg100"], "seconds_per_step": (time.time() - started) / recipe.steps}
+    return {
+        "unet_params": count(ema_unet),
+        "text_encoder_params": count(ema_text_encoder),
+        "final_loss_avg100": facts["final_loss_avg100"],
+        "seconds_per_step": (time.time() - started) / recipe.steps,
+    }
 
 
 # --------------------------------------------------------------------------- stage: encoder
+
 
 def clip_caption(kind: str, palette: dict, digit: int) -> str:
     if kind == "full":
@@ -447,7 +527,7 @@ def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
     """Translate each image by up to max_shift pixels, extending its border (no flips: digits)."""
     padded = F.pad(x, (max_shift,) * 4, mode="replicate")
     offsets = torch.randint(0, 2 * max_shift + 1, (len(x), 2))
-    return torch.stack([p[:, i:i + SIZE, j:j + SIZE] for p, (i, j) in zip(padded, offsets.tolist())])
+    return torch.stack([p[:, i : i + SIZE, j : j + SIZE] for p, (i, j) in zip(padded, offsets.tolist())])
 
 
 def encoder_inputs(images: np.ndarray, mean: list, std: list) -> torch.Tensor:
@@ -494,8 +574,10 @@ def stage_encoder(out: Path) -> dict:
         digit_ok = (kind[None, :] == 2) | (digit[idx][:, None] == digit[idx][None, :])
         pal_ok = (kind[None, :] == 1) | (owner[idx][:, None] == owner[idx][None, :])
         positives = (digit_ok & pal_ok).float()
-        loss = 0.5 * (torch.sum(-positives / positives.sum(1, keepdim=True) * logits.log_softmax(1)) / len(idx)
-                      + torch.sum(-positives / positives.sum(0, keepdim=True) * logits.log_softmax(0)) / len(idx))
+        loss = 0.5 * (
+            torch.sum(-positives / positives.sum(1, keepdim=True) * logits.log_softmax(1)) / len(idx)
+            + torch.sum(-positives / positives.sum(0, keepdim=True) * logits.log_softmax(0)) / len(idx)
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -515,12 +597,23 @@ def stage_encoder(out: Path) -> dict:
     bundle = {
         "format": "auditor.encoder/1",
         "name": CLIP_NAME,
-        "image_tower": {"library": "open_clip", "model_name": CLIP_NAME, "model_config": CLIP_CONFIG,
-                        "weights": "backbone.safetensors", "image_size": SIZE, "mean": mean, "std": std,
-                        "interpolation": "bicubic"},
-        "text_tower": {"library": "open_clip", "model_name": CLIP_NAME, "model_config": CLIP_CONFIG,
-                       "weights": "backbone.safetensors",
-                       "context_length": CLIP_CONFIG["text_cfg"]["context_length"]},
+        "image_tower": {
+            "library": "open_clip",
+            "model_name": CLIP_NAME,
+            "model_config": CLIP_CONFIG,
+            "weights": "backbone.safetensors",
+            "image_size": SIZE,
+            "mean": mean,
+            "std": std,
+            "interpolation": "bicubic",
+        },
+        "text_tower": {
+            "library": "open_clip",
+            "model_name": CLIP_NAME,
+            "model_config": CLIP_CONFIG,
+            "weights": "backbone.safetensors",
+            "context_length": CLIP_CONFIG["text_cfg"]["context_length"],
+        },
         "head": None,
         "temperature": 0.05,
     }
@@ -531,11 +624,17 @@ def stage_encoder(out: Path) -> dict:
     model.eval()
     with torch.no_grad():
         probe_tokens = open_clip.tokenizer.tokenize(texts[:8])
-        same = (torch.equal(model.encode_image(x[:8]), reloaded.encode_image(x[:8]))
-                and torch.equal(model.encode_text(probe_tokens), reloaded.encode_text(probe_tokens)))
+        same = torch.equal(model.encode_image(x[:8]), reloaded.encode_image(x[:8])) and torch.equal(
+            model.encode_text(probe_tokens), reloaded.encode_text(probe_tokens)
+        )
     assert same, "encoder bundle does not round-trip"
-    return {"params": sum(p.numel() for p in model.parameters()), "mean": mean, "std": std,
-            "round_trip_identical": same, **cfg}
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "mean": mean,
+        "std": std,
+        "round_trip_identical": same,
+        **cfg,
+    }
 
 
 def load_encoder(folder: Path):
@@ -551,6 +650,7 @@ def load_encoder(folder: Path):
 
 
 # --------------------------------------------------------------------------- measurements
+
 
 def ink_map(images: np.ndarray) -> np.ndarray:
     """Palette-free ink intensity: colour distance from the paper (the median border colour)."""
@@ -589,8 +689,8 @@ def fit_palette(image: np.ndarray, pal: dict) -> tuple[str, str]:
     return min(pal, key=residual), paper_id
 
 
-
 # --------------------------------------------------------------------------- stage: outputs
+
 
 def output_jobs() -> list[dict]:
     """Every palette x digit with OUTPUT_SEEDS_PER_PROMPT seeds, then prompts mixing two palettes."""
@@ -599,16 +699,32 @@ def output_jobs() -> list[dict]:
     for cid, p in pal.items():
         for d in range(10):
             for _ in range(OUTPUT_SEEDS_PER_PROMPT):
-                jobs.append({"prompt": caption(p["ink_word"], d, p["paper_word"]), "digit": d,
-                             "ink_contributor": cid, "paper_contributor": cid})
+                jobs.append(
+                    {
+                        "prompt": caption(p["ink_word"], d, p["paper_word"]),
+                        "digit": d,
+                        "ink_contributor": cid,
+                        "paper_contributor": cid,
+                    }
+                )
     rng = random.Random(SEED)
-    pairs = [(a, b) for a in pal for b in pal if a != b
-             and np.abs(np.subtract(pal[a]["ink_rgb"], pal[b]["paper_rgb"])).sum() > 200]  # legible
+    pairs = [
+        (a, b)
+        for a in pal
+        for b in pal
+        if a != b and np.abs(np.subtract(pal[a]["ink_rgb"], pal[b]["paper_rgb"])).sum() > 200
+    ]  # legible
     for a, b in rng.sample(pairs, MIXED_PROMPTS):
         d = rng.randrange(10)
         for _ in range(OUTPUT_SEEDS_PER_PROMPT):
-            jobs.append({"prompt": caption(pal[a]["ink_word"], d, pal[b]["paper_word"]), "digit": d,
-                         "ink_contributor": a, "paper_contributor": b})
+            jobs.append(
+                {
+                    "prompt": caption(pal[a]["ink_word"], d, pal[b]["paper_word"]),
+                    "digit": d,
+                    "ink_contributor": a,
+                    "paper_contributor": b,
+                }
+            )
     for k, job in enumerate(jobs):
         job["seed"] = 1000 + k
         job["file"] = f"gen_{k:03d}.png"
@@ -616,8 +732,10 @@ def output_jobs() -> list[dict]:
 
 
 def a1111_parameters(prompt: str, seed: int) -> str:
-    return (f"{prompt}\nNegative prompt: \nSteps: {SAMPLING['steps']}, Sampler: {SAMPLING['sampler']}, "
-            f"CFG scale: {SAMPLING['guidance']:g}, Seed: {seed}, Size: {SIZE}x{SIZE}, Model: digits-world")
+    return (
+        f"{prompt}\nNegative prompt: \nSteps: {SAMPLING['steps']}, Sampler: {SAMPLING['sampler']}, "
+        f"CFG scale: {SAMPLING['guidance']:g}, Seed: {seed}, Size: {SIZE}x{SIZE}, Model: digits-world"
+    )
 
 
 def load_pipeline(out: Path):
@@ -637,11 +755,13 @@ def stage_outputs(out: Path, batch: int = 40) -> dict:
     for stale in folder.glob("gen_*"):  # a stale sidecar would attach a wrong prompt
         stale.unlink()
     for start in range(0, len(jobs), batch):
-        chunk = jobs[start:start + batch]
+        chunk = jobs[start : start + batch]
         images = pipe(
-            [j["prompt"] for j in chunk], num_inference_steps=SAMPLING["steps"],
+            [j["prompt"] for j in chunk],
+            num_inference_steps=SAMPLING["steps"],
             guidance_scale=SAMPLING["guidance"],
-            generator=[torch.Generator().manual_seed(j["seed"]) for j in chunk]).images
+            generator=[torch.Generator().manual_seed(j["seed"]) for j in chunk],
+        ).images
         for k, (job, image) in enumerate(zip(chunk, images), start):
             path = folder / job["file"]
             if k in sidecar:  # the prompt travels beside the image, not inside it
@@ -655,16 +775,24 @@ def stage_outputs(out: Path, batch: int = 40) -> dict:
                 job["prompt_source"] = "png-parameters"
         print(f"  generated {min(start + batch, len(jobs))}/{len(jobs)}", flush=True)
 
-    rows = [{**j, "contributor_ids": ";".join(dict.fromkeys([j["ink_contributor"], j["paper_contributor"]]))}
-            for j in jobs]
-    write_csv(folder / "manifest.csv",
-              ["file", "prompt", "digit", "contributor_ids", "ink_contributor", "paper_contributor",
-               "seed", "prompt_source"], rows)
-    return {"images": len(jobs), "mixed_palette_images": sum(j["ink_contributor"] != j["paper_contributor"] for j in jobs),
-            "sidecar_prompts": len(sidecar), **SAMPLING}
+    rows = [
+        {**j, "contributor_ids": ";".join(dict.fromkeys([j["ink_contributor"], j["paper_contributor"]]))} for j in jobs
+    ]
+    write_csv(
+        folder / "manifest.csv",
+        ["file", "prompt", "digit", "contributor_ids", "ink_contributor", "paper_contributor", "seed", "prompt_source"],
+        rows,
+    )
+    return {
+        "images": len(jobs),
+        "mixed_palette_images": sum(j["ink_contributor"] != j["paper_contributor"] for j in jobs),
+        "sidecar_prompts": len(sidecar),
+        **SAMPLING,
+    }
 
 
 # --------------------------------------------------------------------------- stage: gates
+
 
 def zero_shot(model, images: np.ndarray, prompts: list[str], bundle: dict) -> np.ndarray:
     """Index of the best-matching prompt for each image."""
@@ -673,8 +801,9 @@ def zero_shot(model, images: np.ndarray, prompts: list[str], bundle: dict) -> np
     tower = bundle["image_tower"]
     with torch.no_grad():
         img = model.encode_image(encoder_inputs(images, tower["mean"], tower["std"]), normalize=True)
-        txt = model.encode_text(open_clip.tokenizer.tokenize(
-            prompts, context_length=bundle["text_tower"]["context_length"]), normalize=True)
+        txt = model.encode_text(
+            open_clip.tokenizer.tokenize(prompts, context_length=bundle["text_tower"]["context_length"]), normalize=True
+        )
     return (img @ txt.T).argmax(1).numpy()
 
 
@@ -702,14 +831,18 @@ def stage_gates(out: Path) -> dict:
     fits = [fit_palette(im, pal) for im in gen_imgs]
     palette_ok = np.array([f == (r["ink_contributor"], r["paper_contributor"]) for f, r in zip(fits, gen_rows)])
     follows_ink = np.array([f == (r["ink_contributor"],) * 2 for f, r in zip(fits, gen_rows)])
-    palette_real = float(np.mean([fit_palette(im, pal) == (r["palette_id"],) * 2 for im, r in zip(held_imgs, held_rows)]))
+    palette_real = float(
+        np.mean([fit_palette(im, pal) == (r["palette_id"],) * 2 for im, r in zip(held_imgs, held_rows)])
+    )
 
     # (c) zero-shot accuracy of the shipped encoder bundle on held-out real digits
     model, bundle = load_encoder(out / "encoder")
     pal_ids = list(pal)
     zs_digit = float(np.mean(zero_shot(model, held_imgs, [digit_prompt(d) for d in range(10)], bundle) == held_digit))
     held_pal = np.array([pal_ids.index(r["palette_id"]) for r in held_rows])
-    zs_palette = float(np.mean(zero_shot(model, held_imgs, [palette_prompt(pal[c]) for c in pal_ids], bundle) == held_pal))
+    zs_palette = float(
+        np.mean(zero_shot(model, held_imgs, [palette_prompt(pal[c]) for c in pal_ids], bundle) == held_pal)
+    )
     zs_digit_gen = float(np.mean(zero_shot(model, gen_imgs, [digit_prompt(d) for d in range(10)], bundle) == gen_digit))
 
     write_contact_sheet(out, train_rows, train_imgs, gen_rows, gen_imgs)
@@ -724,7 +857,8 @@ def stage_gates(out: Path) -> dict:
         "zero_shot_digit_heldout": zs_digit,
         "zero_shot_palette_heldout": zs_palette,
         "zero_shot_digit_generated": zs_digit_gen,
-        "n_generated_single": int(single.sum()), "n_generated_mixed": int((~single).sum()),
+        "n_generated_single": int(single.sum()),
+        "n_generated_mixed": int((~single).sum()),
         "n_heldout": len(held_rows),
     }
     gates["pass_digit"] = digit_acc >= GATE_DIGIT
@@ -743,20 +877,34 @@ def write_contact_sheet(out: Path, train_rows, train_imgs, gen_rows, gen_imgs, z
     pal = palettes()
     for row, cid in enumerate(pal):
         y = header + row * cell
-        draw.text((4, y + cell // 2 - 6), f"{cid} {pal[cid]['ink_word']} on {pal[cid]['paper_word']}", fill="black", font=font)
+        draw.text(
+            (4, y + cell // 2 - 6), f"{cid} {pal[cid]['ink_word']} on {pal[cid]['paper_word']}", fill="black", font=font
+        )
         for d in range(10):
-            real = next((i for i, r in enumerate(train_rows)
-                         if r["contributor_id"] == cid and caption_digit(r["caption"]) == d), None)
-            gen = next(i for i, r in enumerate(gen_rows)
-                       if r["ink_contributor"] == r["paper_contributor"] == cid and int(r["digit"]) == d)
-            for image, x in ((None if real is None else train_imgs[real], label_w + d * cell),
-                             (gen_imgs[gen], label_w + 10 * cell + gap + d * cell)):
+            real = next(
+                (
+                    i
+                    for i, r in enumerate(train_rows)
+                    if r["contributor_id"] == cid and caption_digit(r["caption"]) == d
+                ),
+                None,
+            )
+            gen = next(
+                i
+                for i, r in enumerate(gen_rows)
+                if r["ink_contributor"] == r["paper_contributor"] == cid and int(r["digit"]) == d
+            )
+            for image, x in (
+                (None if real is None else train_imgs[real], label_w + d * cell),
+                (gen_imgs[gen], label_w + 10 * cell + gap + d * cell),
+            ):
                 if image is not None:
                     sheet.paste(Image.fromarray(image).resize((SIZE * zoom,) * 2, Image.NEAREST), (x + 1, y + 1))
     sheet.save(out / "contact_sheet.png")
 
 
 # --------------------------------------------------------------------------- WORLD.md
+
 
 def folder_bytes(path: Path) -> int:
     if path.is_file():
@@ -766,8 +914,9 @@ def folder_bytes(path: Path) -> int:
 
 def write_world_md(out: Path) -> None:
     stats = load_stats(out)
-    data, tok, vae, diff, enc, outs, gates = (stats.get(k, {}) for k in
-                                              ("data", "tokenizer", "vae", "diffusion", "encoder", "outputs", "gates"))
+    data, tok, vae, diff, enc, outs, gates = (
+        stats.get(k, {}) for k in ("data", "tokenizer", "vae", "diffusion", "encoder", "outputs", "gates")
+    )
     times = stats.get("times", {})
     pal = palettes()
     vision, text = CLIP_CONFIG["vision_cfg"], CLIP_CONFIG["text_cfg"]
@@ -797,7 +946,7 @@ def write_world_md(out: Path) -> None:
         lines.append(f"| {cid} | {name} | {licence} | {pal[cid]['ink_word']} on {pal[cid]['paper_word']} | {n} |")
     lines += [
         "",
-        "Captions read `a <ink> handwritten <digit word> on <paper> paper` (\"a orange\" too: the shipped models were",
+        'Captions read `a <ink> handwritten <digit word> on <paper> paper` ("a orange" too: the shipped models were',
         "trained on that exact template); the caption is the only digit",
         "label on disk (`heldout/heldout.csv` also has a `digit` column).",
         "",
@@ -877,9 +1026,15 @@ def write_world_md(out: Path) -> None:
     else:
         lines.append("Not measured yet (run the `gates` stage).")
     threads = stats.get("threads", {})
-    lines += ["", "## Build", "",
-              "Wall time per stage on a 2-core machine shared with other work (so upper bounds):", "",
-              "| stage | seconds | torch threads |", "|---|---|---|"]
+    lines += [
+        "",
+        "## Build",
+        "",
+        "Wall time per stage on a 2-core machine shared with other work (so upper bounds):",
+        "",
+        "| stage | seconds | torch threads |",
+        "|---|---|---|",
+    ]
     lines += [f"| {s} | {times[s]:.0f} | {threads.get(s, '?')} |" for s in STAGES if s in times]
     if times:
         lines.append(f"| total | {sum(times.values()):.0f} | |")
@@ -907,11 +1062,16 @@ STAGES = list(STAGE_FUNCTIONS)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", action="append", choices=STAGES,
-                        help="stage to run (repeatable); default: all, in order")
+    parser.add_argument(
+        "--stage", action="append", choices=STAGES, help="stage to run (repeatable); default: all, in order"
+    )
     parser.add_argument("--out", type=Path, default=WORLD_DIR, help="world directory (default: next to this script)")
-    parser.add_argument("--threads", type=int, default=THREADS,
-                        help="torch threads; use 1 when another job holds a core (2 oversubscribed is ~10x slower)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=THREADS,
+        help="torch threads; use 1 when another job holds a core (2 oversubscribed is ~10x slower)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = args.out.resolve()

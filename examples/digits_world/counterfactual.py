@@ -23,8 +23,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 sys.path.insert(0, str(HERE))
 
-from auditor import confirm, counterfactual, sql  # noqa: E402
 from world import open_workspace  # noqa: E402
+
+from auditor import confirm, counterfactual, sql  # noqa: E402
 
 
 def pick(n: int) -> list[str]:
@@ -32,7 +33,11 @@ def pick(n: int) -> list[str]:
     rows = list(csv.DictReader(open(HERE / "outputs" / "manifest.csv")))
     picked, digits, contributors = [], set(), set()
     for row in rows:
-        if row["ink_contributor"] != row["paper_contributor"] or row["digit"] in digits or row["ink_contributor"] in contributors:
+        if (
+            row["ink_contributor"] != row["paper_contributor"]
+            or row["digit"] in digits
+            or row["ink_contributor"] in contributors
+        ):
             continue
         picked.append(row["file"])
         digits.add(row["digit"])
@@ -61,16 +66,20 @@ def main() -> None:
             confirm.confirm(ws, method=method, generation=gen, announce=print)
         timings[method] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    report = counterfactual.counterfactual(ws, generations=gen_ids, k=args.remove, retrain_steps=args.retrain_steps, announce=print)
+    report = counterfactual.counterfactual(
+        ws, generations=gen_ids, k=args.remove, retrain_steps=args.retrain_steps, announce=print
+    )
     retrain_seconds = time.perf_counter() - t0
-    prompts = dict(sql.query(ws, f"select id, prompt from generations where id in ({','.join(map(str, gen_ids))})").rows())
+    prompts = dict(
+        sql.query(ws, f"select id, prompt from generations where id in ({','.join(map(str, gen_ids))})").rows()
+    )
     header = (
         f"Made by `python examples/digits_world/counterfactual.py --generations {args.generations} --remove {args.remove} "
         f"--retrain-steps {args.retrain_steps}` on {time.strftime('%Y-%m-%d')} (2 CPU cores): {time.perf_counter() - started:.0f} s in all, "
         f"of which {retrain_seconds:.0f} s retraining and measuring; confirming the generations took {timings['abu']:.0f} s with AbU "
         f"and {timings['dtrak']:.0f} s with D-TRAK (0 s: already confirmed by an earlier run).\n\n"
         "Generations checked (single palette, distinct digits and contributors):\n\n"
-        + "".join(f"- {g}: \"{prompts[g]}\"\n" for g in report.generations)
+        + "".join(f'- {g}: "{prompts[g]}"\n' for g in report.generations)
     )
     (HERE / f"counterfactual-{report.retrain_steps}.json").write_text(counterfactual.to_json(report))
     (HERE / f"counterfactual-{report.retrain_steps}.md").write_text(header)
@@ -82,10 +91,15 @@ def write_summary() -> None:
     sections = []
     for path in sorted(HERE.glob("counterfactual-*.json"), key=lambda p: int(p.stem.split("-")[1])):
         report = counterfactual.from_json(path.read_text())
-        sections.append(f"## Retrainings of {report.retrain_steps} steps (the recipe has {report.recipe_steps})\n\n"
-                        + path.with_suffix(".md").read_text() + "\n" + counterfactual.to_markdown(report))
+        sections.append(
+            f"## Retrainings of {report.retrain_steps} steps (the recipe has {report.recipe_steps})\n\n"
+            + path.with_suffix(".md").read_text()
+            + "\n"
+            + counterfactual.to_markdown(report)
+        )
     (HERE / "COUNTERFACTUAL.md").write_text("# Leave-K-out on the example world\n\n" + "\n".join(sections))
     print("\n".join(sections))
+
 
 if __name__ == "__main__":
     main()

@@ -39,12 +39,11 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
+from world import open_workspace  # noqa: E402
 
 from auditor import diffusion, distill, embed, evaluate, metrics  # noqa: E402
 from auditor.settings import DistillSettings  # noqa: E402
 from auditor.store import Store  # noqa: E402
-from world import open_workspace  # noqa: E402
-
 
 COLLECTION = HERE / "distill-collection"
 KS = (5, 10, 20, 50)  # the k of every table
@@ -73,14 +72,21 @@ def diffusion_features(ws, training: list[tuple[str, str]], queries: list[tuple[
         texts = model.text_embeddings([text for _, text in pairs])
         timesteps = torch.full((len(pairs),), t)
         with torch.no_grad():
-            model.unet(model.scheduler.add_noise(latents, torch.zeros_like(latents), timesteps), timesteps, encoder_hidden_states=texts)
+            model.unet(
+                model.scheduler.add_noise(latents, torch.zeros_like(latents), timesteps),
+                timesteps,
+                encoder_hidden_states=texts,
+            )
         return latents.flatten(1).numpy(), captured["mid"].flatten(1).numpy()
 
     try:
         (q_lat, q_mid), (t_lat, t_mid) = features(queries), features(training)
     finally:
         hook.remove()
-    return {"VAE latent cosine (the model's own space)": (q_lat, t_lat), f"UNet mid-block cosine (t = {t})": (q_mid, t_mid)}
+    return {
+        "VAE latent cosine (the model's own space)": (q_lat, t_lat),
+        f"UNet mid-block cosine (t = {t})": (q_mid, t_mid),
+    }
 
 
 def _split_features(ws, split: str):
@@ -151,14 +157,18 @@ def training_seeds(ws, shipped: Path, seeds: tuple[int, ...] = (1, 2), k: int = 
         rows.append((seed, _aps(fit.scores(tq_feat, t_feat), tops), selected.epochs))
     gains = [evaluate.mean_se(aps - untuned) for _, aps, _ in rows]
     lines = [f"| training seed | mAP@{k} | gain over untuned image ⊕ text (paired) | best epoch |", "|---|---|---|---|"]
-    lines += [f"| {seed}{' (shipped)' if epochs is None else ''} | {aps.mean():.3f} | {g:+.3f} ± {g_se:.3f} | "
-              f"{'table above' if epochs is None else epochs} |" for (seed, aps, epochs), (g, g_se) in zip(rows, gains)]
+    lines += [
+        f"| {seed}{' (shipped)' if epochs is None else ''} | {aps.mean():.3f} | {g:+.3f} ± {g_se:.3f} | "
+        f"{'table above' if epochs is None else epochs} |"
+        for (seed, aps, epochs), (g, g_se) in zip(rows, gains)
+    ]
     return (
         "## Training seeds\n\n"
         f"The same {len(fit_set.candidates)} fit and {len(val.candidates)} validation queries trained with other seeds "
         f"(initialisation, batch order, negatives, dropout; refit as in `distill train`), on the {len(test)} test queries. The ± is over queries only; "
         f"the seeds add their own spread (mean gain over the {len(rows)} seeds {np.mean([g for g, _ in gains]):+.3f}):\n\n"
-        + "\n".join(lines) + "\n\n"
+        + "\n".join(lines)
+        + "\n\n"
     )
 
 
@@ -170,7 +180,9 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
         ids, img, txt = distill.training_embeddings(ws, store, encoder)
         digests = distill.training_digests(store)
         index_of = {int(i): j for j, i in enumerate(ids)}
-        (train, _), (test, test_images) = (distill.load_rankings(store, split, index_of, print) for split in ("train", "test"))
+        (train, _), (test, test_images) = (
+            distill.load_rankings(store, split, index_of, print) for split in ("train", "test")
+        )
         paths_captions = dict((i, (p, c)) for i, p, c in store.rows("SELECT id, path, caption FROM training_images"))
     captions = [paths_captions[int(i)][1] for i in ids]
     caption_of = np.array(captions)
@@ -190,14 +202,23 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
         digit, palette = words(prompt)
         for j, r in zip(cands, ranks):
             d, p = words(captions[j])
-            key = {(True, True): "same caption", (False, True): "same palette only", (True, False): "same digit only"}.get(
-                (d == digit, p == palette), "neither")
+            key = {
+                (True, True): "same caption",
+                (False, True): "same palette only",
+                (True, False): "same digit only",
+            }.get((d == digit, p == palette), "neither")
             n, top = groups.get(key, (0, 0))
             groups[key] = (n + 1, top + (r <= k))
     total = sum(n for n, _ in groups.values())
     tops = sum(t for _, t in groups.values())
-    lines = [f"| candidate's caption vs prompt | share of candidates | share of the teacher's top-{k} | P(in top-{k}) |", "|---|---|---|---|"]
-    lines += [f"| {key} | {n / total:.2f} | {t / tops:.2f} | {t / n:.3f} |" for key, (n, t) in sorted(groups.items(), key=lambda g: -g[1][1])]
+    lines = [
+        f"| candidate's caption vs prompt | share of candidates | share of the teacher's top-{k} | P(in top-{k}) |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {key} | {n / total:.2f} | {t / tops:.2f} | {t / n:.3f} |"
+        for key, (n, t) in sorted(groups.items(), key=lambda g: -g[1][1])
+    ]
 
     # 1b. Which other digits of the prompt's palette reach the top-k: not symmetric, which a shared head cannot say.
     pairs = {}
@@ -210,8 +231,12 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
                 pairs[(digit, d)] = (n + 1, top + (r <= k))
     rate = {pair: top / n for pair, (n, top) in pairs.items() if n >= 20}
     lines_pairs = [f"| prompt's digit → candidate's digit | P(in top-{k}) | the reverse |", "|---|---|---|"]
-    lines_pairs += [f"| {a} → {b} | {rate[(a, b)]:.3f} | {rate[(b, a)]:.3f} |" if (b, a) in rate else f"| {a} → {b} | {rate[(a, b)]:.3f} | (no test prompt) |"
-                    for a, b in sorted(rate, key=lambda pair: -rate[pair])[:5]]
+    lines_pairs += [
+        f"| {a} → {b} | {rate[(a, b)]:.3f} | {rate[(b, a)]:.3f} |"
+        if (b, a) in rate
+        else f"| {a} → {b} | {rate[(a, b)]:.3f} | (no test prompt) |"
+        for a, b in sorted(rate, key=lambda pair: -rate[pair])[:5]
+    ]
 
     # 2. Within the same-caption candidates (text cannot tell them apart): what orders them like the teacher?
     t_pix = pixels([paths_captions[int(i)][0] for i in ids])
@@ -220,13 +245,26 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     cos = distill.joint(q_img, q_txt) @ distill.joint(img, txt).T
     strength = student.strength(digests)
-    head_only = distill.head_scores(student, np.concatenate([q_img, q_txt], 1), np.concatenate([img, txt], 1), digests) / strength
+    head_only = (
+        distill.head_scores(student, np.concatenate([q_img, q_txt], 1), np.concatenate([img, txt], 1), digests)
+        / strength
+    )
     model_space = diffusion_features(ws, [paths_captions[int(i)] for i in ids], [(q[1], q[2]) for q in test])
-    similarities = {"pixel cosine": q_pix @ t_pix.T, "backbone image cosine": unit(q_img) @ unit(img).T,
-                    **{name: unit(q) @ unit(t).T for name, (q, t) in model_space.items()},
-                    "distilled head, cosine alone": head_only, "distilled (head × strength)": head_only * strength}
-    student_same = float(np.mean([np.mean(caption_of[np.argsort(-row, kind="stable")[:k]] == q[2])
-                                  for row, q in zip(similarities["distilled (head × strength)"], test)]))
+    similarities = {
+        "pixel cosine": q_pix @ t_pix.T,
+        "backbone image cosine": unit(q_img) @ unit(img).T,
+        **{name: unit(q) @ unit(t).T for name, (q, t) in model_space.items()},
+        "distilled head, cosine alone": head_only,
+        "distilled (head × strength)": head_only * strength,
+    }
+    student_same = float(
+        np.mean(
+            [
+                np.mean(caption_of[np.argsort(-row, kind="stable")[:k]] == q[2])
+                for row, q in zip(similarities["distilled (head × strength)"], test)
+            ]
+        )
+    )
     within = {"teacher replicate (independent noise)": [], **{name: [] for name in similarities}}
     for i, (qid, _, prompt, cands, ranks) in enumerate(test):
         same = np.array([captions[j] == prompt for j in cands])
@@ -239,7 +277,9 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
             within[name].append(spearmanr(by_teacher, sim[i, c])[0])
     n_within = len(within["pixel cosine"])
     lines2 = ["| ordering of the same-caption candidates | Spearman with the teacher (mean ± SE) |", "|---|---|"]
-    lines2 += [f"| {name} | {evaluate.mean_se(v)[0]:.3f} ± {evaluate.mean_se(v)[1]:.3f} |" for name, v in within.items()]
+    lines2 += [
+        f"| {name} | {evaluate.mean_se(v)[0]:.3f} ± {evaluate.mean_se(v)[1]:.3f} |" for name, v in within.items()
+    ]
 
     # 3. The per-image part: each image's mean normalised teacher rank over the *training* queries (the 'prior'), what
     # image ⊕ text features can predict of it, and the strengths the distillation learnt.
@@ -249,7 +289,10 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
         count[cands] += 1
     prior = np.where(count > 0, total_target / np.maximum(count, 1), 0.5)
     teacher_top = _teacher_tops(test, k)
-    replica_top = [set(np.array([index_of[int(t)] for t in replica[q[0]][0]])[np.argsort(-replica[q[0]][1])[:k]].tolist()) for q in test]
+    replica_top = [
+        set(np.array([index_of[int(t)] for t in replica[q[0]][0]])[np.argsort(-replica[q[0]][1])[:k]].tolist())
+        for q in test
+    ]
 
     def map_at(scores, tops):
         return evaluate.mean_se(_aps(scores, tops))
@@ -262,7 +305,7 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
     # Could a function of the image ⊕ text features carry it? Ridge regression, fitted on half the images.
     x = np.concatenate([img, txt, np.ones((len(img), 1))], axis=1)
     half = np.random.default_rng(0).permutation(np.flatnonzero(seen))
-    fit, held = half[: len(half) // 2], half[len(half) // 2:]
+    fit, held = half[: len(half) // 2], half[len(half) // 2 :]
     ridge = lambda rows: np.linalg.solve(x[rows].T @ x[rows] + np.eye(x.shape[1]), x[rows].T @ prior[rows])  # noqa: E731
     guess = x @ ridge(fit)
     held_r = float(np.corrcoef(guess[held], prior[held])[0, 1])
@@ -270,10 +313,13 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
     predicted = x @ ridge(np.flatnonzero(seen))
     log_strength = np.log(strength)
     r_strength = float(np.corrcoef(minus_caption_mean(log_strength)[seen], minus_caption_mean(prior)[seen])[0, 1])
-    rows = [*[(f"image ⊕ text cosine + {w} × prior", cos + w * prior) for w in (0.0, 0.2, 0.5)],
-            ("image ⊕ text cosine + 0.2 × prior predicted from image ⊕ text", cos + 0.2 * predicted),
-            ("image ⊕ text cosine × learnt strength (no head)", cos * strength[None]),
-            ("distilled head, cosine alone", head_only), ("distilled (head × strength)", head_only * strength)]
+    rows = [
+        *[(f"image ⊕ text cosine + {w} × prior", cos + w * prior) for w in (0.0, 0.2, 0.5)],
+        ("image ⊕ text cosine + 0.2 × prior predicted from image ⊕ text", cos + 0.2 * predicted),
+        ("image ⊕ text cosine × learnt strength (no head)", cos * strength[None]),
+        ("distilled head, cosine alone", head_only),
+        ("distilled (head × strength)", head_only * strength),
+    ]
     lines3 = [f"| score | mAP@{k} vs the teacher | mAP@{k} vs its replicate |", "|---|---|---|"]
     for name, scores in rows:
         a, b = map_at(scores, teacher_top), map_at(scores, replica_top)
@@ -288,7 +334,9 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
         "on the test prompts; the reverse where a test prompt has that digit and palette), which is why queries get their own "
         "map in the head (`query_map`):\n\n" + "\n".join(lines_pairs) + "\n\n"
         f"**Inside the same-caption group** (text cannot separate these; {n_within} queries with ≥ 5 such candidates). "
-        "Not even the diffusion model's own spaces order them much better than pixels do:\n\n" + "\n".join(lines2) + "\n\n"
+        "Not even the diffusion model's own spaces order them much better than pixels do:\n\n"
+        + "\n".join(lines2)
+        + "\n\n"
         "**A per-image part.** Each training image's mean normalised teacher rank over the training queries "
         "(the 'prior'), against the test queries' teacher and its replicate:\n\n" + "\n".join(lines3) + "\n\n"
         f"Predicted from the backbone's image ⊕ text features by ridge regression, the prior correlates {held_r:.2f} with the "
@@ -320,11 +368,22 @@ def main() -> None:
         if args.more_queries:
             # More data where it is cheap to label: new images of the training prompts, the same teacher.
             with Store(ws.db_path, read_only=True) as store:
-                prompts = [p for (p,) in store.rows("SELECT DISTINCT prompt FROM distill_queries WHERE split = 'train' ORDER BY 1")]
+                prompts = [
+                    p
+                    for (p,) in store.rows(
+                        "SELECT DISTINCT prompt FROM distill_queries WHERE split = 'train' ORDER BY 1"
+                    )
+                ]
             prompts_file = root / "train-prompts.txt"
             prompts_file.write_text("\n".join(prompts) + "\n")
-            more = distill.collect(ws, prompts_file=prompts_file, queries=args.more_queries, candidates=args.candidates, seed=1,
-                                   announce=print)
+            more = distill.collect(
+                ws,
+                prompts_file=prompts_file,
+                queries=args.more_queries,
+                candidates=args.candidates,
+                seed=1,
+                announce=print,
+            )
             print(f"collect (seed 1, training prompts): {more}", flush=True)
         # The teacher again with independent noise: how well it agrees with itself bounds every student.
         distill.replicate(ws, announce=print)
@@ -337,17 +396,33 @@ def main() -> None:
         runs = {}
         # The shipped bundle, and the two ablations: no per-image strengths, and one head shared by queries and training
         # images (no query map).
-        for name, strengths, query_map in (("encoder-distilled", True, True), ("encoder-distilled-no-strengths", False, True),
-                                           ("encoder-distilled-shared-head", True, False)):
+        for name, strengths, query_map in (
+            ("encoder-distilled", True, True),
+            ("encoder-distilled-no-strengths", False, True),
+            ("encoder-distilled-shared-head", True, False),
+        ):
             shutil.rmtree(root / name, ignore_errors=True)
-            runs[name] = distill.train(ws, out=root / name, strengths=strengths, query_map=query_map,
-                                       progress_row=lambda r: print(r, flush=True))
+            runs[name] = distill.train(
+                ws,
+                out=root / name,
+                strengths=strengths,
+                query_map=query_map,
+                progress_row=lambda r: print(r, flush=True),
+            )
             print(runs[name], flush=True)
         trained = runs["encoder-distilled"]
         replica = distill.replicate(ws, announce=print)
-        results, n = evaluate.evaluate(ws, encoders=[HERE / "encoder", staging, root / "encoder-distilled-no-strengths",
-                                                     root / "encoder-distilled-shared-head"],
-                                       ks=KS, replicate=replica)
+        results, n = evaluate.evaluate(
+            ws,
+            encoders=[
+                HERE / "encoder",
+                staging,
+                root / "encoder-distilled-no-strengths",
+                root / "encoder-distilled-shared-head",
+            ],
+            ks=KS,
+            replicate=replica,
+        )
         table = evaluate.to_markdown(results, n, args.candidates)
         distilled = next(r for r in results if r.name.startswith("distilled") and trained.encoder_id in r.name)
         replica_map = next(r.map_at[main_k][0] for r in results if r.name.startswith("teacher replicate"))
@@ -361,9 +436,12 @@ def main() -> None:
         collection = collection_line(ws)
         (HERE / "EVAL.md").write_text(
             "# Distilled vs untuned encoders on the example world\n\n"
-            + (f"**Shipped** as `encoder-distilled/` ({trained.encoder_id}); `make demo` uses it. " if shipped else
-               "**The distilled encoder is not shipped**: it does not beat the best untuned feature on held-out queries, so "
-               "`make demo` uses the untuned `encoder/`. ")
+            + (
+                f"**Shipped** as `encoder-distilled/` ({trained.encoder_id}); `make demo` uses it. "
+                if shipped
+                else "**The distilled encoder is not shipped**: it does not beat the best untuned feature on held-out queries, so "
+                "`make demo` uses the untuned `encoder/`. "
+            )
             + f"On {n} held-out queries, mAP@{main_k} is {distilled.map_at[main_k][0]:.3f} distilled against "
             f"{untuned.map_at[main_k][0]:.3f} for the best untuned feature ({untuned.name}): "
             f"**{gain:+.3f} ± {gain_se:.3f}** (mean ± standard error of the per-query differences) against one run of this "
@@ -386,9 +464,8 @@ def main() -> None:
             f"and {runs['encoder-distilled-shared-head'].epochs} (one head for queries and training images, `distill.query_map = false`).\n\n"
             + table
             + "\nThe 'teacher replicate' row is the same teacher run again on the held-out queries with independent noise "
-              "(a new Fisher sample, unlearning draws and scoring noise; `audit eval --replicate`): how well the teacher agrees "
-              "with itself, and so roughly the most any student can be expected to agree with it.\n\n"
-            + collection + "\n"
+            "(a new Fisher sample, unlearning draws and scoring noise; `audit eval --replicate`): how well the teacher agrees "
+            "with itself, and so roughly the most any student can be expected to agree with it.\n\n" + collection + "\n"
         )
         (HERE / "eval.json").write_text(evaluate.to_json(results, n))
         print(table)
@@ -450,8 +527,11 @@ def insert_section(marker: str, section: str) -> None:
             head, _, rest = head.partition(known)
             blocks[known] = known + rest
     blocks[marker] = section
-    (HERE / "EVAL.md").write_text(head.rstrip() + "\n\n" + "\n".join(
-        blocks[m].rstrip() + "\n" for m in (REFERENCE_MARKER, DIAGNOSE_MARKER) if m in blocks))
+    (HERE / "EVAL.md").write_text(
+        head.rstrip()
+        + "\n\n"
+        + "\n".join(blocks[m].rstrip() + "\n" for m in (REFERENCE_MARKER, DIAGNOSE_MARKER) if m in blocks)
+    )
 
 
 def reference_section(single, pooled, cheap_pooled, n: int, seconds: float, main_k: int) -> str:
@@ -460,42 +540,51 @@ def reference_section(single, pooled, cheap_pooled, n: int, seconds: float, main
     def gain(results):
         return evaluate.gains_over_untuned(results)[distilled][main_k]
 
-    (one, one_se, _), (both, both_se, baseline), (cheap_both, cheap_both_se, _) = gain(single), gain(pooled), gain(cheap_pooled)
+    (one, one_se, _), (both, both_se, baseline), (cheap_both, cheap_both_se, _) = (
+        gain(single),
+        gain(pooled),
+        gain(cheap_pooled),
+    )
     replica = next(r for r in single if r.name.startswith("teacher replicate"))
     collection_table = {m["name"]: m for m in json.loads((HERE / "eval.json").read_text())["methods"]}
     cheap = collection_table[distilled]["gain_over_best_untuned"][str(main_k)]
     cheap_replica = collection_table[replica.name]["map_at"][str(main_k)]["mean"]
-    return (f"{REFERENCE_MARKER}\n\n"
-            f"The same {n} held-out query images ranked again over the same 100 candidates by the teacher as `audit confirm` "
-            f"runs it, at its defaults (20 scoring timesteps; the training collection took 12 to be affordable; {seconds:,.0f} s "
-            f"on 2 CPU cores), and by its replicate with independent noise, shipped as `distill-reference/` "
-            f"(`distill.py --stage reference`; tests/test_example_world.py recomputes both tables below from it).\n\n"
-            f"Every teacher run is a Monte-Carlo estimate of AbU's scores (a Fisher sample, unlearning draws, scoring noise), "
-            f"and this one agrees with itself at mAP@{main_k} {replica.map_at[main_k][0]:.3f} (the collection's teacher: "
-            f"{cheap_replica:.3f}). That noise lowers every method's mAP and hides part of the gap between them: against one "
-            f"run the shipped head gains {one:+.3f} ± {one_se:.3f} at k = {main_k} (against the collection's run, the table "
-            f"above: {cheap['mean']:+.3f} ± {cheap['stderr']:.3f}). The bar is judged against the more precise reference, the "
-            f"teacher's two runs pooled (the mean of their influence over the same candidates, 40 scoring timesteps per query; "
-            f"`audit eval --replicate --pooled`): **{both:+.3f} ± {both_se:.3f}** over {baseline}; the bar is +0.15: "
-            f"{'met' if both >= 0.15 else 'not met'}. The collection's teacher pooled the same way (12 + 12 timesteps): "
-            f"{cheap_both:+.3f} ± {cheap_both_se:.3f} ({cheap_both:.4f}). The head is the same in all four, trained on single "
-            f"12-step runs of other prompts' queries; only the reference's precision changes, and the gain grows with it "
-            f"(12, 20, 12 + 12, 20 + 20 timesteps: {cheap['mean']:+.3f}, {one:+.3f}, {cheap_both:+.3f}, {both:+.3f}; "
-            f"eval.json, eval-reference.json, eval-pooled.json, eval-reference-pooled.json).\n\n"
-            f"### The teacher at `audit confirm` defaults, both runs pooled\n\n"
-            + evaluate.to_markdown(pooled, n, 100, pooled=True)
-            + "\n### The teacher at `audit confirm` defaults, one run\n\n"
-            + evaluate.to_markdown(single, n, 100) + "\n")
+    return (
+        f"{REFERENCE_MARKER}\n\n"
+        f"The same {n} held-out query images ranked again over the same 100 candidates by the teacher as `audit confirm` "
+        f"runs it, at its defaults (20 scoring timesteps; the training collection took 12 to be affordable; {seconds:,.0f} s "
+        f"on 2 CPU cores), and by its replicate with independent noise, shipped as `distill-reference/` "
+        f"(`distill.py --stage reference`; tests/test_example_world.py recomputes both tables below from it).\n\n"
+        f"Every teacher run is a Monte-Carlo estimate of AbU's scores (a Fisher sample, unlearning draws, scoring noise), "
+        f"and this one agrees with itself at mAP@{main_k} {replica.map_at[main_k][0]:.3f} (the collection's teacher: "
+        f"{cheap_replica:.3f}). That noise lowers every method's mAP and hides part of the gap between them: against one "
+        f"run the shipped head gains {one:+.3f} ± {one_se:.3f} at k = {main_k} (against the collection's run, the table "
+        f"above: {cheap['mean']:+.3f} ± {cheap['stderr']:.3f}). The bar is judged against the more precise reference, the "
+        f"teacher's two runs pooled (the mean of their influence over the same candidates, 40 scoring timesteps per query; "
+        f"`audit eval --replicate --pooled`): **{both:+.3f} ± {both_se:.3f}** over {baseline}; the bar is +0.15: "
+        f"{'met' if both >= 0.15 else 'not met'}. The collection's teacher pooled the same way (12 + 12 timesteps): "
+        f"{cheap_both:+.3f} ± {cheap_both_se:.3f} ({cheap_both:.4f}). The head is the same in all four, trained on single "
+        f"12-step runs of other prompts' queries; only the reference's precision changes, and the gain grows with it "
+        f"(12, 20, 12 + 12, 20 + 20 timesteps: {cheap['mean']:+.3f}, {one:+.3f}, {cheap_both:+.3f}, {both:+.3f}; "
+        f"eval.json, eval-reference.json, eval-pooled.json, eval-reference-pooled.json).\n\n"
+        f"### The teacher at `audit confirm` defaults, both runs pooled\n\n"
+        + evaluate.to_markdown(pooled, n, 100, pooled=True)
+        + "\n### The teacher at `audit confirm` defaults, one run\n\n"
+        + evaluate.to_markdown(single, n, 100)
+        + "\n"
+    )
 
 
 def collection_line(ws) -> str:
     """How long the collection took, from the store."""
     with Store(ws.db_path, read_only=True) as store:
         n, seconds = store.rows("SELECT count(*), sum(seconds) FROM distill_queries WHERE collected_at IS NOT NULL")[0]
-    return (f"Collection: {n} queries ranked by the teacher in {seconds:,.0f} s on 2 CPU cores ({seconds / n:.1f} s per query). "
-            "It ships with the teacher's replicate as `distill-collection/` (`audit distill export`): `audit distill import` "
-            "reads it into a workspace on this world, and `distill.py --stage train` on a new workdir does so itself, so the "
-            "table can be remade without the teacher (tests/test_example_world.py recomputes it).")
+    return (
+        f"Collection: {n} queries ranked by the teacher in {seconds:,.0f} s on 2 CPU cores ({seconds / n:.1f} s per query). "
+        "It ships with the teacher's replicate as `distill-collection/` (`audit distill export`): `audit distill import` "
+        "reads it into a workspace on this world, and `distill.py --stage train` on a new workdir does so itself, so the "
+        "table can be remade without the teacher (tests/test_example_world.py recomputes it)."
+    )
 
 
 if __name__ == "__main__":

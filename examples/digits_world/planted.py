@@ -22,8 +22,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 sys.path.insert(0, str(HERE))
 
-from auditor import planted  # noqa: E402
 from world import open_workspace  # noqa: E402
+
+from auditor import planted  # noqa: E402
 
 
 def main() -> None:

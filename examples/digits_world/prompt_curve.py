@@ -23,10 +23,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 sys.path.insert(0, str(HERE))
 
-from auditor import distill, evaluate  # noqa: E402
-from auditor.settings import DistillSettings  # noqa: E402
 from distill import _aps, _split_features, _teacher_tops, with_collection  # noqa: E402
 from world import open_workspace  # noqa: E402
+
+from auditor import distill, evaluate  # noqa: E402
+from auditor.settings import DistillSettings  # noqa: E402
 
 SUBSETS = (("prompts", 0.5), ("prompts", 0.75), ("queries per prompt", 0.5), ("prompts", 1.0))
 
@@ -57,7 +58,11 @@ def main() -> None:
     s = replace(DistillSettings.from_config(ws.config["distill"]), refit=False)
     img, txt, train, q_img, q_txt = _split_features(ws, "train")
     _, _, test, tq_img, tq_txt = _split_features(ws, "test")
-    q_feat, t_feat, tq_feat = np.concatenate([q_img, q_txt], 1), np.concatenate([img, txt], 1), np.concatenate([tq_img, tq_txt], 1)
+    q_feat, t_feat, tq_feat = (
+        np.concatenate([q_img, q_txt], 1),
+        np.concatenate([img, txt], 1),
+        np.concatenate([tq_img, tq_txt], 1),
+    )
     tops = _teacher_tops(test, args.k)
     untuned = _aps(distill.joint(tq_img, tq_txt) @ distill.joint(img, txt).T, tops)
     rows = []
@@ -68,8 +73,10 @@ def main() -> None:
         t0 = time.perf_counter()
         selected, _ = distill.fit(fit_set, val, t_feat, s)
         gain, se = evaluate.mean_se(_aps(selected.scores(tq_feat, t_feat), tops) - untuned)
-        rows.append(f"| {kind} × {share:g} | {len({q[2] for q in subset})} | {len(subset)} ({len(fit_set.candidates)} fit) | "
-                    f"{selected.epochs} | {gain:+.3f} ± {se:.3f} |")
+        rows.append(
+            f"| {kind} × {share:g} | {len({q[2] for q in subset})} | {len(subset)} ({len(fit_set.candidates)} fit) | "
+            f"{selected.epochs} | {gain:+.3f} ± {se:.3f} |"
+        )
         print(rows[-1], f"{time.perf_counter() - t0:.0f} s", flush=True)
     (HERE / "PROMPT_CURVE.md").write_text(
         "# Training prompts or queries per prompt?\n\n"
@@ -78,7 +85,8 @@ def main() -> None:
         f"(validation by prompt inside each subset), scored on the {len(test)} test queries of prompts never trained on; "
         f"gain in mAP@{args.k} over untuned image ⊕ text, paired per query (mean ± standard error).\n\n"
         "| training queries kept | prompts | queries | best epoch | gain |\n|---|---|---|---|---|\n"
-        + "\n".join(rows) + "\n\n"
+        + "\n".join(rows)
+        + "\n\n"
         "Fewer prompts cost far more than fewer queries of each prompt: what generalises to a new prompt is having seen "
         "many prompts. Hence `distill train` refits on its validation prompts too (`distill.refit`).\n"
     )

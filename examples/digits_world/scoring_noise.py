@@ -23,11 +23,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 sys.path.insert(0, str(HERE))
 
+from world import open_workspace  # noqa: E402
+
 from auditor import distill  # noqa: E402
 from auditor.confirm import TeacherSession, influence, training_set, unlearn  # noqa: E402
 from auditor.settings import AbuSettings  # noqa: E402
 from auditor.store import Store  # noqa: E402
-from world import open_workspace  # noqa: E402
 
 
 def normalised_rank(x: np.ndarray) -> np.ndarray:
@@ -38,7 +39,7 @@ def split_half(differences: list[tuple[np.ndarray, np.ndarray]], rng: np.random.
     """Correlation, over candidates seen in both halves of the queries, of their mean rank difference per half."""
     order = rng.permutation(len(differences))
     means = []
-    for half in (order[: len(order) // 2], order[len(order) // 2:]):
+    for half in (order[: len(order) // 2], order[len(order) // 2 :]):
         total, count = {}, {}
         for i in half:
             ids, d = differences[i]
@@ -65,7 +66,7 @@ def main() -> None:
         raise SystemExit(f"no collected test queries in {args.workdir}; run distill.py --stage collect first")
     session = TeacherSession(training, settings, ws.dir / "cache")
     differences, agreement = [], []
-    for (qid, path, prompt, candidates), image in zip(rows, images):
+    for (qid, _path, prompt, candidates), image in zip(rows, images):
         ids = np.array(candidates, np.int64)
         delta = unlearn(session, image, prompt, qid)
         raw_run, _ = influence(session, ids, delta, session.noise_seed(qid))
@@ -76,7 +77,10 @@ def main() -> None:
     shared = [split_half(differences, rng, shuffle=False) for _ in range(args.splits)]
     null = [split_half(differences, rng, shuffle=True) for _ in range(args.splits)]
     result = {
-        "queries": len(rows), "scheme": settings.scheme, "candidates_per_query": len(rows[0][3]), "timesteps": settings.timesteps,
+        "queries": len(rows),
+        "scheme": settings.scheme,
+        "candidates_per_query": len(rows[0][3]),
+        "timesteps": settings.timesteps,
         "within_query_spearman_run_vs_other_noise": float(np.mean(agreement)),
         "split_half_correlation": [float(np.mean(shared)), float(np.std(shared))],
         "null_shuffled_within_query": [float(np.mean(null)), float(np.std(null))],
