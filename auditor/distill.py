@@ -154,7 +154,7 @@ def _plan(
                 continue
             if path in known:
                 replaced.append(known[path][0])
-            prompt, _ = ingest.read_prompt(path, info)
+            prompt, _ = prompts.read_prompt(path, info)
             rows.append((path, prompt, None, "folder"))
     elif len(planned) < s.queries:
         query_dir = ws.dir / "distill" / settings_hash

@@ -30,7 +30,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from . import embed, ingest
+from . import embed, ingest, prompts
 from .errors import AuditError
 from .progress import Progress, Silent
 from .search import IndexSettings, VectorTable, _schema
@@ -106,8 +106,8 @@ class _Embedder:
         def text_of(path: str, info: dict) -> tuple[str | None, str]:
             caption = captions[paths[path]]
             if self.searcher is None:  # training image: manifest caption, else sidecar
-                return (caption, "manifest") if caption else ingest.read_sidecar(path)
-            return ingest.read_prompt(path, info)
+                return (caption, "manifest") if caption else prompts.read_sidecar(path)
+            return prompts.read_prompt(path, info)
 
         def load(path: str) -> ingest.Item:
             return ingest.load_item(path, self.limits, self.encoder.preprocess, lambda sha: sha in self.skip, text_of)

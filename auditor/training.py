@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from . import embed, ingest
+from . import embed, ingest, prompts
 from .errors import AuditError
 from .progress import Progress, Silent
 from .search import IndexSettings, VectorTable
@@ -235,7 +235,7 @@ class IndexLedger:
         entry = self.by_path[path]
         if entry.caption:
             return entry.caption, "manifest"
-        return ingest.read_sidecar(path)
+        return prompts.read_sidecar(path)
 
     def take(self, item: ingest.Item) -> bool:
         """Count one loaded file; True when its content should be embedded in the caller's next batch."""

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from auditor import workspace
-from auditor.ingest import IngestError, Limits, decode, parse_a1111, parse_comfyui
+from auditor.ingest import IngestError, Limits, decode
+from auditor.prompts import parse_a1111, parse_comfyui
 
 from .corpus.build import ATTRIBUTED, TOO_LARGE_BYTES, build
 from .helpers import sql_value
