@@ -31,7 +31,8 @@ lint: install
 	$(BIN)/ruff check .
 
 docs: install
-	$(BIN)/python -m auditor.cli_reference > docs/cli.md
+	$(BIN)/python -m auditor.cli.reference > docs/cli.md
+	$(BIN)/python -m auditor.config > docs/config.md
 
 clean:
 	rm -rf build $(VENV)

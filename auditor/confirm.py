@@ -8,8 +8,8 @@ filters with a condition over `generations g`; `--generation ID` names one.
 Each generation's scores and agreement commit together, so a killed run resumes
 where it stopped.
 
-Teachers (`--method`): `abu`, attribution by unlearning (teacher.py, the default), and
-`dtrak`, projected gradients (dtrak.py). Both score the same candidates — the fast
+Teachers (`--method`): `abu`, attribution by unlearning (abu.py, the default), and
+`dtrak`, projected gradients (dtrak.py), both speaking teacher.Teacher. Both score the same candidates — the fast
 top-K plus seeded random controls, from the [confirm] settings — into the same
 tables, so their verdicts and the fast path's compare in one query.
 """
@@ -20,24 +20,21 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Protocol
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import torch
-from safetensors.torch import load_file, save_file
 
 from . import diffusion, embed, ingest, metrics
+from .abu import AbuTeacher
+from .config import ConfirmSettings
 from .dtrak import DtrakTeacher
 from .errors import AuditError
 from .progress import Progress, Silent
 from .scan import METHOD as FAST
-from .search import IndexSettings, Searcher, VectorTable
-from .settings import AbuSettings, DtrakSettings
+from .search import Searcher, VectorTable
 from .store import Store, utcnow
-from .teacher import Unlearner, estimate_fisher
+from .teacher import Teacher, training_set
 from .workspace import Workspace
 
 
@@ -51,132 +48,6 @@ class ConfirmResult:
     noise_floor: float | None = None
     signal_to_noise: float | None = None
     estimate_seconds: float = 0.0
-
-
-class Teacher(Protocol):
-    """What `confirm` needs from a teacher; AbU (TeacherSession) and D-TRAK (dtrak.DtrakTeacher) provide it."""
-
-    method: str
-
-    def describe(self) -> str: ...  # its cost knobs, for the announcement
-
-    def record(self) -> dict: ...  # its settings, stored in confirm_runs.settings
-
-    def score(self, image, prompt: str | None, candidate_ids: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """(raw, influence) per candidate; `seed` (the generation id) fixes the query's own randomness."""
-
-    def noise_floor(self, image, prompt: str | None, candidate_ids: np.ndarray, seed: int, raw: np.ndarray) -> float:
-        """The spread of `raw` that independent noise alone produces, in its units."""
-
-    def estimate(self, n_generations: int, n_candidates: int) -> float: ...
-
-
-def training_set(
-    ws: Workspace, store: Store, model_path: Path, device: torch.device, flip: str
-) -> diffusion.TrainingSet:
-    """The workspace's diffusion model and its registered training images."""
-    limits = ingest.Limits(int(ws.config["scan"]["max_pixels"]), int(ws.config["scan"]["max_file_bytes"]))
-    model = diffusion.load(model_path, device, ws.dir / "cache", flip)
-    return diffusion.TrainingSet(model, store.rows("SELECT id, path, caption FROM training_images ORDER BY id"), limits)
-
-
-class TeacherSession:
-    """The AbU teacher on one model and training set: Fisher, unlearner and caches, loaded once per run."""
-
-    method = "abu"
-
-    def __init__(self, training: diffusion.TrainingSet, settings: AbuSettings, cache_dir: Path):
-        self.training = training
-        self.model = training.model
-        self.settings = settings
-        self.cache_dir = cache_dir
-        self.unlearner = Unlearner(self.model, settings, self._fisher(), len(training.ids))
-        self._reference_delta_path = cache_dir / f"abu-reference-{settings.reference_key(self.model.hash)}.safetensors"
-        self._reference_delta = None
-
-    def _fisher(self) -> dict[str, torch.Tensor]:
-        s = self.settings
-        path = self.cache_dir / f"fisher-{self.model.hash}-{s.fisher_samples}-{s.seed}.safetensors"
-        if path.is_file():
-            return load_file(str(path), device=str(self.model.device))
-        rng = np.random.default_rng(s.seed)
-        sample = rng.choice(self.training.ids, size=min(s.fisher_samples, len(self.training.ids)), replace=False)
-        latents, flipped, captions = self.training.inputs(sample)
-        if self.model.flip_augmentation:
-            # Training saw flips half the time; so does the Fisher.
-            use_flip = torch.from_numpy(rng.random(len(sample)) < 0.5)
-            latents = torch.where(use_flip[:, None, None, None], flipped, latents)
-        fisher = estimate_fisher(self.model, latents, captions, s.seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous().cpu() for k, v in fisher.items()}, str(path))
-        return fisher
-
-    # ------------------------------------------------------------------ the teacher protocol
-    def describe(self) -> str:
-        return f"AbU, {self.settings.timesteps} timesteps{' × 2 (flip)' if self.model.flip_augmentation else ''}"
-
-    def record(self) -> dict:
-        return {**asdict(self.settings), "scheme": self.settings.scheme, "flip": self.model.flip_augmentation}
-
-    def score(self, image, prompt, candidate_ids, seed):
-        return influence(self, candidate_ids, unlearn(self, image, prompt, seed), self.noise_seed(seed))
-
-    def noise_floor(self, image, prompt, candidate_ids, seed, raw) -> float:
-        """The same unlearning (deterministic in its seed) scored again with independent noise:
-        floor = std(Δ_a − Δ_b)/√2 over the candidates."""
-        raw_b, _ = influence(self, candidate_ids, unlearn(self, image, prompt, seed), self.noise_seed(seed, stream=1))
-        return float(np.std(raw - raw_b) / np.sqrt(2))
-
-    def noise_seed(self, query_seed: int, stream: int = 0) -> int:
-        """The scoring noise of one query. Each query draws its own: noise fixed per candidate across queries gave every
-        candidate the same push up or down in every query, which payouts summed instead of averaging away (TEACHER.md)."""
-        return int(np.random.SeedSequence([self.settings.seed, query_seed, stream]).generate_state(1)[0])
-
-    def estimate(self, n_generations: int, n_candidates: int) -> float:
-        """Seconds for the run, from timing one scoring batch on this device."""
-        s = self.settings
-        probe = self.training.ids[: min(8, len(self.training.ids))]
-        latents, _, captions = self.training.inputs(probe)
-        t0 = time.perf_counter()
-        self.unlearner.losses(probe, latents, captions)
-        per_row = (time.perf_counter() - t0) / (len(probe) * s.timesteps)
-        # Losses before, after the query's update and after the reference update, all under the query's noise.
-        passes = 3 if s.bias_correction else 2
-        scoring_rows = passes * n_candidates * s.timesteps * (2 if self.model.flip_augmentation else 1)
-        # A backward pass costs about two forwards; the first generation also measures the noise floor (a second
-        # unlearning and scoring), and the first run makes the reference update.
-        once = scoring_rows + 3 * s.draws * s.steps
-        if s.bias_correction and not self._reference_delta_path.is_file():
-            once += 3 * s.draws * max(1, s.reference_samples // 8)
-        return per_row * ((scoring_rows + 3 * s.draws * s.steps) * n_generations + once)
-
-    # ------------------------------------------------------------------ scoring
-    def losses(self, ids, noise: int) -> np.ndarray:
-        """(n, 2) losses of the images and their flips under the current weights and the given scoring noise."""
-        latents, flipped, captions = self.training.inputs(ids)
-        plain = self.unlearner.losses(ids, latents, captions, noise)
-        if not self.model.flip_augmentation:
-            return np.stack([plain, plain], axis=1)
-        return np.stack([plain, self.unlearner.losses(ids, flipped, captions, noise)], axis=1)
-
-    def reference_delta(self) -> dict[str, torch.Tensor]:
-        """The generic update: unlearning the mean gradient of random training images (see teacher.py)."""
-        if self._reference_delta is None:
-            if self._reference_delta_path.is_file():
-                self._reference_delta = load_file(str(self._reference_delta_path), device=str(self.model.device))
-            else:
-                s = self.settings
-                rng = np.random.default_rng(s.seed + 1)
-                sample = rng.choice(
-                    self.training.ids, size=min(s.reference_samples, len(self.training.ids)), replace=False
-                )
-                latents, _, captions = self.training.inputs(sample)
-                grad = self.unlearner.gradient(latents, captions, s.draws * max(1, len(sample) // 8), s.seed + 2)
-                self._reference_delta = self.unlearner.natural_step(grad)
-                save_file(
-                    {k: v.contiguous().cpu() for k, v in self._reference_delta.items()}, str(self._reference_delta_path)
-                )
-        return self._reference_delta
 
 
 def _select(
@@ -206,9 +77,6 @@ def _select(
         raise AuditError(f"--where is not a valid condition over generations g: {str(exc).splitlines()[0]}") from None
 
 
-METHODS = ("abu", "dtrak")
-
-
 def confirm(
     ws: Workspace,
     *,
@@ -222,29 +90,27 @@ def confirm(
     announce: Callable[[str], None] = lambda message: None,
     **overrides,
 ) -> ConfirmResult:
-    """Confirm the fast attributions of the selected generations with a teacher (AbU or D-TRAK); returns what it did."""
+    """Confirm the fast attributions of the selected generations with a teacher (AbU or D-TRAK); returns what it did.
+    `overrides` are [confirm] settings; for D-TRAK, `timesteps` is its own ([dtrak] timesteps)."""
     progress = progress or Silent()
-    section = ws.config["confirm"]
-    method = method or section.get("method", "abu")
-    if method not in METHODS:
-        raise AuditError(f"confirm method {method!r} is not available; use {' or '.join(METHODS)}")
     # Candidates, controls and agreement come from [confirm] whatever the teacher, so AbU and D-TRAK
     # verdicts on a generation are about the same candidates.
-    selection = AbuSettings.from_config(section, **overrides)
+    selection = ws.config.confirm.override(method=method, **overrides)
+    method = selection.method
     model_path = ws.model_dir(model)
-    torch_device = embed.resolve_device(device or ws.config["encoder"]["device"])
+    torch_device = ws.device(device)
     started = time.perf_counter()
 
     with ws.writing(), Store(ws.db_path) as store:
-        training = training_set(ws, store, model_path, torch_device, str(section.get("flip", "auto")))
+        training = training_set(ws, store, model_path, torch_device, selection.flip)
         encoder = embed.load(ws.encoder_dir(), torch_device)
-        table = VectorTable.for_encoder(ws.lancedb_uri, encoder, IndexSettings.from_config(ws.config["index"]))
+        table = VectorTable.for_encoder(ws.lancedb_uri, encoder, ws.config.index)
         fast = _FastPath(encoder, table, table.searcher(), training.ids)
         flip = str(training.model.flip_augmentation)
         if method == "abu":
             settings_hash = selection.hash(training.model.hash, "abu", encoder.id, flip)
         else:
-            dtrak_settings = DtrakSettings.from_config(ws.config["dtrak"], **overrides)
+            dtrak_settings = ws.config.dtrak.override(timesteps=overrides.get("timesteps"))
             settings_hash = dtrak_settings.hash(
                 training.model.hash, "dtrak", encoder.id, flip, json.dumps(selection.selection(), sort_keys=True)
             )
@@ -258,7 +124,7 @@ def confirm(
             )
             return result
         teacher: Teacher = (
-            TeacherSession(training, selection, ws.dir / "cache")
+            AbuTeacher(training, selection, ws.dir / "cache")
             if method == "abu"
             else DtrakTeacher.for_workspace(ws, training, dtrak_settings, progress, announce)
         )
@@ -345,28 +211,6 @@ def confirm(
     return result
 
 
-def unlearn(ctx: TeacherSession, image, prompt, seed: int) -> dict:
-    """The weight change that forgets this (image, prompt): latents and prompt embedding in the model's own space."""
-    latent = ctx.model.latents(ctx.model.pixels(image)[None])[0]
-    return ctx.unlearner.unlearn(latent, ctx.model.text_embeddings([prompt])[0], ctx.settings.seed + seed)
-
-
-def influence(ctx: TeacherSession, ids, delta, noise: int) -> tuple[np.ndarray, np.ndarray]:
-    """(raw, corrected) influence per candidate: max over image and flip of the loss change under delta, every loss
-    under the same scoring noise (seeded by `noise` and the candidate)."""
-    before = ctx.losses(ids, noise)
-    with ctx.unlearner.applied(delta):
-        change = ctx.losses(ids, noise) - before
-    raw = change.max(axis=1)
-    if not ctx.settings.bias_correction:
-        return raw, raw
-    reference = ctx.reference_delta()
-    with ctx.unlearner.applied(reference):
-        reference_change = ctx.losses(ids, noise) - before
-    alpha = ctx.unlearner.alignment(delta, reference)
-    return raw, (change - alpha * reference_change).max(axis=1)
-
-
 @dataclass
 class _FastPath:
     encoder: embed.Encoder
@@ -376,7 +220,7 @@ class _FastPath:
 
 
 def _candidates(
-    fast: _FastPath, s: AbuSettings, gen_id: int, image, prompt
+    fast: _FastPath, s: ConfirmSettings, gen_id: int, image, prompt
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(ids, fast scores, fast ranks, is_control): the fast top-K plus a seeded random control sample of the rest."""
     feature = fast.encoder.features(fast.encoder.preprocess(image)[None], [prompt])
@@ -402,7 +246,7 @@ class _Scored:
     influence: np.ndarray
 
 
-def _agreement(s: AbuSettings, gen_id: int, scored: _Scored, noise_floor: float) -> tuple[dict, dict]:
+def _agreement(s: ConfirmSettings, gen_id: int, scored: _Scored, noise_floor: float) -> tuple[dict, dict]:
     ids, fast, influence, is_control = scored.ids, scored.fast, scored.influence, scored.is_control
     teacher_rank = metrics.ranks(influence)
     k = min(s.k, len(ids))

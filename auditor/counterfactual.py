@@ -1,4 +1,4 @@
-"""`audit eval --counterfactual`: the leave-K-out check, the gold standard of attribution (methods.md §1).
+"""`audit eval counterfactual`: the leave-K-out check, the gold standard of attribution (docs/methods.md §1).
 
 For a few generations that a teacher has scored, each method's top-K training images
 are removed and the model is retrained from scratch by its own recipe
@@ -35,19 +35,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import diffusion, embed, ingest, retrain
-from .confirm import training_set
-from .distill import embed_images, training_embeddings
+from . import diffusion, embed, retrain
+from .config import CounterfactualSettings
 from .errors import AuditError
-from .evaluate import markdown_table, mean_se
+from .features import embed_images, training_embeddings
+from .metrics import markdown_table, mean_se
 from .progress import Progress, Silent
 from .scan import METHOD as FAST
-from .settings import CounterfactualSettings
 from .store import Store
+from .teacher import training_set
 from .workspace import Workspace
 
 TEACHERS = ("abu", "dtrak")
-CONTROLS = ("random", "similar")
 
 
 @dataclass
@@ -237,12 +236,12 @@ def counterfactual(
     """Retrain without each method's (and each control's) top-K of the checked generations; measure what changed."""
     progress = progress or Silent()
     started = time.perf_counter()
-    s = CounterfactualSettings.from_config(ws.config["counterfactual"], **overrides)
+    s = ws.config.counterfactual.override(**overrides)
     unknown = set(s.methods) - {"fast", *TEACHERS}
     if unknown:
         raise AuditError(f"counterfactual method(s) {', '.join(sorted(unknown))} are not known; use fast, abu, dtrak")
     model_path = ws.model_dir(model)
-    torch_device = embed.resolve_device(device or ws.config["encoder"]["device"])
+    torch_device = ws.device(device)
     encoder = embed.load(ws.encoder_dir(), torch_device)
     with Store(ws.db_path, read_only=True) as store:
         training = training_set(ws, store, model_path, torch_device, "off")
@@ -250,7 +249,7 @@ def counterfactual(
         rankings = _rankings(store, encoder, [g for g, _, _ in gens], list(s.methods))
         train_ids, train_img, _ = training_embeddings(ws, store, encoder)
     base = training.model
-    images = [diffusion.read_image(path, ingest.Limits()) for _, path, _ in gens]
+    images = [diffusion.read_image(path, ws.limits) for _, path, _ in gens]
     query_img, _ = embed_images(encoder, images, [p or "" for _, _, p in gens])
     sets = _removal_sets(s, gens, rankings, train_ids, (train_img, query_img))
     skipped = [m for m in s.methods if m not in sets]

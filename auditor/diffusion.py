@@ -3,11 +3,12 @@
 Latents come from the pipeline's VAE (× its scaling factor), prompt embeddings from its
 own text encoder, the noise schedule and objective (epsilon / v / sample prediction)
 from its scheduler config. Everything runs in fp32: the teachers' signals are
-differences of losses, and bf16 loses them (methods.md §7).
+differences of losses, and bf16 loses them (docs/methods.md §7).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -75,6 +76,34 @@ def parameter_set(unet: torch.nn.Module, which: str, setting: str) -> dict[str, 
     if which == "all":
         return dict(unet.named_parameters())
     raise AuditError(f"{setting} {which!r} is not known; use kv (cross-attention keys/values) or all")
+
+
+@contextlib.contextmanager
+def trainable(params: dict[str, torch.nn.Parameter]):
+    """Gradients on for these parameters (and only these) inside the block."""
+    for p in params.values():
+        p.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def applied(params: dict[str, torch.nn.Parameter], delta: dict[str, torch.Tensor]):
+    """Weights moved by delta inside the block; restored bit-exactly after, even on error."""
+    saved = {name: p.detach().clone() for name, p in params.items()}
+    try:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.add_(delta[name])
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
 
 
 @dataclass
@@ -263,10 +292,10 @@ def load(
     facts_path = folder / TRAINING_FACTS
     facts = json.loads(facts_path.read_text()) if facts_path.is_file() else {}
     if flip == "auto":
-        # Without a record of how the model was trained, assume SD's usual random flips (methods.md §1).
+        # Without a record of how the model was trained, assume SD's usual random flips (docs/methods.md §1).
         flip_aug = bool(facts.get("flip_augmentation", True))
     else:
-        flip_aug = flip in ("on", "true", "yes", True)
+        flip_aug = flip == "on"
     return DiffusionModel(
         folder, model_hash(folder, cache_dir), unet, vae, text_encoder, tokenizer, scheduler, device, flip_aug
     )

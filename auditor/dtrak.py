@@ -1,4 +1,4 @@
-"""The gradient teacher (D-TRAK, methods.md §3): attribution by projected per-sample gradients.
+"""The gradient teacher (D-TRAK, docs/methods.md §3): attribution by projected per-sample gradients.
 
 Output function of a sample x with caption c: f(x) = mean over T evenly spaced
 timesteps of ‖model(x_t, t, c)‖², with noise fixed per sample (seeded by its id, as
@@ -40,10 +40,10 @@ import pyarrow as pa
 import torch
 from torch.func import functional_call, grad, vmap
 
+from .config import DtrakSettings
 from .diffusion import DiffusionModel, TrainingSet, evenly_spaced_timesteps, fixed_noise, parameter_set
 from .errors import AuditError
 from .progress import Progress, Silent
-from .settings import DtrakSettings
 from .workspace import Workspace
 
 

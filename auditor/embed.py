@@ -5,7 +5,7 @@ A bundle is a directory with `encoder.json` and safetensors weights:
 - `image_tower`: an open_clip model (its image tower) or a timm model, with the
   preprocessing it was trained with (size, mean, std);
 - `text_tower` (optional): an open_clip model (its text tower);
-- `head` (optional): the distilled MLP of FastGDA (methods.md §2);
+- `head` (optional): the distilled MLP of FastGDA (docs/methods.md §2);
 - `strengths` (optional): a learned influence strength per training image, keyed by
   the image's sha256 (distill.py);
 - `temperature`: the softmax temperature that turns scores into shares.

@@ -214,16 +214,16 @@ def index_training(
     progress: Progress | None = None,
     chunk: int | None = None,
 ):
-    from .training import IndexLedger
+    from .index import IndexLedger
 
     started = time.perf_counter()
     progress = progress or Silent()
     chunk = chunk or INDEX_CHUNK
     ray = _ray()
-    device = device or ws.config["encoder"]["device"]
+    device = device or ws.config.encoder.device
     with ws.writing(), Store(ws.db_path) as store:
         encoder = embed.load(ws.encoder_dir(), "cpu")  # id, dim and the store's records; the actors embed
-        table = VectorTable.for_encoder(ws.lancedb_uri, encoder, IndexSettings.from_config(ws.config["index"]))
+        table = VectorTable.for_encoder(ws.lancedb_uri, encoder, ws.config.index)
         ledger = IndexLedger(store, encoder, table, entries, ws.lancedb_uri)
         skip = frozenset(sha for sha, i in ledger.registered.items() if i in ledger.embedded)
         entries = list(ledger.by_path.values())
@@ -239,7 +239,7 @@ def index_training(
                     device=device,
                     encoder_dir=str(encoder.directory),
                     limits=limits,
-                    loader_threads=int(ws.config["scan"]["loader_threads"]),
+                    loader_threads=ws.config.scan.loader_threads,
                     skip=skip,
                 ).materialize()
                 meta = pa.concat_tables(ray.get(embedded.drop_columns(["vector"]).to_arrow_refs())).sort_by("i")
@@ -285,10 +285,10 @@ def scan(
 
     progress = progress or Silent()
     ray = _ray()
-    device = device or ws.config["encoder"]["device"]
+    device = device or ws.config.encoder.device
     with ws.writing(), Store(ws.db_path) as store:
         encoder = embed.load(ws.encoder_dir(), "cpu")
-        settings = IndexSettings.from_config(ws.config["index"])
+        settings = ws.config.index
         table = VectorTable.for_encoder(ws.lancedb_uri, encoder, settings)
         table.searcher()  # fails here, with the local engine's message, when the table is empty
         actor_device, _, _ = _pool(ray, device)
@@ -316,7 +316,7 @@ def scan(
             device=device,
             encoder_dir=str(encoder.directory),
             limits=limits,
-            loader_threads=int(ws.config["scan"]["loader_threads"]),
+            loader_threads=ws.config.scan.loader_threads,
             skip=frozenset(ledger.done),
             search=search,
         )

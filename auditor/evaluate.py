@@ -2,7 +2,7 @@
 
 For every test query (split = 'test' in distill_queries) each method ranks the *whole*
 training set; the positives are the teacher's top-k of that query's candidates, and
-the figure is average precision over the full ranking (FastGDA's mAP@k, methods.md §2),
+the figure is average precision over the full ranking (FastGDA's mAP@k, docs/methods.md §2),
 with its standard error over queries. Recall@K: the teacher's top-1 within the
 method's top K. With the teacher's replicate, the positives can come from the mean of its two
 runs instead (`pooled`): twice the scoring samples per query, so less of the teacher's Monte-Carlo noise,
@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from . import embed, metrics
-from .distill import head_scores, joint, load_rankings, query_embeddings, training_digests, training_embeddings
+from .distill import load_rankings
 from .errors import AuditError
+from .features import head_scores, joint, query_embeddings, training_digests, training_embeddings
+from .metrics import markdown_table, mean_se
 from .store import Store
 from .workspace import Workspace
 
@@ -32,10 +34,6 @@ class MethodScores:
     map_at: dict[int, tuple[float, float]]  # k → (mean, standard error)
     recall_at: dict[int, float]
     per_query: dict[int, list[float]] = field(default_factory=dict)  # k → AP of each query, for paired comparisons
-
-
-def _scores_for(q: np.ndarray, t: np.ndarray) -> np.ndarray:
-    return q @ t.T
 
 
 def _evaluate(name: str, sims: np.ndarray, queries, ks, recall_ks) -> MethodScores:
@@ -81,19 +79,19 @@ def evaluate(
         ids, img, txt = training_embeddings(ws, store, base)
         digests = training_digests(store)
         index_of = {int(i): j for j, i in enumerate(ids)}
-        queries, images = load_rankings(store, "test", index_of, announce)
+        queries, images = load_rankings(store, "test", index_of, ws.limits, announce)
         if pooled:
             queries = _pool(store, queries, replicate, ids)
     if not queries:
         raise AuditError("no held-out queries with teacher rankings; run `audit distill collect` first")
     q_img, q_txt = query_embeddings(base, queries, images)
     results = [
-        _evaluate("untuned image", _scores_for(q_img, img), queries, ks, recall_ks),
-        _evaluate("untuned text", _scores_for(q_txt, txt), queries, ks, recall_ks),
-        _evaluate("untuned image ⊕ text", _scores_for(joint(q_img, q_txt), joint(img, txt)), queries, ks, recall_ks),
+        _evaluate("untuned image", q_img @ img.T, queries, ks, recall_ks),
+        _evaluate("untuned text", q_txt @ txt.T, queries, ks, recall_ks),
+        _evaluate("untuned image ⊕ text", joint(q_img, q_txt) @ joint(img, txt).T, queries, ks, recall_ks),
     ]
     if replicate is not None and not pooled:
-        backbone = _scores_for(joint(q_img, q_txt), joint(img, txt))
+        backbone = joint(q_img, q_txt) @ joint(img, txt).T
         for row, (qid, *_rest) in zip(backbone, queries):
             candidates, influence = replicate[qid]
             # Above every backbone cosine (≤ 1), in the replicate's order.
@@ -132,11 +130,6 @@ def _pool(store: Store, queries, replicate: dict[int, tuple[np.ndarray, np.ndarr
     return pooled
 
 
-def markdown_table(head: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
-
-
 def paired_difference(a: MethodScores, b: MethodScores, k: int) -> tuple[float, float]:
     """mAP@k of a minus b, with the standard error of the per-query differences (both ranked the same queries)."""
     return mean_se(np.array(a.per_query[k]) - np.array(b.per_query[k]))
@@ -157,12 +150,6 @@ def gains_over_untuned(results: list[MethodScores]) -> dict[str, dict[int, tuple
         for r in results
         if not r.name.startswith(UNTUNED)
     }
-
-
-def mean_se(values) -> tuple[float, float]:
-    """Mean and its standard error over queries."""
-    n = len(values)
-    return float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
 
 
 POOLED_NOTE = "Positives: the top-k of the mean influence of the teacher's run and its replicate (pooled)."

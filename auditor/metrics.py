@@ -1,4 +1,4 @@
-"""Ranking agreement measures shared by `confirm` and `eval`."""
+"""Ranking agreement measures shared by `confirm` and the evaluations, and how their tables are printed."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def average_precision(ranking: np.ndarray, positives: set) -> float:
 
 
 def map_at_k(ids: np.ndarray, student: np.ndarray, teacher: np.ndarray, k: int) -> float:
-    """FastGDA's mAP@k for one query: positives = the teacher's top-k, ranked by the student's scores (methods.md §2)."""
+    """FastGDA's mAP@k for one query: positives = the teacher's top-k, ranked by the student's scores (docs/methods.md §2)."""
     positives = set(ids[np.argsort(-teacher, kind="stable")[:k]].tolist())
     return average_precision(ids[np.argsort(-student, kind="stable")], positives)
 
@@ -39,3 +39,14 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     rb -= rb.mean()
     denom = np.sqrt((ra**2).sum() * (rb**2).sum())
     return float((ra * rb).sum() / denom) if denom else float("nan")
+
+
+def mean_se(values) -> tuple[float, float]:
+    """Mean and its standard error over queries."""
+    n = len(values)
+    return float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])

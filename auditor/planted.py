@@ -1,4 +1,4 @@
-"""`audit eval --planted`: every method measured against ground truth made by construction (AbC, methods.md §4).
+"""`audit eval planted`: every method measured against ground truth made by construction (AbC, docs/methods.md §4).
 
 For each customisation: a few exemplar images in a style the model has never seen —
 images from `--exemplars` recoloured into a new palette (`--style palette`, the
@@ -49,14 +49,14 @@ from PIL import Image, ImageFilter
 from safetensors.torch import load_file, save_file
 
 from . import diffusion, dtrak, embed, ingest, metrics
-from .confirm import TeacherSession
-from .distill import embed_images, joint, training_embeddings
+from .abu import AbuTeacher
+from .config import PlantedSettings
+from .diffusion import applied, trainable
 from .errors import AuditError
-from .evaluate import markdown_table, mean_se
+from .features import embed_images, joint, training_embeddings
+from .metrics import markdown_table, mean_se
 from .progress import Progress, Silent
-from .settings import AbuSettings, DtrakSettings, PlantedSettings
 from .store import Store
-from .teacher import applied, trainable
 from .workspace import Workspace
 
 RECALL_KS = (5, 10, 100)
@@ -85,7 +85,6 @@ NEW_STROKES = [
     ("bold", lambda alpha: _morph(alpha, ImageFilter.MaxFilter)),
     ("thin", lambda alpha: _morph(alpha, ImageFilter.MinFilter)),
 ]
-STYLES = ("palette", "stroke", "as-is")
 
 
 @dataclass
@@ -145,7 +144,9 @@ def _words(n: int, seed: int) -> list[str]:
     return words
 
 
-def _exemplar_sets(folder: Path, s: PlantedSettings, run_dir: Path) -> tuple[list[list[Path]], list[str]]:
+def _exemplar_sets(
+    folder: Path, s: PlantedSettings, run_dir: Path, limits: ingest.Limits
+) -> tuple[list[list[Path]], list[str]]:
     """(per customisation its exemplar files, the name of its style)."""
     if not folder.is_dir():
         raise AuditError(f"exemplar folder {folder} does not exist; pass --exemplars DIR, a folder of images")
@@ -157,8 +158,6 @@ def _exemplar_sets(folder: Path, s: PlantedSettings, run_dir: Path) -> tuple[lis
                 f"--style as-is needs {s.customisations} subfolders of {folder} with {s.exemplars} images each (one per customisation)"
             )
         return sets, [d.name for d in subfolders[: s.customisations]]
-    if s.style not in STYLES:
-        raise AuditError(f"planted style {s.style!r} is not known; use {', '.join(STYLES)}")
     styles = (
         [(name, lambda im, ink=ink, paper=paper: recolour(im, ink, paper)) for ink, paper, name in NEW_PALETTES]
         if s.style == "palette"
@@ -180,7 +179,7 @@ def _exemplar_sets(folder: Path, s: PlantedSettings, run_dir: Path) -> tuple[lis
             target = run_dir / f"c{c}" / f"exemplar_{j}.png"
             if not target.is_file():
                 target.parent.mkdir(parents=True, exist_ok=True)
-                styles[c][1](diffusion.read_image(pool[index], ingest.Limits())).save(target)
+                styles[c][1](diffusion.read_image(pool[index], limits)).save(target)
             files.append(target)
         sets.append(files)
     return sets, [styles[c][0] for c in range(s.customisations)]
@@ -248,15 +247,14 @@ def planted(
     """Build the planted benchmark on the workspace's model and score every method on it."""
     progress = progress or Silent()
     started = time.perf_counter()
-    s = PlantedSettings.from_config(ws.config["planted"], **overrides)
-    abu = AbuSettings.from_config(ws.config["confirm"])
-    gradients = DtrakSettings.from_config(ws.config["dtrak"])
+    s = ws.config.planted.override(**overrides)
+    abu, gradients, limits = ws.config.confirm, ws.config.dtrak, ws.limits
     model_path = ws.model_dir(model)
-    torch_device = embed.resolve_device(device or ws.config["encoder"]["device"])
-    base = diffusion.load(model_path, torch_device, ws.dir / "cache", str(ws.config["confirm"].get("flip", "auto")))
+    torch_device = ws.device(device)
+    base = diffusion.load(model_path, torch_device, ws.dir / "cache", abu.flip)
     folder = Path(exemplars).expanduser().resolve()
     run_dir = ws.dir / "planted" / s.hash(base.hash, str(folder))
-    sets, styles = _exemplar_sets(folder, s, run_dir)
+    sets, styles = _exemplar_sets(folder, s, run_dir, limits)
     words = _words(s.customisations, s.seed)
     prompts = [s.prompt.format(word=w) for w in words]
 
@@ -274,7 +272,7 @@ def planted(
         for j, path in enumerate(files)
     ]
     ex_img, ex_txt = embed_images(
-        encoder, [diffusion.read_image(r[1], ingest.Limits()) for r in ex_rows], [r[2] for r in ex_rows]
+        encoder, [diffusion.read_image(r[1], limits) for r in ex_rows], [r[2] for r in ex_rows]
     )
     aug_ids = np.concatenate([ids, [r[0] for r in ex_rows]]).astype(np.int64)
     aug_img, aug_txt = np.concatenate([img, ex_img]), np.concatenate([txt, ex_txt])
@@ -289,7 +287,7 @@ def planted(
     training = diffusion.TrainingSet(
         base,
         rows + ex_rows,
-        ingest.Limits(int(ws.config["scan"]["max_pixels"]), int(ws.config["scan"]["max_file_bytes"])),
+        limits,
     )
     tuned = diffusion.parameter_set(base.unet, s.tune, "planted.tune")
     rng = np.random.default_rng(s.seed)
@@ -298,8 +296,8 @@ def planted(
     )
     prior_ids = rng.choice(ids, min(s.prior_samples, len(ids)), replace=False)
     prior_latents, _, prior_emb = training.inputs(prior_ids)
-    ratio = _reconstruction_error(base, [r[1] for r in ex_rows]) / _reconstruction_error(
-        base, [training.meta[int(i)][0] for i in prior_ids[:32]]
+    ratio = _reconstruction_error(base, [r[1] for r in ex_rows], limits) / _reconstruction_error(
+        base, [training.meta[int(i)][0] for i in prior_ids[:32]], limits
     )
     if ratio > 3:
         # Measured on the digits world: its VAE snaps any new palette to the nearest training palette.
@@ -323,11 +321,11 @@ def planted(
         )
         with applied(tuned, delta):
             images = [
-                _generated(pipe, c_dir / f"generated_{g}.png", prompts[c], s.seed * 100_003 + c * 1_000 + g, s)
+                _generated(pipe, c_dir / f"generated_{g}.png", prompts[c], s.seed * 100_003 + c * 1_000 + g, s, limits)
                 for g in range(s.generations)
             ]
             q_img, q_txt = embed_images(encoder, images, [prompts[c]] * len(images))
-            abu_teacher = TeacherSession(training, abu, c_dir / "cache")
+            abu_teacher = AbuTeacher(training, abu, c_dir / "cache")
             dtrak_teacher = dtrak.DtrakTeacher(
                 training,
                 gradients,
@@ -403,17 +401,17 @@ def _tuned(
     return delta
 
 
-def _reconstruction_error(model: diffusion.DiffusionModel, paths: list[str]) -> float:
+def _reconstruction_error(model: diffusion.DiffusionModel, paths: list[str], limits: ingest.Limits) -> float:
     """Mean absolute error of the model's VAE round trip, in [-1, 1] pixel units."""
-    pixels = torch.stack([model.pixels(diffusion.read_image(p, ingest.Limits())) for p in paths])
+    pixels = torch.stack([model.pixels(diffusion.read_image(p, limits)) for p in paths])
     with torch.no_grad():
         decoded = model.vae.decode(model.latents(pixels) / model.vae.config.scaling_factor).sample.clamp(-1, 1).cpu()
     return float((decoded - pixels).abs().mean())
 
 
-def _generated(pipe, path: Path, prompt: str, seed: int, s: PlantedSettings) -> Image.Image:
+def _generated(pipe, path: Path, prompt: str, seed: int, s: PlantedSettings, limits: ingest.Limits) -> Image.Image:
     if path.is_file():
-        return diffusion.read_image(str(path), ingest.Limits())
+        return diffusion.read_image(str(path), limits)
     image = diffusion.generate(pipe, prompt, seed, s.sample_steps, s.guidance)
     image.save(path)
     return image

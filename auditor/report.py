@@ -449,7 +449,7 @@ def build_report(
         "teacher_runs": audit.teacher_runs,
         "generated_at": utcnow(),
     }
-    limits = ingest.Limits(int(ws.config["scan"]["max_pixels"]), int(ws.config["scan"]["max_file_bytes"]))
+    limits = ws.limits
     pages = _Pages(context, audit, credited, payouts, functools.cache(lambda path: thumbnail(path, limits)))
     out_dir = Path(out_dir).expanduser().resolve()
     _replace_folder(out_dir, pages.write)

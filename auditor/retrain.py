@@ -1,6 +1,6 @@
 """Training a text-to-image model from scratch by its recipe, on all of its training set or a part of it.
 
-The leave-K-out check (methods.md §1) asks what the model would have been without some
+The leave-K-out check (docs/methods.md §1) asks what the model would have been without some
 training images, and only retraining answers that. The recipe is the model folder's
 `auditor_training.json` (diffusion.TRAINING_FACTS): a model without one cannot be
 retrained here, and the check says so. The example world's model is trained by this
@@ -50,13 +50,13 @@ class Recipe:
         path = Path(folder) / TRAINING_FACTS
         if not path.is_file():
             raise AuditError(
-                f"{folder} has no {TRAINING_FACTS}; retraining needs the model's recipe (steps, batch_size, lr, …), see README.md#leave-k-out-audit-eval---counterfactual"
+                f"{folder} has no {TRAINING_FACTS}; retraining needs the model's recipe (steps, batch_size, lr, …), see docs/research/leave-k-out.md"
             )
         facts = json.loads(path.read_text())
         missing = [f.name for f in fields(cls) if f.name not in facts and f.name != "empty_caption"]
         if missing:
             raise AuditError(
-                f"{path} lacks {', '.join(missing)}; retraining needs them (see README.md#leave-k-out-audit-eval---counterfactual)"
+                f"{path} lacks {', '.join(missing)}; retraining needs them (see docs/research/leave-k-out.md)"
             )
         if "from scratch" not in facts.get("text_encoder", ""):
             raise AuditError(

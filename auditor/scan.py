@@ -21,7 +21,7 @@ from threadpoolctl import threadpool_limits
 from . import embed, ingest
 from .errors import AuditError
 from .progress import Progress, Silent
-from .search import IndexSettings, VectorTable
+from .search import VectorTable
 from .store import Store, record_encoder, utcnow
 from .workspace import Workspace
 
@@ -56,11 +56,11 @@ def scan(
     engine: str = "local",
 ) -> ScanResult:
     progress = progress or Silent()
-    top_k = top_k or int(ws.config["scan"]["top_k"])
+    top_k = top_k or ws.config.scan.top_k
     if top_k < 1:
         raise AuditError("--top-k must be at least 1")
-    batch_size = batch_size or int(ws.config["encoder"]["batch_size"])
-    limits = ingest.Limits(int(ws.config["scan"]["max_pixels"]), int(ws.config["scan"]["max_file_bytes"]))
+    batch_size = batch_size or ws.config.encoder.batch_size
+    limits = ws.limits
     root = os.path.abspath(os.fspath(outputs_dir))
     try:
         paths = ingest.discover(root)
@@ -78,8 +78,8 @@ def scan(
     # numpy's BLAS (the exact search) single-threaded: its threads spin after each call and took the CPU the
     # model and the decoders need (docs/benchmarks.md: scan/bare 0.69 -> 0.89-0.98 in an A/B run on 2 cores).
     with ws.writing(), Store(ws.db_path) as store, threadpool_limits(1, user_api="blas"):
-        encoder = embed.load(ws.encoder_dir(), device or ws.config["encoder"]["device"])
-        table = VectorTable.for_encoder(ws.lancedb_uri, encoder, IndexSettings.from_config(ws.config["index"]))
+        encoder = embed.load(ws.encoder_dir(), ws.device(device))
+        table = VectorTable.for_encoder(ws.lancedb_uri, encoder, ws.config.index)
         searcher = table.searcher()
         ledger = ScanLedger(store, root, encoder, table, top_k)
         k = ledger.k
@@ -99,7 +99,7 @@ def scan(
             batch.clear()
 
         # Read a whole batch ahead: the next batch decodes while this one is embedded.
-        for item in ingest.load_all(paths, int(ws.config["scan"]["loader_threads"]), load, ahead=batch_size):
+        for item in ingest.load_all(paths, ws.config.scan.loader_threads, load, ahead=batch_size):
             progress.advance()
             if ledger.take(item):
                 batch.append(item)

@@ -23,8 +23,8 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 
+from .config import IndexSettings
 from .errors import AuditError
-from .settings import IndexSettings
 
 
 def table_name(encoder_id: str) -> str:

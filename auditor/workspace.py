@@ -7,80 +7,28 @@ else the nearest parent of the current directory that has a `.audit/` folder.
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
 import os
 import tomllib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
 
+from .config import Config
 from .errors import AuditError, WorkspaceBusy, WorkspaceNotFound
-from .settings import (
-    AbuSettings,
-    CounterfactualSettings,
-    DistillSettings,
-    DtrakSettings,
-    IndexSettings,
-    PlantedSettings,
-)
 
 AUDIT_DIR = ".audit"
 CONFIG_NAME = "audit.toml"
 DB_NAME = "audit.duckdb"
 ENV_VAR = "AUDIT_WORKSPACE"
 
-# Defaults every workspace starts from; a key missing from an older audit.toml
-# falls back to these, so adding a setting never breaks existing workspaces.
-DEFAULT_CONFIG: dict = {
-    "paths": {
-        # Any URI LanceDB accepts (s3://..., gs://...); a relative path is
-        # relative to the .audit folder.
-        "lancedb": "lancedb",
-        # Diffusers pipeline folder used by `audit confirm`.
-        "model": "",
-    },
-    "encoder": {
-        "path": "",
-        "device": "auto",
-        "batch_size": 64,
-    },
-    "index": asdict(IndexSettings()),
-    # `audit confirm` (the AbU teacher): see auditor/teacher.py.
-    # flip = auto: the model folder's auditor_training.json says; else assume SD's random flips.
-    "confirm": {"method": "abu", "flip": "auto", **asdict(AbuSettings())},
-    # `audit confirm --method dtrak` (the gradient teacher): see auditor/dtrak.py.
-    "dtrak": asdict(DtrakSettings()),
-    # `audit eval --planted`: see auditor/planted.py.
-    "planted": asdict(PlantedSettings()),
-    "distill": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(DistillSettings()).items()},
-    # `audit eval --counterfactual`: see auditor/counterfactual.py.
-    "counterfactual": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(CounterfactualSettings()).items()},
-    "scan": {
-        "top_k": 50,
-        "max_pixels": 50_000_000,
-        "max_file_bytes": 256 * 1024 * 1024,
-        "loader_threads": 4,
-    },
-}
-
-
-def _merged(defaults: dict, overrides: dict) -> dict:
-    out = copy.deepcopy(defaults)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merged(out[key], value)
-        else:
-            out[key] = value
-    return out
-
 
 @dataclass
 class Workspace:
     root: Path
-    config: dict
+    config: Config
 
     @property
     def dir(self) -> Path:
@@ -96,22 +44,34 @@ class Workspace:
 
     @property
     def lancedb_uri(self) -> str:
-        uri = self.config["paths"]["lancedb"]
+        uri = self.config.paths.lancedb
         if "://" in uri:
             return uri
         return str((self.dir / uri).resolve())
 
-    def path_setting(self, section: str, key: str) -> Path | None:
-        """A path from audit.toml; relative paths are relative to the workspace root."""
-        value = self.config[section][key]
+    def resolve(self, value: str) -> Path | None:
+        """A path setting of audit.toml; relative paths are relative to the workspace root."""
         if not value:
             return None
         path = Path(value).expanduser()
         return path if path.is_absolute() else (self.root / path).resolve()
 
+    @property
+    def limits(self):
+        """How any image is read here: the [scan] pixel and byte limits."""
+        from .ingest import Limits
+
+        return Limits(self.config.scan.max_pixels, self.config.scan.max_file_bytes)
+
+    def device(self, override: str | None = None):
+        """The torch device of a command: its --device, else [encoder] device."""
+        from .embed import resolve_device
+
+        return resolve_device(override or self.config.encoder.device)
+
     def model_dir(self, override: str | os.PathLike | None = None) -> Path:
         """The diffusion model folder: `override` (a --model option) or [paths] model."""
-        path = Path(override) if override else self.path_setting("paths", "model")
+        path = Path(override) if override else self.resolve(self.config.paths.model)
         if path is None:
             raise AuditError(
                 f"no diffusion model configured; set [paths] model in {self.config_path} or pass --model PATH"
@@ -119,7 +79,7 @@ class Workspace:
         return path
 
     def encoder_dir(self) -> Path:
-        path = self.path_setting("encoder", "path")
+        path = self.resolve(self.config.encoder.path)
         if path is None:
             raise AuditError(
                 f"no encoder configured in {self.config_path}; set [encoder] path, or run `audit init --encoder BUNDLE_DIR`"
@@ -128,7 +88,7 @@ class Workspace:
 
     def save(self) -> None:
         self.config_path.write_text(
-            "# provenance auditor workspace settings; see README.md#configuration\n" + tomli_w.dumps(self.config)
+            "# provenance auditor workspace settings: docs/config.md\n" + tomli_w.dumps(self.config.to_toml())
         )
 
     @contextlib.contextmanager
@@ -172,13 +132,13 @@ def init(
     if (audit_dir / CONFIG_NAME).exists():
         raise AuditError(f"{audit_dir} already exists; use that workspace or choose another directory")
     audit_dir.mkdir(parents=True, exist_ok=True)
-    config = copy.deepcopy(DEFAULT_CONFIG)
+    config = Config()
     if encoder:
-        config["encoder"]["path"] = str(Path(encoder).expanduser().resolve())
+        config.encoder.path = str(Path(encoder).expanduser().resolve())
     if model:
-        config["paths"]["model"] = str(Path(model).expanduser().resolve())
+        config.paths.model = str(Path(model).expanduser().resolve())
     if lancedb:
-        config["paths"]["lancedb"] = lancedb
+        config.paths.lancedb = lancedb
     ws = Workspace(root, config)
     ws.save()
     if "://" not in ws.lancedb_uri:
@@ -196,7 +156,10 @@ def load(root: str | os.PathLike) -> Workspace:
         raise WorkspaceNotFound(f"no workspace at {root} (missing {config_path}); run `audit init {root}`") from None
     except tomllib.TOMLDecodeError as exc:
         raise AuditError(f"{config_path} is not valid TOML ({exc}); fix or recreate it") from None
-    return Workspace(root, _merged(DEFAULT_CONFIG, raw))
+    try:
+        return Workspace(root, Config.from_toml(raw))
+    except AuditError as exc:
+        raise AuditError(f"{config_path}: {exc}") from None
 
 
 def find(explicit: str | os.PathLike | None = None, start: str | os.PathLike | None = None) -> Workspace:

@@ -144,7 +144,7 @@ def main() -> None:
         return child(args)
 
     from auditor import workspace
-    from auditor.training import index_training
+    from auditor.index import index_training
     from tests import small_world
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_scan_"))

@@ -97,8 +97,8 @@ def run_size(
     sub_vectors: int = 0,
     partitions: int = 0,
 ) -> tuple[list[dict], dict]:
+    from auditor.config import IndexSettings
     from auditor.search import AnnSearcher, ExactSearcher, VectorTable
-    from auditor.settings import IndexSettings
 
     rng = np.random.default_rng(seed)
     clusters = max(10, n // 1000)

@@ -40,8 +40,8 @@ def main() -> None:
 
     from auditor import sql, workspace
     from auditor.confirm import confirm
+    from auditor.index import index_training
     from auditor.scan import scan
-    from auditor.training import index_training
 
     top = args.top or (1 if args.quick else 3)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_teacher_"))
@@ -75,7 +75,7 @@ def main() -> None:
             "wall_seconds": confirm_wall,
             "median_seconds_per_generation": teacher,
             "wall_seconds_per_generation": teacher_wall,
-            "settings": dict(ws.config["confirm"]),
+            "settings": ws.config.confirm,
         },
         "speedup": teacher / fast,
         "speedup_wall": teacher_wall / fast_wall,

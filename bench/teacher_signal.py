@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from auditor import confirm, sql, workspace  # noqa: E402
+from auditor.index import index_training  # noqa: E402
 from auditor.scan import scan  # noqa: E402
-from auditor.training import index_training  # noqa: E402
 
 WORLD = ROOT / "examples" / "digits_world"
 CAPTION = re.compile(r"a (\w+) handwritten (\w+) on (\w+) paper")

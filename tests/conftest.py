@@ -6,7 +6,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from auditor import workspace  # noqa: E402
+from auditor import runtime, workspace  # noqa: E402
+
+# The suite runs the library as the CLI does (and before torch loads): reproducible MKL products, sleeping threads.
+runtime.tune_process()
 
 from . import small_world  # noqa: E402
 
@@ -34,7 +37,7 @@ def ws(tmp_path, tiny_encoder):
 @pytest.fixture(scope="session")
 def indexed_template(tmp_path_factory, tiny_encoder, training_dir):
     """A workspace with the small world indexed once; tests copy it instead of re-indexing."""
-    from auditor.training import index_training
+    from auditor.index import index_training
 
     ws = workspace.init(tmp_path_factory.mktemp("indexed") / "ws", encoder=tiny_encoder)
     index_training(ws, training_dir)
@@ -60,9 +63,9 @@ def scanned_ws(indexed_ws, outputs_dir, tiny_pipeline):
     """The small world indexed and scanned, with the tiny diffusion model configured."""
     from auditor.scan import scan
 
-    indexed_ws.config["paths"]["model"] = str(tiny_pipeline)
+    indexed_ws.config.paths.model = str(tiny_pipeline)
     # Small teacher settings: the tests check behaviour, not attribution quality.
-    indexed_ws.config["confirm"].update(
+    indexed_ws.config.confirm = indexed_ws.config.confirm.override(
         candidates=20, controls=8, draws=8, timesteps=4, fisher_samples=16, reference_samples=8, k=5
     )
     indexed_ws.save()

@@ -42,8 +42,8 @@ def test_hostile_corpus_is_attributed_or_recorded(indexed_template, tiny_encoder
     shutil.copytree(indexed_template.root, ws_root, symlinks=True)
     shutil.copytree(tiny_encoder, shared_tmp / "encoder")
     ws = workspace.load(ws_root)
-    ws.config["encoder"]["path"] = str(shared_tmp / "encoder")
-    ws.config["scan"]["max_file_bytes"] = TOO_LARGE_BYTES
+    ws.config.encoder.path = str(shared_tmp / "encoder")
+    ws.config.scan.max_file_bytes = TOO_LARGE_BYTES
     ws.save()
     if os.geteuid() == 0:
         for dirpath, dirnames, filenames in os.walk(shared_tmp):

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from auditor.cli_reference import reference
+from auditor.cli.reference import reference
 
 
 def test_cli_reference_is_current():

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from auditor import confirm, diffusion, metrics, sql
+from auditor import abu, confirm, diffusion, metrics, sql, teacher
+from auditor.abu import Unlearner, estimate_fisher
+from auditor.config import ConfirmSettings
 from auditor.errors import AuditError
-from auditor.settings import AbuSettings
-from auditor.teacher import Unlearner, estimate_fisher
 
 from .helpers import audit, sql_value
 from .tiny_sd import random_batch as _batch
@@ -23,7 +23,7 @@ def test_model_loads_in_its_own_space(model, tiny_pipeline):
 def test_only_kv_weights_move_and_are_restored_exactly(model):
     latents, text = _batch(model)
     fisher = estimate_fisher(model, latents, text, seed=0)
-    unlearner = Unlearner(model, AbuSettings(draws=8, step_size=1.0), fisher, n_train=10)
+    unlearner = Unlearner(model, ConfirmSettings(draws=8, step_size=1.0), fisher, n_train=10)
     before = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
     delta = unlearner.unlearn(latents[0], text[0], seed=1)
     kv = set(diffusion.kv_parameters(model.unet))
@@ -36,7 +36,7 @@ def test_only_kv_weights_move_and_are_restored_exactly(model):
 def test_fixed_seed_losses_are_reproducible_before_and_after(model):
     latents, text = _batch(model)
     fisher = {n: torch.ones_like(p) for n, p in diffusion.kv_parameters(model.unet).items()}
-    unlearner = Unlearner(model, AbuSettings(draws=8, timesteps=5, step_size=5.0), fisher, n_train=1)
+    unlearner = Unlearner(model, ConfirmSettings(draws=8, timesteps=5, step_size=5.0), fisher, n_train=1)
     ids = np.array([11, 12, 13])
     first = unlearner.losses(ids, latents, text)
     assert np.array_equal(first, unlearner.losses(ids, latents, text))
@@ -103,13 +103,13 @@ def test_scoring_noise_is_drawn_per_query(scanned_ws):
     from auditor.store import Store
 
     with Store(scanned_ws.db_path, read_only=True) as store:
-        training = confirm.training_set(scanned_ws, store, scanned_ws.model_dir(), torch.device("cpu"), "auto")
-    settings = AbuSettings.from_config(scanned_ws.config["confirm"], draws=8, timesteps=4)
-    session = confirm.TeacherSession(training, settings, scanned_ws.dir / "cache")
+        training = teacher.training_set(scanned_ws, store, scanned_ws.model_dir(), torch.device("cpu"), "auto")
+    settings = scanned_ws.config.confirm.override(draws=8, timesteps=4)
+    session = abu.AbuTeacher(training, settings, scanned_ws.dir / "cache")
     ids = training.ids[:6]
     # Before and after share the query's noise: no update, no influence, exactly.
     zero = {name: torch.zeros_like(p) for name, p in session.unlearner.params.items()}
-    raw, corrected = confirm.influence(session, ids, zero, session.noise_seed(1))
+    raw, corrected = session.influence(ids, zero, session.noise_seed(1))
     assert not raw.any() and not corrected.any()
     # Another query draws other noise for the same candidates (a candidate's luck does not follow it from query to
     # query); the same query draws the same.

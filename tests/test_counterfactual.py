@@ -1,4 +1,4 @@
-"""Leave-K-out (`audit eval --counterfactual`): retraining by the model's recipe, and the check end to end on a tiny model."""
+"""Leave-K-out (`audit eval counterfactual`): retraining by the model's recipe, and the check end to end on a tiny model."""
 
 import json
 import shutil

@@ -28,7 +28,7 @@ from . import small_world
 ZYGOTE = r"""
 import json, os, sys, traceback, warnings
 warnings.filterwarnings("ignore", message="lancedb fork support")
-import auditor.cli, auditor.confirm, auditor.scan, auditor.training, auditor.sql, open_clip, torch  # the slow imports, once
+import auditor.cli, auditor.confirm, auditor.scan, auditor.index, auditor.sql, open_clip, torch  # the slow imports, once
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa (confirm's)
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa
 print("ready", flush=True)
@@ -212,7 +212,7 @@ def _teacher_rows(ws):
 
 def test_confirm_killed_at_random_points_then_rerun_matches_uninterrupted(zygote, scanned_ws, tmp_path):
     # The cheapest teacher that still runs every stage (Fisher, caches, unlearning, scoring, controls, agreement).
-    scanned_ws.config["confirm"].update(
+    scanned_ws.config.confirm = scanned_ws.config.confirm.override(
         candidates=6, controls=2, draws=2, timesteps=2, fisher_samples=4, reference_samples=2, k=3
     )
     scanned_ws.save()

@@ -9,10 +9,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from auditor import distill, embed, evaluate, metrics, sql
+from auditor import distill, embed, evaluate, features, metrics, sql
+from auditor.config import DistillSettings
+from auditor.distill import collect as collecting
+from auditor.distill import fit as fitting
 from auditor.errors import AuditError
 from auditor.scan import scan
-from auditor.settings import DistillSettings
 from auditor.store import Store
 
 from .helpers import sql_value
@@ -104,7 +106,7 @@ def test_validation_scores_and_the_fit_keeps_the_weights_moving_average():
         not torch.equal(a, b) for a, b in zip(plain.head.state_dict().values(), averaged.head.state_dict().values())
     )
     for fit in (plain, averaged):  # the head kept is the one validation scored
-        assert distill._val_map(fit.head, val, torch.as_tensor(t), s.k) == pytest.approx(fit.best_val_map)
+        assert fitting._val_map(fit.head, val, torch.as_tensor(t), s.k) == pytest.approx(fit.best_val_map)
 
 
 def test_the_shipped_head_is_refit_on_fit_and_validation_queries_for_the_epochs_validation_picked():
@@ -237,13 +239,13 @@ def test_temperature_fit_recovers_a_known_temperature():
 
 def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path, monkeypatch):
     ws = scanned_ws
-    ws.config["confirm"].update(draws=4, timesteps=2, fisher_samples=8, reference_samples=4)
+    ws.config.confirm = ws.config.confirm.override(draws=4, timesteps=2, fisher_samples=8, reference_samples=4)
     ws.save()
     teachers = []  # the teacher settings each collection ranks with
-    session = distill.TeacherSession
+    session = collecting.AbuTeacher
     monkeypatch.setattr(
-        distill,
-        "TeacherSession",
+        collecting,
+        "AbuTeacher",
         lambda training, settings, cache: teachers.append(settings) or session(training, settings, cache),
     )
     collected = distill.collect(ws, queries=10, candidates=12, sample_steps=2, test_fraction=0.3)
@@ -260,10 +262,10 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
     assert again.collected == 0  # resumable: nothing left to do
     # The teacher is [confirm]'s. Its settings that leave the scores alone (batch size, how candidates are picked and
     # judged) keep the collection resumable; a teacher setting passed to collect is refused, not applied to both.
-    kept = dict(ws.config["confirm"])
-    ws.config["confirm"].update(batch_size=3, candidates=5, k=4, confirm_threshold=0.9)
+    kept = ws.config.confirm
+    ws.config.confirm = ws.config.confirm.override(batch_size=3, candidates=5, k=4, confirm_threshold=0.9)
     assert distill.collect(ws, queries=10, candidates=12, sample_steps=2, test_fraction=0.3).collected == 0
-    ws.config["confirm"] = kept
+    ws.config.confirm = kept
     with pytest.raises(
         AuditError, match=r"timesteps: no \[distill\] setting; the teacher's settings are the workspace's \[confirm\]"
     ):
@@ -297,7 +299,7 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
         == 0
     )
     assert len(teachers) == 5 and teachers[4] == teachers[0]
-    monkeypatch.setattr(distill, "TeacherSession", session)
+    monkeypatch.setattr(collecting, "AbuTeacher", session)
 
     old_encoder = ws.encoder_dir()
     result = distill.train(ws, out=tmp_path / "distilled", epochs=3, hidden_dims=(32,), out_dim=16, batch_size=64)
@@ -357,15 +359,15 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
     assert all(not np.allclose(influence, stored[q]) for q, (_, influence) in replica.items())
     # Stored as it goes: asking again runs no teacher and returns the same scores.
     assert sql_value(ws, "select count(*) from distill_replicates") == sum(len(c) for c, _ in replica.values())
-    monkeypatch.setattr(distill, "TeacherSession", None)
+    monkeypatch.setattr(collecting, "AbuTeacher", None)
     again = distill.replicate(ws)
     assert again.keys() == replica.keys() and all(np.array_equal(again[q][1], replica[q][1]) for q in replica)
     # Settings that pick or judge confirm's candidates do not change a replicate's scores: it is still answered.
-    kept = dict(ws.config["confirm"])
-    ws.config["confirm"].update(candidates=5, controls=1, k=2, confirm_threshold=0.9)
+    kept = ws.config.confirm
+    ws.config.confirm = ws.config.confirm.override(candidates=5, controls=1, k=2, confirm_threshold=0.9)
     ws.save()
     assert distill.replicate(ws).keys() == replica.keys()
-    ws.config["confirm"] = kept
+    ws.config.confirm = kept
     ws.save()
     monkeypatch.undo()
     with_replica, _ = evaluate.evaluate(ws, encoders=[old_encoder], ks=(3,), replicate=replica)
@@ -378,11 +380,11 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
     # By hand for untuned image ⊕ text: its ranking of the training set, the positives from the mean influence.
     base = embed.load(old_encoder, "cpu")
     with Store(ws.db_path, read_only=True) as store:
-        ids, img, txt = distill.training_embeddings(ws, store, base)
+        ids, img, txt = features.training_embeddings(ws, store, base)
         index_of = {int(i): j for j, i in enumerate(ids)}
-        rows, images = distill.load_rankings(store, "test", index_of)
-    q_img, q_txt = distill.query_embeddings(base, rows, images)
-    sims = distill.joint(q_img, q_txt) @ distill.joint(img, txt).T
+        rows, images = distill.load_rankings(store, "test", index_of, ws.limits)
+    q_img, q_txt = features.query_embeddings(base, rows, images)
+    sims = features.joint(q_img, q_txt) @ features.joint(img, txt).T
     moved = 0
     for row, (qid, *_), ap in zip(sims, rows, pooled[2].per_query[3]):
         candidates, influence = replica[qid]  # in backbone order, like `stored`
@@ -398,7 +400,7 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
 
     # Switching encoders re-embeds into a new table; earlier attributions keep the old encoder id.
     before = sql_value(ws, "select count(*) from attributions")
-    from auditor.training import reindex
+    from auditor.index import reindex
 
     switched = reindex(ws, result.path)
     assert switched.re_embedded == 120 and switched.encoder_id == result.encoder_id
@@ -417,8 +419,8 @@ def test_distill_collect_from_a_folder_skips_unreadable_files_picks_up_new_ones_
     indexed_ws, outputs_dir, tiny_pipeline, tmp_path
 ):
     ws = indexed_ws
-    ws.config["paths"]["model"] = str(tiny_pipeline)
-    ws.config["confirm"].update(draws=4, timesteps=2, fisher_samples=8, reference_samples=4)
+    ws.config.paths.model = str(tiny_pipeline)
+    ws.config.confirm = ws.config.confirm.override(draws=4, timesteps=2, fisher_samples=8, reference_samples=4)
     ws.save()
     folder = tmp_path / "queries"
     folder.mkdir()
@@ -452,7 +454,8 @@ def test_distill_collect_from_a_folder_skips_unreadable_files_picks_up_new_ones_
         with Store(ws.db_path, read_only=True) as store:
             index_of = {int(i): j for j, (i,) in enumerate(store.rows("select id from training_images order by id"))}
             return sum(
-                len(distill.load_rankings(store, split, index_of, left_out.append)[0]) for split in ("train", "test")
+                len(distill.load_rankings(store, split, index_of, ws.limits, left_out.append)[0])
+                for split in ("train", "test")
             )
 
     assert current() == 3 and not left_out
@@ -493,8 +496,8 @@ def test_a_collection_exported_from_one_workspace_imports_into_another(
     from auditor import workspace
 
     def configured(ws):
-        ws.config["paths"]["model"] = str(tiny_pipeline)
-        ws.config["confirm"].update(draws=4, timesteps=2, fisher_samples=8, reference_samples=4)
+        ws.config.paths.model = str(tiny_pipeline)
+        ws.config.confirm = ws.config.confirm.override(draws=4, timesteps=2, fisher_samples=8, reference_samples=4)
         ws.save()
         return ws
 
@@ -535,7 +538,7 @@ def test_a_collection_exported_from_one_workspace_imports_into_another(
 
     assert images(target) == images(source)
     # The teacher's replicate came along: the target answers it from the store, without a teacher run.
-    monkeypatch.setattr(distill, "TeacherSession", None)
+    monkeypatch.setattr(collecting, "AbuTeacher", None)
     moved = distill.replicate(target)
     assert sorted(moved) == sorted(imported.ids[q] for q in replica)
     assert all(np.array_equal(moved[imported.ids[q]][1], replica[q][1]) for q in replica)

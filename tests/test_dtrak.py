@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from auditor import confirm, diffusion, dtrak, sql
+from auditor.config import DtrakSettings
 from auditor.errors import AuditError
-from auditor.settings import DtrakSettings
 
 from .helpers import audit, sql_value
 from .tiny_sd import random_batch as _batch
@@ -87,7 +87,7 @@ def test_kernel_is_the_damped_inverse_gram():
 
 def test_confirm_dtrak_stores_rows_agreement_and_reuses_features(scanned_ws):
     ws = scanned_ws
-    ws.config["dtrak"].update(dim=256, timesteps=2, batch_size=32)
+    ws.config.dtrak = ws.config.dtrak.override(dim=256, timesteps=2, batch_size=32)
     ws.save()
     result = confirm.confirm(ws, method="dtrak", top=2)
     assert (result.generations, len(result.failed)) == (2, 0)
@@ -116,7 +116,8 @@ def test_confirm_dtrak_stores_rows_agreement_and_reuses_features(scanned_ws):
 
     gen = int(conf["generation_id"][0])
     # Its batch size is memory only: a run in smaller batches is the same run, with nothing left to confirm.
-    assert confirm.confirm(ws, method="dtrak", generation=gen, batch_size=8).run_id is None
+    ws.config.dtrak = ws.config.dtrak.override(batch_size=8)
+    assert confirm.confirm(ws, method="dtrak", generation=gen).run_id is None
 
     # AbU on one of the same generations: the same candidates, so the teachers compare in one query.
     confirm.confirm(ws, method="abu", generation=gen)
@@ -133,5 +134,5 @@ def test_confirm_dtrak_stores_rows_agreement_and_reuses_features(scanned_ws):
 
 
 def test_unknown_method_is_a_one_line_error(scanned_ws):
-    with pytest.raises(AuditError, match="use abu or dtrak"):
+    with pytest.raises(AuditError, match="use abu, dtrak"):
         confirm.confirm(scanned_ws, method="trak", top=1)

@@ -169,17 +169,18 @@ def test_the_shipped_eval_tables_are_recomputed_from_the_shipped_collection(
     import pyarrow.parquet as pq
 
     from auditor import distill, evaluate, workspace
-    from auditor.training import index_training
+    from auditor.distill import collect as collecting
+    from auditor.index import index_training
 
     ws = workspace.init(tmp_path / "ws", encoder=WORLD / "encoder", model=WORLD / "model")
     if timesteps:
-        ws.config["confirm"]["timesteps"] = timesteps
+        ws.config.confirm.timesteps = timesteps
     ws.save()
     index_training(ws, WORLD / "training")
     imported = distill.import_collection(ws, WORLD / collection)
     # Every shipped query (the collection's training queries too), and the replicate of each held-out one.
     assert imported.queries == pq.read_metadata(WORLD / collection / distill.QUERIES_FILE).num_rows
-    monkeypatch.setattr(distill, "TeacherSession", None)  # the replicate must come from the store
+    monkeypatch.setattr(collecting, "AbuTeacher", None)  # the replicate must come from the store
     replica = distill.replicate(ws)
     for table, pooled in zip(tables, (False, True)):
         shipped = json.loads((WORLD / table).read_text())

@@ -1,4 +1,4 @@
-"""`audit eval --planted`: the AbC-style benchmark runs end to end on the tiny model and leaves the workspace as it was."""
+"""`audit eval planted`: the AbC-style benchmark runs end to end on the tiny model and leaves the workspace as it was."""
 
 import json
 
@@ -34,10 +34,10 @@ def test_restroke_keeps_the_palette_and_changes_the_strokes():
 
 def test_planted_benchmark_end_to_end(indexed_ws, tiny_pipeline, outputs_dir, tmp_path):
     ws = indexed_ws
-    ws.config["paths"]["model"] = str(tiny_pipeline)
-    ws.config["confirm"].update(draws=4, timesteps=2, fisher_samples=8, reference_samples=4)
-    ws.config["dtrak"].update(dim=128, timesteps=2, batch_size=32)
-    ws.config["planted"].update(
+    ws.config.paths.model = str(tiny_pipeline)
+    ws.config.confirm = ws.config.confirm.override(draws=4, timesteps=2, fisher_samples=8, reference_samples=4)
+    ws.config.dtrak = ws.config.dtrak.override(dim=128, timesteps=2, batch_size=32)
+    ws.config.planted = ws.config.planted.override(
         exemplars=2, steps=4, batch_size=4, candidates=10, kernel_samples=12, prior_samples=8, sample_steps=2
     )
     ws.save()
@@ -46,7 +46,7 @@ def test_planted_benchmark_end_to_end(indexed_ws, tiny_pipeline, outputs_dir, tm
 
     audit(
         "eval",
-        "--planted",
+        "planted",
         "--exemplars",
         outputs_dir,
         "--style",
@@ -82,5 +82,5 @@ def test_planted_benchmark_end_to_end(indexed_ws, tiny_pipeline, outputs_dir, tm
 
 
 def test_planted_needs_exemplars(indexed_ws):
-    proc = audit("eval", "--planted", ws=indexed_ws, check=False)
+    proc = audit("eval", "planted", ws=indexed_ws, check=False)
     assert proc.returncode == 1 and "--exemplars" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from auditor import engine_ray, sql, workspace
+from auditor.index import index_training
 from auditor.scan import scan
 from auditor.search import IndexSettings, VectorTable
-from auditor.training import index_training
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own deprecated context fields

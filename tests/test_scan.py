@@ -7,8 +7,8 @@ import pytest
 
 from auditor import sql
 from auditor.errors import AuditError
+from auditor.index import index_training
 from auditor.scan import scan
-from auditor.training import index_training
 
 from . import small_world
 from .helpers import audit, sql_value

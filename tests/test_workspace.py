@@ -18,8 +18,8 @@ def test_init_creates_config_store_and_lancedb_dir(tmp_path, tiny_encoder):
     assert (tmp_path / ".audit" / "audit.duckdb").is_file()
     assert os.path.isdir(ws.lancedb_uri)
     reloaded = workspace.load(tmp_path)
-    assert reloaded.config["encoder"]["path"] == str(tiny_encoder.resolve())
-    assert reloaded.config["scan"]["top_k"] == 50
+    assert reloaded.config.encoder.path == str(tiny_encoder.resolve())
+    assert reloaded.config.scan.top_k == 50
 
 
 def test_init_twice_is_refused(tmp_path):

@@ -114,7 +114,7 @@ def seen_prompts(ws, k: int = 10) -> str:
     the fit, the rest trained as `distill train` does, and the held-out ones ranked by the result and by the untuned
     feature. (EVAL.md's table holds out whole prompts, which is stricter: there the images of a test caption reach
     training only as candidates of other captions' queries.)"""
-    s = DistillSettings.from_config(ws.config["distill"])
+    s = DistillSettings.from_config(ws.config.distill)
     img, txt, queries, q_img, q_txt = _split_features(ws, "train")
     q_feat, t_feat = np.concatenate([q_img, q_txt], 1), np.concatenate([img, txt], 1)
     last = {q[2]: i for i, q in enumerate(queries)}  # load_rankings orders by id: the last query of each prompt
@@ -142,7 +142,7 @@ def seen_prompts(ws, k: int = 10) -> str:
 def training_seeds(ws, shipped: Path, seeds: tuple[int, ...] = (1, 2), k: int = 10) -> str:
     """How much the held-out gain owes to the training seed (initialisation, batch order, negatives, dropout): the
     shipped bundle is seed 0; the same fit and validation queries trained again with other seeds."""
-    s = DistillSettings.from_config(ws.config["distill"])
+    s = DistillSettings.from_config(ws.config.distill)
     img, txt, train, q_img, q_txt = _split_features(ws, "train")
     _, _, test, tq_img, tq_txt = _split_features(ws, "test")
     t_feat, tq_feat = np.concatenate([img, txt], 1), np.concatenate([tq_img, tq_txt], 1)
@@ -358,7 +358,7 @@ def main() -> None:
     stages = args.stage or ["collect", "train", "reference", "diagnose"]
     root = args.workdir.resolve()
     ws = open_workspace(root)
-    ws.config["confirm"]["timesteps"] = args.timesteps
+    ws.config.confirm.timesteps = args.timesteps
     ws.save()
     target, staging = HERE / "encoder-distilled", root / "encoder-distilled"
     if "collect" in stages:
@@ -492,7 +492,7 @@ def reference(root: Path, candidates: int, encoders: list[Path]):
     Returns (evaluate's results against its run, against its run and replicate pooled, query count, seconds the teacher
     took to rank them)."""
     ws = open_workspace(root / "reference")
-    ws.config["distill"]["candidates"] = candidates
+    ws.config.distill.candidates = candidates
     ws.save()
     if (REFERENCE / distill.QUERIES_FILE).is_file():
         with_collection(ws, REFERENCE)

@@ -35,11 +35,11 @@ def main() -> None:
     ws = open_workspace(root)
     started = time.perf_counter()
     # 200 steps at lr 1e-3: the whole UNet learns each stroke style without forgetting the rest (prior preservation).
-    ws.config["planted"].update(style="stroke", tune="all", steps=200, lr=1e-3)
+    ws.config.planted = ws.config.planted.override(style="stroke", tune="all", steps=200, lr=1e-3)
     ws.save()
     report = planted.planted(ws, exemplars=HERE / "heldout", announce=print)
     table = planted.to_markdown(report)
-    s = ws.config["planted"]
+    s = ws.config.planted
     (HERE / "PLANTED.md").write_text(
         "# Planted ground truth on the example world\n\n"
         f"Made by `python examples/digits_world/planted.py` on {time.strftime('%Y-%m-%d')} (2 CPU cores, "

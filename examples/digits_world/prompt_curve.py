@@ -52,10 +52,10 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     args = parser.parse_args()
     ws = open_workspace(args.workdir)
-    ws.config["confirm"]["timesteps"] = 12  # distill.py's --timesteps, with which the collection was made
+    ws.config.confirm.timesteps = 12  # distill.py's --timesteps, with which the collection was made
     ws.save()
     with_collection(ws)
-    s = replace(DistillSettings.from_config(ws.config["distill"]), refit=False)
+    s = replace(DistillSettings.from_config(ws.config.distill), refit=False)
     img, txt, train, q_img, q_txt = _split_features(ws, "train")
     _, _, test, tq_img, tq_txt = _split_features(ws, "test")
     q_feat, t_feat, tq_feat = (

@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=0, help="use the first N collected test queries (0: all)")
     args = parser.parse_args()
     ws = open_workspace(args.workdir)
-    settings = AbuSettings.from_config(ws.config["confirm"])
+    settings = AbuSettings.from_config(ws.config.confirm)
     with Store(ws.db_path, read_only=True) as store:
         rows, images = distill.current_queries(distill.collected_queries(store, "test")[: args.queries or None], print)
         training = training_set(ws, store, ws.model_dir(), torch.device("cpu"), "auto")

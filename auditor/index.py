@@ -20,7 +20,7 @@ import pyarrow as pa
 from . import embed, ingest, prompts
 from .errors import AuditError
 from .progress import Progress, Silent
-from .search import IndexSettings, VectorTable
+from .search import VectorTable
 from .store import Store, record_encoder, record_vector_table, utcnow
 from .workspace import Workspace
 
@@ -135,8 +135,8 @@ def index_training(
     started = time.perf_counter()
     progress = progress or Silent()
     entries = read_entries(training_dir, manifest)
-    batch_size = batch_size or int(ws.config["encoder"]["batch_size"])
-    limits = ingest.Limits(int(ws.config["scan"]["max_pixels"]), int(ws.config["scan"]["max_file_bytes"]))
+    batch_size = batch_size or ws.config.encoder.batch_size
+    limits = ws.limits
     if engine == "ray":
         from . import engine_ray
 
@@ -147,8 +147,8 @@ def index_training(
         raise AuditError(f"unknown engine {engine!r}; use local or ray")
 
     with ws.writing(), Store(ws.db_path) as store:
-        encoder = embed.load(ws.encoder_dir(), device or ws.config["encoder"]["device"])
-        table = VectorTable.for_encoder(ws.lancedb_uri, encoder, IndexSettings.from_config(ws.config["index"]))
+        encoder = embed.load(ws.encoder_dir(), ws.device(device))
+        table = VectorTable.for_encoder(ws.lancedb_uri, encoder, ws.config.index)
         ledger = IndexLedger(store, encoder, table, entries, ws.lancedb_uri)
         by_path = ledger.by_path
 
@@ -171,7 +171,7 @@ def index_training(
             ledger.commit(ids, new_rows, len(batch))
             batch.clear()
 
-        for entry_path, item in zip(by_path, ingest.load_all(by_path, int(ws.config["scan"]["loader_threads"]), load)):
+        for entry_path, item in zip(by_path, ingest.load_all(by_path, ws.config.scan.loader_threads, load)):
             progress.advance()
             if ledger.take(item):
                 batch.append((by_path[entry_path], item))
@@ -314,12 +314,12 @@ def reindex(
     """Point the workspace at another encoder and embed every registered training image into its own table.
     Attributions made by the previous encoder keep its id and stay queryable."""
     embed.read_config(bundle)  # fail before changing anything
-    previous = ws.config["encoder"]["path"]
-    ws.config["encoder"]["path"] = str(Path(bundle).expanduser().resolve())
+    previous = ws.config.encoder.path
+    ws.config.encoder.path = str(Path(bundle).expanduser().resolve())
     try:
         return index_training(ws, None, device=device, progress=progress)
     except Exception:
-        ws.config["encoder"]["path"] = previous
+        ws.config.encoder.path = previous
         raise
     finally:
         ws.save()

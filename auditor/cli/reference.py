@@ -1,6 +1,6 @@
 """Write the CLI reference (docs/cli.md) from the commands themselves; a test keeps the file true.
 
-python -m auditor.cli_reference > docs/cli.md
+python -m auditor.cli.reference > docs/cli.md
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 import typer
 
-from .cli import app
+from .app import app
 
 
 def _param_line(param: click.Parameter) -> str:
