@@ -9,7 +9,7 @@ evenly spaced timesteps; influence = after − before (max over the image and it
 when the model was trained with flips). The noise is drawn afresh for every query:
 noise fixed per candidate would let 'before' losses be cached, but it gives each
 candidate one push up or down in every query of a run, a per-image bias that
-payouts add up instead of averaging away (experiments/scoring_noise/TEACHER.md).
+payouts add up instead of averaging away (experiments/teacher_signal/TEACHER.md).
 
 Generic-influence correction: on undertrained models, images that are sensitive to
 *any* update (e.g. the ones with the most ink) rise for every query (docs/methods.md §7).
@@ -190,7 +190,7 @@ class AbuTeacher:
 
     def noise_seed(self, query_seed: int, stream: int = 0) -> int:
         """The scoring noise of one query. Each query draws its own: noise fixed per candidate across queries gave every
-        candidate the same push up or down in every query, which payouts summed instead of averaging away (experiments/scoring_noise/TEACHER.md)."""
+        candidate the same push up or down in every query, which payouts summed instead of averaging away (experiments/teacher_signal/TEACHER.md)."""
         return int(np.random.SeedSequence([self.settings.seed, query_seed, stream]).generate_state(1)[0])
 
     def estimate(self, n_generations: int, n_candidates: int) -> float:

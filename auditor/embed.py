@@ -59,7 +59,7 @@ class ProjectionHead(torch.nn.Module):
 
     query_map: queries (generated images) also pass through out + W·out, W starting at zero. A shared head scores q
     against t as it scores t against q, but the teacher does not: on the example world a generated 'five' pulls
-    training 'sevens' into its top-10 far more often than a generated 'seven' pulls in 'fives' (examples/digits_world/EVAL.md)."""
+    training 'sevens' into its top-10 far more often than a generated 'seven' pulls in 'fives' (experiments/distill/EVAL.md)."""
 
     def __init__(
         self,

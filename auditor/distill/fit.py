@@ -211,7 +211,7 @@ def fit(
     `s.refit` the head is then trained again, from the same seed, on fit + validation queries for that many epochs, so
     the validation prompts are fitted too: on the example world the held-out gain follows the number of training prompts
     far more than the queries per prompt (half the prompts: +0.137 → +0.058; half of every prompt's queries: +0.133;
-    examples/digits_world/PROMPT_CURVE.md).
+    experiments/prompt_curve/PROMPT_CURVE.md).
     Without refit, or when no epoch beat the untrained head, both are the validation run."""
     selected = fit_head(fit_set, val, train_features, s, progress)
     if not s.refit or selected.epochs == 0:
