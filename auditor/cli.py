@@ -543,12 +543,6 @@ def sql_command(
     if frame is None:
         out.print("ok")
         return
-    if fmt == "table" and out_file is None:
-        table = Table(*frame.columns)
-        for row in frame.iter_rows():
-            table.add_row(*("" if v is None else str(v) for v in row))
-        out.print(table)
-        return
     text = sql_api.render(frame, fmt, out_file)
     if text is not None:
         sys.stdout.write(text)

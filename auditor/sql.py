@@ -14,8 +14,9 @@ read-only Store on this file while calling `query` is sandboxed too until both c
 
 from __future__ import annotations
 
-import io
 import json
+import re
+import unicodedata
 from pathlib import Path
 
 import duckdb
@@ -133,7 +134,7 @@ def _truthy(value) -> bool:
 
 
 def render(frame: pl.DataFrame, fmt: str, out: str | Path | None = None) -> str | None:
-    """Serialise a result as csv / json / parquet (to `out`, or returned as text); 'table' is the CLI's job."""
+    """Serialise a result as a plain-text table / csv / json / parquet (to `out`, or returned as text)."""
     if fmt not in FORMATS:
         raise AuditError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "parquet":
@@ -146,11 +147,53 @@ def render(frame: pl.DataFrame, fmt: str, out: str | Path | None = None) -> str 
     elif fmt == "json":
         text = json.dumps(frame.to_dicts(), default=str, indent=2) + "\n"
     else:
-        buffer = io.StringIO()
-        with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=80):
-            buffer.write(str(frame) + "\n")
-        text = buffer.getvalue()
+        text = table(frame)
     if out is not None:
         Path(out).write_text(text)
         return None
     return text
+
+
+# C0 and C1 controls, DEL, and the bidi embedding, override and isolate marks: shown escaped in a table,
+# so a cell can neither move the terminal's cursor nor reorder the text around it.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _cell(value) -> str:
+    """A value as table text: plain, on one line; NULL is empty."""
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else str(value)
+    return _UNPRINTABLE.sub(lambda m: _NAMED.get(m[0]) or f"\\u{ord(m[0]):04x}", text)
+
+
+def _width(text: str) -> int:
+    """Terminal columns: wide East Asian characters take two, combining and zero-width ones none."""
+    return sum(
+        0
+        if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf")
+        else 2
+        if unicodedata.east_asian_width(ch) in ("W", "F")
+        else 1
+        for ch in text
+    )
+
+
+def table(frame: pl.DataFrame) -> str:
+    """The result as a plain-text table: user text is printed as it is, never read as markup."""
+    header = [_cell(name) for name in frame.columns]
+    rows = [[_cell(value) for value in row] for row in frame.iter_rows()]
+    widths = [max([_width(text) for text in column], default=0) for column in zip(header, *rows)]
+    numeric = [dtype.is_numeric() for dtype in frame.dtypes]
+
+    def line(cells: list[str]) -> str:
+        padded = []
+        for text, width, right in zip(cells, widths, numeric):
+            pad = " " * (width - _width(text))
+            padded.append(pad + text if right else text + pad)
+        return "  ".join(padded).rstrip()
+
+    lines = [line(header), "  ".join("-" * width for width in widths), *(line(row) for row in rows)]
+    lines.append(f"({len(rows)} row{'' if len(rows) == 1 else 's'})")
+    return "\n".join(lines) + "\n"

@@ -214,3 +214,29 @@ def test_a_reader_sharing_the_duckdb_instance_is_sandboxed_too(store_ws):
         assert held.value("select current_setting('enable_external_access')") is False
     with Store(store_ws.db_path, read_only=True) as fresh:  # the last connection closed: a new instance
         assert fresh.value("select current_setting('enable_external_access')") is True
+
+
+# --------------------------------------------------------------------------- plain text out
+
+
+def test_table_output_prints_user_text_verbatim(store_ws):
+    proc = audit("sql", "select id, prompt from generations order by id", ws=store_ws)
+    for prompt in PROMPTS:
+        assert prompt in proc.stdout
+    assert proc.stderr == "" and "❌" not in proc.stdout
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["id", "prompt"] and lines[-1] == f"({len(PROMPTS)} rows)"
+
+
+def test_table_cells_stay_on_one_line_and_move_no_cursor():
+    frame = pl.DataFrame({"name": ["gnp.\u202eexe", "two\nlines", "\x1b[2Jclear", None], "n": [1, 22, 333, None]})
+    text = sql.table(frame)
+    assert text.splitlines() == [
+        "name              n",
+        "--------------  ---",
+        "gnp.\\u202eexe     1",
+        "two\\nlines       22",
+        "\\u001b[2Jclear  333",
+        "",
+        "(4 rows)",
+    ]
