@@ -13,7 +13,9 @@ inline SVG) and forbid scripts, so the folder can be moved, mailed, or opened of
 
 Names, ids, licences, captions, prompts and paths are user text. On the pages it is escaped,
 stripped of control characters and bidi overrides (`plain`) and set in <bdi> elements, so
-it can neither add markup nor reorder the text around it.
+it can neither add markup nor reorder the text around it; in payouts.csv a cell a
+spreadsheet would read as a formula is prefixed with ' (`spreadsheet_safe`), while
+payouts.parquet keeps every value as the store has it.
 
 A generation belongs to the period in which the audit first registered it
 (`generations.created_at`, UTC): the store holds no earlier time for it, and a scan's
@@ -273,6 +275,24 @@ def _bdi(value, missing: str = "—") -> markupsafe.Markup:
     return markupsafe.Markup("<bdi>{}</bdi>").format(plain(str(value)))
 
 
+# A cell starting with one of these is a formula (or becomes one) in Excel, LibreOffice and Sheets;
+# a cell that is all number (-0.5, +3) is left alone.
+_FORMULA = r"^[=+\-@\t\r]"
+_NUMBER = r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$"
+
+
+def spreadsheet_safe(frame: pl.DataFrame) -> pl.DataFrame:
+    """Text cells a spreadsheet would run as a formula, prefixed with ' (numbers and non-text columns as they are)."""
+    return frame.with_columns(
+        pl.when(pl.col(name).str.contains(_FORMULA) & ~pl.col(name).str.contains(_NUMBER))
+        .then(pl.lit("'") + pl.col(name))
+        .otherwise(pl.col(name))
+        .alias(name)
+        for name, dtype in frame.schema.items()
+        if dtype == pl.String
+    )
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("auditor", "templates"),
@@ -354,7 +374,7 @@ class _Pages:
             "amount_minor",
             "currency",
         )
-        table.write_csv(folder / "payouts.csv")
+        spreadsheet_safe(table).write_csv(folder / "payouts.csv")
         table.write_parquet(folder / "payouts.parquet")
 
     def _generations(self, frame: pl.DataFrame) -> list[dict]:

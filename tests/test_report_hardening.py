@@ -1,4 +1,4 @@
-"""`audit report` with hostile user text: no control characters on the pages, names bidi-isolated.
+"""`audit report` with hostile user text: no control characters on the pages, names bidi-isolated, a CSV no spreadsheet runs.
 
 The store is seeded directly (no encoder, no scan): contributors, training images and generations
 whose names, ids, licences, captions, prompts and paths carry NUL and other controls, U+202E,
@@ -7,14 +7,16 @@ spreadsheet formulas and markup-like brackets.
 
 from __future__ import annotations
 
+import csv
 import re
 from decimal import Decimal
 from html.parser import HTMLParser
 
+import polars as pl
 import pytest
 
 from auditor import workspace
-from auditor.report import build_report, plain
+from auditor.report import build_report, plain, spreadsheet_safe
 from auditor.store import Store
 
 from .helpers import audit
@@ -124,11 +126,60 @@ def test_pages_carry_no_control_characters_and_isolate_every_name(hostile_report
     assert "g0.png" in index.bdi  # a generation's file name, NUL and override gone
 
 
+def test_payouts_csv_is_safe_in_a_spreadsheet_and_parquet_keeps_the_raw_values(hostile_report):
+    _, _, out = hostile_report
+    with open(out / "payouts.csv", newline="") as fh:
+        rows = {row["contributor_id"]: row for row in csv.DictReader(fh)}
+    assert set(rows) == {"nul", "rlo", "'=cmd", "'@at", "-12.5", "markup"}
+    assert rows["'=cmd"]["name"] == "'" + FORMULA and rows["'=cmd"]["license"] == "'+SUM(A1:A9)"
+    assert rows["'@at"]["name"] == "'@import \t\r\n tabs" and rows["'@at"]["license"] == "'-2+3"
+    assert rows["-12.5"]["name"] == "-12.5" and rows["-12.5"]["license"] == "'\tTAB"  # a number stays a number
+    assert rows["rlo"]["name"] == CONTRIBUTORS["rlo"][0]  # only formulas are touched in the CSV
+    for row in rows.values():
+        for column, value in row.items():
+            assert not value.startswith(("=", "+", "@", "\t", "\r")), (column, value)
+            assert not value.startswith("-") or re.fullmatch(r"-\d+(\.\d+)?", value), (column, value)
+
+    parquet = pl.read_parquet(out / "payouts.parquet")
+    raw = {row["contributor_id"]: row for row in parquet.to_dicts()}
+    assert {c: (raw[c]["name"], raw[c]["license"]) for c in raw} == CONTRIBUTORS
+    as_read = pl.read_csv(out / "payouts.csv")
+    assert as_read["amount_minor"].to_list() == parquet["amount_minor"].to_list()
+    assert as_read["amount_minor"].sum() == 60000
+    assert as_read["credit"].to_list() == pytest.approx(parquet["credit"].to_list())
+
+
 def test_plain_strips_exactly_controls_and_bidi_overrides():
     controls = "".join(map(chr, [*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]))
     bidi = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
     kept = "tab\there\nnew line, عربي עברית 日本語 é ❌ \u200e\u00a0[b]<x>&"
     assert plain(controls + kept + bidi) == kept
+
+
+def test_spreadsheet_safe_prefixes_formulas_only():
+    frame = pl.DataFrame(
+        {
+            "text": ["=1+1", "+1", "-1", "-1.5e3", "-x", "@a", "\tx", "\rx", "a=b", "", None, "'=already", " =x"],
+            "number": list(range(-6, 7)),
+        }
+    )
+    safe = spreadsheet_safe(frame)
+    assert safe["text"].to_list() == [
+        "'=1+1",
+        "+1",
+        "-1",
+        "-1.5e3",
+        "'-x",
+        "'@a",
+        "'\tx",
+        "'\rx",
+        "a=b",
+        "",
+        None,
+        "'=already",
+        " =x",
+    ]
+    assert safe["number"].to_list() == frame["number"].to_list()
 
 
 def test_report_cli_on_hostile_text(hostile_report, tmp_path):
