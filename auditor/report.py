@@ -11,6 +11,12 @@ the pool (auditor/payout.py), and renders reports/templates/ into OUT/:
 Pages carry everything they show (CSS inline, thumbnails as PNG data URIs, charts as
 inline SVG) and forbid scripts, so the folder can be moved, mailed, or opened offline.
 
+Names, ids, licences, captions, prompts and paths are user text. On the pages it is escaped,
+stripped of control characters and bidi overrides (`plain`) and set in <bdi> elements, so
+it can neither add markup nor reorder the text around it; in payouts.csv a cell a
+spreadsheet would read as a formula is prefixed with ' (`spreadsheet_safe`), while
+payouts.parquet keeps every value as the store has it.
+
 A generation belongs to the period in which the audit first registered it
 (`generations.created_at`, UTC): the store holds no earlier time for it, and a scan's
 time would move old generations into a later period when a new encoder re-scans them.
@@ -31,6 +37,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import jinja2
+import markupsafe
 import polars as pl
 
 from . import ingest, payout
@@ -104,7 +111,7 @@ def thumbnail(path: str, limits: ingest.Limits) -> str | None:
     """A small PNG data URI of an image on disk, read as safely as a scan reads it; None when it cannot be read."""
     try:
         image, _ = ingest.decode(ingest.read_bytes(path, limits), limits)
-    except ingest.IngestError:
+    except (ingest.IngestError, ValueError):  # ValueError: a stored path with NUL in it, which no file can have
         return None
     image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
     buffer = io.BytesIO()
@@ -244,6 +251,48 @@ def _payouts(
     return frame.sort(["amount_minor", "contributor_id"], descending=[True, False]), split
 
 
+# C0 controls but tab and newline (NUL included), DEL, C1 controls, and the bidi embeddings,
+# overrides and isolates (U+202A-U+202E, U+2066-U+2069): U+202E can make "gnp.exe" read "exe.png".
+_UNSHOWN = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def plain(text: str) -> str:
+    """User text as the pages show it: without control characters or bidi overrides."""
+    return _UNSHOWN.sub("", text)
+
+
+def _finalize(value):
+    """Applied to every {{ expression }} before escaping, attributes and <title> included."""
+    if isinstance(value, markupsafe.Markup):
+        return markupsafe.Markup(plain(str(value)))
+    return plain(value) if isinstance(value, str) else value
+
+
+def _bdi(value, missing: str = "—") -> markupsafe.Markup:
+    """User text in a bidi-isolated element, so its direction cannot spill into the text around it."""
+    if value is None or value == "":
+        return markupsafe.Markup(missing)
+    return markupsafe.Markup("<bdi>{}</bdi>").format(plain(str(value)))
+
+
+# A cell starting with one of these is a formula (or becomes one) in Excel, LibreOffice and Sheets;
+# a cell that is all number (-0.5, +3) is left alone.
+_FORMULA = r"^[=+\-@\t\r]"
+_NUMBER = r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$"
+
+
+def spreadsheet_safe(frame: pl.DataFrame) -> pl.DataFrame:
+    """Text cells a spreadsheet would run as a formula, prefixed with ' (numbers and non-text columns as they are)."""
+    return frame.with_columns(
+        pl.when(pl.col(name).str.contains(_FORMULA) & ~pl.col(name).str.contains(_NUMBER))
+        .then(pl.lit("'") + pl.col(name))
+        .otherwise(pl.col(name))
+        .alias(name)
+        for name, dtype in frame.schema.items()
+        if dtype == pl.String
+    )
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("auditor", "templates"),
@@ -251,7 +300,9 @@ def _environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
+        finalize=_finalize,
     )
+    env.filters["bdi"] = _bdi
     env.filters["money"] = lambda amount: f"{amount:,}"
     env.filters["when"] = lambda moment: moment.strftime("%Y-%m-%d %H:%M UTC") if moment else "—"
     env.filters["file_name"] = lambda path: Path(path).name if path else "—"
@@ -323,7 +374,7 @@ class _Pages:
             "amount_minor",
             "currency",
         )
-        table.write_csv(folder / "payouts.csv")
+        spreadsheet_safe(table).write_csv(folder / "payouts.csv")
         table.write_parquet(folder / "payouts.parquet")
 
     def _generations(self, frame: pl.DataFrame) -> list[dict]:

@@ -241,14 +241,6 @@ def sql_command(
     if frame is None:
         out.print("ok")
         return
-    if fmt is SqlFormat.table and out_file is None:
-        table = Table()
-        for column in frame.columns:
-            table.add_column(Text(column))
-        for row in frame.iter_rows():
-            table.add_row(*(Text("" if v is None else str(v)) for v in row))
-        out.print(table)
-        return
     text = sql_api.render(frame, fmt.value, out_file)
     if text is not None:
         sys.stdout.write(text)
