@@ -17,9 +17,7 @@ it can neither add markup nor reorder the text around it; in payouts.csv a cell 
 spreadsheet would read as a formula is prefixed with ' (`spreadsheet_safe`), while
 payouts.parquet keeps every value as the store has it.
 
-A generation belongs to the period in which the audit first registered it
-(`generations.created_at`, UTC): the store holds no earlier time for it, and a scan's
-time would move old generations into a later period when a new encoder re-scans them.
+Which generations and credit a period holds is credit.py's job.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date
 from decimal import Decimal
 from pathlib import Path
 
@@ -40,48 +38,13 @@ import jinja2
 import markupsafe
 import polars as pl
 
-from . import ingest, payout
+from . import credit, ingest, payout
 from .errors import AuditError
 from .store import Store, utcnow
 from .workspace import Workspace
 
 POLICIES = ("per-output", "training-set")
 THUMBNAIL_PIXELS = 64  # longest side; thumbnails are shown at most this big
-
-
-@dataclass(frozen=True)
-class Period:
-    start: datetime | None  # inclusive, UTC
-    end: datetime | None  # exclusive, UTC
-    label: str
-
-    @classmethod
-    def parse(cls, period: str | None = None, date_from: date | None = None, date_to: date | None = None) -> Period:
-        """A calendar month ('2026-11'), or first and last day (both inclusive, either may be open), or all time."""
-        if period and (date_from or date_to):
-            raise AuditError("give either --period or --from/--to, not both")
-        if period:
-            match = re.fullmatch(r"(\d{4})-(\d{2})", period.strip())
-            if not match or not 1 <= int(match[2]) <= 12:
-                raise AuditError(f"--period {period!r} is not a month like 2026-11")
-            year, month = int(match[1]), int(match[2])
-            return cls(datetime(year, month, 1), datetime(year + month // 12, month % 12 + 1, 1), f"{year}-{month:02d}")
-        if date_from and date_to and date_to < date_from:
-            raise AuditError(f"--to {date_to} is before --from {date_from}")
-        start = datetime.combine(date_from, datetime.min.time()) if date_from else None
-        end = datetime.combine(date_to + timedelta(days=1), datetime.min.time()) if date_to else None
-        label = f"{date_from or 'start'} to {date_to or 'now'}" if (date_from or date_to) else "all time"
-        return cls(start, end, label)
-
-    def where(self, column: str) -> tuple[str, list]:
-        clauses, params = ["true"], []
-        if self.start:
-            clauses.append(f"{column} >= ?")
-            params.append(self.start)
-        if self.end:
-            clauses.append(f"{column} < ?")
-            params.append(self.end)
-        return " AND ".join(clauses), params
 
 
 @dataclass
@@ -119,140 +82,6 @@ def thumbnail(path: str, limits: ingest.Limits) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _check(confirmed: pl.Expr, verdict: pl.Expr) -> pl.Expr:
-    """The badge of an attribution (or, given the generation's verdict twice, of a generation)."""
-    return (
-        pl.when(confirmed)
-        .then(pl.lit("confirmed"))
-        .when(verdict.is_null())
-        .then(pl.lit("unchecked"))
-        .otherwise(pl.lit("not confirmed"))
-    )
-
-
-@dataclass
-class _Audit:
-    """What the store says about the period, as polars frames."""
-
-    generations: pl.DataFrame  # id, path, prompt, prompt_source, created_at
-    attributions: pl.DataFrame  # the ranking's rows for those generations, with owner and teacher verdict
-    contributors: pl.DataFrame  # contributor_id, name, license, images_indexed
-    method: str | None
-    encoder_id: str | None
-    encoder_name: str | None
-    teacher_runs: list[dict]
-
-
-def _read(store: Store, period: Period, encoder_id: str | None) -> _Audit:
-    in_period, params = period.where("g.created_at")
-    generations = store.con.sql(
-        f"SELECT id, path, prompt, prompt_source, created_at FROM generations g WHERE {in_period} ORDER BY id",
-        params=params,
-    ).pl()
-    # Earlier encoders' rankings stay in the store; the period is paid from one ranking, the latest
-    # scan's (or the named encoder's latest), so no generation is credited twice.
-    ranking = store.rows(
-        "SELECT a.method, a.encoder_id FROM attributions a"
-        " JOIN generations g ON g.id = a.generation_id JOIN scans s ON s.id = a.scan_id"
-        f" WHERE {in_period} AND (?::VARCHAR IS NULL OR a.encoder_id = ?)"
-        " ORDER BY s.started_at DESC, s.id DESC LIMIT 1",
-        params + [encoder_id, encoder_id],
-    )
-    if encoder_id and not ranking:
-        raise AuditError(
-            f'encoder {encoder_id} attributed no generation in {period.label}; see `audit sql "select * from scans"`'
-        )
-    method, encoder_id = ranking[0] if ranking else (None, None)
-    attributions = store.con.sql(
-        "SELECT c.generation_id, c.rank, c.training_id, c.share, c.confirmed, c.generation_confirmed, c.confirm_run_id,"
-        "  t.contributor_id, t.path AS training_path, t.caption"
-        " FROM attribution_checks c JOIN generations g ON g.id = c.generation_id"
-        " LEFT JOIN training_images t ON t.id = c.training_id"
-        f" WHERE c.method = ? AND c.encoder_id = ? AND {in_period}",
-        params=[method, encoder_id] + params,
-    ).pl()
-    # The training-set basis counts the images indexed by the end of the period.
-    contributors = store.con.sql(
-        "SELECT c.id AS contributor_id, c.name, c.license, count(t.id) AS images_indexed"
-        " FROM contributors c LEFT JOIN training_images t ON t.contributor_id = c.id AND (?::TIMESTAMP IS NULL OR t.indexed_at < ?)"
-        " GROUP BY ALL ORDER BY c.id",
-        params=[period.end, period.end],
-    ).pl()
-    run_ids = attributions["confirm_run_id"].drop_nulls().unique().to_list()
-    teacher_runs = (
-        store.con.sql(
-            "SELECT id, method, model_hash, model_path, finished_at FROM confirm_runs WHERE list_contains(?, id) ORDER BY id",
-            params=[run_ids],
-        )
-        .pl()
-        .to_dicts()
-    )
-    encoder_name = store.value("SELECT name FROM encoders WHERE id = ?", [encoder_id])
-    return _Audit(generations, attributions, contributors, method, encoder_id, encoder_name, teacher_runs)
-
-
-def credit(attributions: pl.DataFrame, confirmed_weight: float) -> pl.DataFrame:
-    """Each attribution's part of its generation's one unit of credit (the per-output formula, as the report prints it).
-
-    weight = confirmed_weight for a confirmed attribution, else 1;
-    credit = share × weight / Σ (share × weight) over the generation's attributions.
-    Images with no contributor are left out first: nobody can be paid for them, so the
-    generation's unit goes to the contributors it can be traced to.
-    """
-    weighted = pl.col("share") * pl.when(pl.col("confirmed")).then(confirmed_weight).otherwise(1.0)
-    return (
-        attributions.filter(pl.col("contributor_id").is_not_null())
-        .with_columns(weighted.alias("weighted"))
-        .with_columns((pl.col("weighted") / pl.col("weighted").sum().over("generation_id")).alias("credit"))
-        .filter(pl.col("credit").is_finite())  # a generation whose owned shares all underflowed to 0
-        .with_columns(
-            _check(pl.col("confirmed"), pl.col("generation_confirmed")).alias("check"),
-            _check(pl.col("generation_confirmed"), pl.col("generation_confirmed")).alias("generation_check"),
-        )
-    )
-
-
-def _summary(contributors: pl.DataFrame, credited: pl.DataFrame) -> pl.DataFrame:
-    """One row per contributor: images indexed, and what the period's attributions credit them with."""
-    per_contributor = credited.group_by("contributor_id").agg(
-        generations=pl.col("generation_id").n_unique(),
-        attributions=pl.len(),
-        confirmed_attributions=pl.col("confirmed").sum(),
-        credit=pl.col("credit").sum(),
-    )
-    return contributors.join(per_contributor, on="contributor_id", how="left").with_columns(
-        pl.col("generations", "attributions", "confirmed_attributions").fill_null(0).cast(pl.Int64),
-        pl.col("credit").fill_null(0.0),
-    )
-
-
-def _payouts(
-    summary: pl.DataFrame, policy: str, pool: int, min_payout: int, currency: str
-) -> tuple[pl.DataFrame, payout.Split]:
-    """The summary with each contributor's basis C, quota, adjusted quota and amount (the rows of payouts.csv)."""
-    basis = summary["credit" if policy == "per-output" else "images_indexed"].cast(pl.Float64).alias("basis")
-    ids = summary["contributor_id"].to_list()
-    split = payout.split(pool, dict(zip(ids, basis)), min_payout)
-    fine = pl.Decimal(38, payout.minor_digits(currency) + 2)
-    frame = summary.with_columns(
-        basis,
-        (basis / basis.sum()).alias("share"),
-        pl.Series("quota", [payout.fraction_to_decimal(split.quota[key], currency) for key in ids], fine),
-        pl.Series("paid", [key in split.paid for key in ids], pl.Boolean),
-        pl.Series("adjusted", [payout.fraction_to_decimal(split.adjusted[key], currency) for key in ids], fine),
-        pl.Series(
-            "amount",
-            [payout.from_minor(split.amount[key], currency) for key in ids],
-            pl.Decimal(38, payout.minor_digits(currency)),
-        ),
-        pl.Series("amount_minor", [split.amount[key] for key in ids], pl.Int64),
-        pl.lit(currency).alias("currency"),
-    )
-    return frame.sort(["amount_minor", "contributor_id"], descending=[True, False]), split
-
-
-# C0 controls but tab and newline (NUL included), DEL, C1 controls, and the bidi embeddings,
-# overrides and isolates (U+202A-U+202E, U+2066-U+2069): U+202E can make "gnp.exe" read "exe.png".
 _UNSHOWN = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
@@ -332,7 +161,7 @@ class _Pages:
     def __init__(
         self,
         context: dict,
-        audit: _Audit,
+        audit: credit.Audit,
         credited: pl.DataFrame,
         payouts: pl.DataFrame,
         thumb: Callable[[str], str | None],
@@ -469,19 +298,21 @@ def build_report(
         raise AuditError(f"unknown policy {policy!r}; choose {' or '.join(POLICIES)}")
     if not confirmed_weight > 0:
         raise AuditError("--confirmed-weight must be above 0")
-    span = Period.parse(period, date_from, date_to)
+    span = credit.Period.parse(period, date_from, date_to)
     currency = currency.upper()
     pool_minor = payout.to_minor(pool, currency, "--pool")
     min_minor = payout.to_minor(min_payout, currency, "--min-payout")
 
     with Store(ws.db_path, read_only=True) as store:
-        audit = _read(store, span, encoder_id)
-    credited = credit(audit.attributions, confirmed_weight)
+        audit = credit.read(store, span, encoder_id)
+    credited = credit.credit(audit.attributions, confirmed_weight)
     if policy == "per-output" and credited.is_empty():
         raise AuditError(
             f"no generation registered in {span.label} is attributed to a contributor; nothing to pay per output"
         )
-    payouts, split = _payouts(_summary(audit.contributors, credited), policy, pool_minor, min_minor, currency)
+    payouts, split = credit.payouts(
+        credit.summary(audit.contributors, credited), policy, pool_minor, min_minor, currency
+    )
 
     context = {
         "period": span,

@@ -11,8 +11,7 @@ import torch
 
 from auditor import distill, embed, evaluate, features, metrics, sql
 from auditor.config import DistillSettings
-from auditor.distill import collect as collecting
-from auditor.distill import fit as fitting
+from auditor.distill import collecting, fitting
 from auditor.errors import AuditError
 from auditor.scan import scan
 from auditor.store import Store

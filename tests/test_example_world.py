@@ -167,7 +167,7 @@ def test_the_shipped_eval_tables_are_recomputed_from_the_shipped_collection(
     import pyarrow.parquet as pq
 
     from auditor import distill, evaluate, workspace
-    from auditor.distill import collect as collecting
+    from auditor.distill import collecting
     from auditor.index import index_training
 
     ws = workspace.init(tmp_path / "ws", encoder=WORLD / "encoder", model=WORLD / "model")

@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from auditor import payout
+from auditor.credit import Period, credit
 from auditor.errors import AuditError
-from auditor.report import Period, build_report, credit, statement_name
+from auditor.report import build_report, statement_name
 from auditor.scan import scan
 from auditor.store import Store, utcnow
 

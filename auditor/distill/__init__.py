@@ -1,8 +1,8 @@
 """`audit distill`: teach the fast encoder to rank like the teacher (FastGDA, docs/methods.md §2).
 
-One module per job: collect.py (collect, and the teacher's replicate), collection.py
-(reading rankings back, export and import), fit.py (the head and the share temperature),
-train.py (the bundle). This package exposes their public API.
+One module per job: collecting.py (collect, and the teacher's replicate), collection.py
+(reading rankings back, export and import), fitting.py (the head and the share temperature),
+training.py (the bundle). This package exposes their public API.
 
 collect — generate query images from a prompt set with the workspace's model (or take a
           folder), rank each query's candidate set (its nearest training images by the
@@ -24,7 +24,7 @@ held-out mAP@10 over the untuned ranking: +0.144 with both, +0.108 without stren
 with one shared head (experiments/distill/EVAL.md). Strengths are kept for the training images the teacher ranked.
 """
 
-from .collect import REPLICATE_SEED, CollectResult, collect, is_test_prompt, replicate
+from .collecting import REPLICATE_SEED, CollectResult, collect, is_test_prompt, replicate
 from .collection import (
     QUERIES_FILE,
     RANKINGS_FILE,
@@ -37,8 +37,8 @@ from .collection import (
     load_rankings,
     read_query,
 )
-from .fit import FitResult, Rankings, calibration_error, fit, fit_head, fit_temperature, split_validation
-from .train import TrainResult, train
+from .fitting import FitResult, Rankings, calibration_error, fit, fit_head, fit_temperature, split_validation
+from .training import TrainResult, train
 
 __all__ = [
     "QUERIES_FILE",

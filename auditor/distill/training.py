@@ -18,7 +18,7 @@ from ..features import query_embeddings, training_digests, training_embeddings
 from ..store import Store
 from ..workspace import Workspace
 from .collection import load_rankings
-from .fit import calibration_error, fit, fit_temperature, split_validation
+from .fitting import calibration_error, fit, fit_temperature, split_validation
 
 
 @dataclass

@@ -23,6 +23,7 @@ from ..config import DistillSettings
 from ..errors import AuditError
 from ..features import embed_images, joint, training_embeddings
 from ..progress import Progress, Silent
+from ..prompts import read_prompt
 from ..store import Store, utcnow
 from ..teacher import training_set
 from ..workspace import Workspace
@@ -82,7 +83,7 @@ def _plan(
                 continue
             if path in known:
                 replaced.append(known[path][0])
-            prompt, _ = prompts.read_prompt(path, info)
+            prompt, _ = read_prompt(path, info)
             rows.append((path, prompt, None, "folder"))
     elif len(planned) < s.queries:
         query_dir = ws.dir / "distill" / settings_hash
