@@ -1,16 +1,20 @@
-"""A workspace on the example world, shared by the scripts that measure it (distill.py, planted.py, counterfactual.py)."""
+"""The example world, and a workspace on it, shared by the experiments that measure it (distill, planted, prompt_curve,
+scoring_noise, counterfactual, teacher_signal).
+
+The experiments read the world's data, models, encoders and collections from examples/digits_world/ (WORLD) and write
+what they measure into their own folder, experiments/<name>/.
+"""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent.parent))
+from auditor import workspace
+from auditor.index import index_training
+from auditor.scan import scan
 
-from auditor import workspace  # noqa: E402
-from auditor.scan import scan  # noqa: E402
-from auditor.training import index_training  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+WORLD = ROOT / "examples" / "digits_world"
 
 
 def open_workspace(root: Path, *, scan_outputs: bool = False) -> workspace.Workspace:
@@ -19,8 +23,8 @@ def open_workspace(root: Path, *, scan_outputs: bool = False) -> workspace.Works
     root = root.resolve()
     if (root / ".audit").is_dir():
         return workspace.load(root)
-    ws = workspace.init(root, encoder=HERE / "encoder", model=HERE / "model")
-    index_training(ws, HERE / "training")
+    ws = workspace.init(root, encoder=WORLD / "encoder", model=WORLD / "model")
+    index_training(ws, WORLD / "training")
     if scan_outputs:
-        scan(ws, HERE / "outputs")
+        scan(ws, WORLD / "outputs")
     return ws

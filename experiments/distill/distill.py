@@ -1,18 +1,20 @@
-"""Distil the example world's teacher into its encoder and measure it: the shipped `encoder-distilled/` and EVAL.md.
+"""Distil the example world's teacher into its encoder and measure it: the shipped encoder-distilled/ and EVAL.md.
 
-    python examples/digits_world/distill.py [--workdir build/distill-world] [--queries 800] [--more-queries 408]
-                                            [--stage collect|train|reference|diagnose]
+    python -m experiments.distill.distill [--workdir build/distill-world] [--queries 800] [--more-queries 408]
+                                          [--stage collect|train|reference|diagnose]
 
 Runs what a user would: a workspace on the world, `distill collect` (query images generated
 from the world's captions, ranked by the AbU teacher over each query's 100 nearest training
 images by the untuned backbone), a second `distill collect --seed 1 --prompts` with more
 images of the training prompts only (the test prompts keep their queries), and the teacher's
-replicate on the test queries (`eval --replicate`), all exported to `distill-collection/`
-(`distill export`); then `distill train` (the shipped bundle and two ablations), `eval` on
-the held-out prompts, the same held-out query images ranked again by the teacher at `audit
-confirm` defaults (20 scoring timesteps, where the collection took 12) with its replicate,
-exported to `distill-reference/`, and a diagnosis of where the gain comes from (the last
-sections of EVAL.md).
+replicate on the test queries (`eval teacher --replicate`), all exported to
+examples/digits_world/distill-collection/ (`distill export`); then `distill train` (the shipped
+bundle, examples/digits_world/encoder-distilled/, and two ablations), `eval teacher` on the
+held-out prompts, the same held-out query images ranked again by the teacher at `audit confirm`
+defaults (20 scoring timesteps, where the collection took 12) with its replicate, exported to
+examples/digits_world/distill-reference/, and a diagnosis of where the gain comes from (the last
+sections of EVAL.md). The tables go to experiments/distill/: EVAL.md, eval.json, eval-pooled.json,
+eval-reference.json and eval-reference-pooled.json.
 
 The collection took 2.7 hours (9,784 s) on 2 cores, so it ships, and so does the reference (about 50 minutes):
 `--stage train`, `--stage reference` and `--stage diagnose` on a new workdir import them (`distill import`) instead
@@ -22,33 +24,31 @@ continues the collection where it stopped.
 
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
-import sys
-import time
-from dataclasses import replace
-from pathlib import Path
+from auditor import runtime
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent.parent))
-sys.path.insert(0, str(HERE))
+runtime.tune_process()  # as the CLI does, before torch loads
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
-from world import open_workspace  # noqa: E402
 
-from auditor import diffusion, distill, embed, evaluate, metrics  # noqa: E402
-from auditor.settings import DistillSettings  # noqa: E402
+from auditor import diffusion, distill, embed, evaluate, features, metrics  # noqa: E402
 from auditor.store import Store  # noqa: E402
+from experiments.world import WORLD, open_workspace  # noqa: E402
 
-COLLECTION = HERE / "distill-collection"
+HERE = Path(__file__).resolve().parent  # what this experiment writes: EVAL.md and the eval*.json tables
+COLLECTION = WORLD / "distill-collection"
 KS = (5, 10, 20, 50)  # the k of every table
 # The test queries ranked again by the teacher at `audit confirm` defaults: the reference EVAL.md measures against.
-REFERENCE = HERE / "distill-reference"
+REFERENCE = WORLD / "distill-reference"
 
 
 def with_collection(ws, folder: Path = COLLECTION) -> None:
@@ -89,22 +89,23 @@ def diffusion_features(ws, training: list[tuple[str, str]], queries: list[tuple[
     }
 
 
-def _split_features(ws, split: str):
+def split_features(ws, split: str):
     """(training image and caption embeddings, one split's rankings, their query image and prompt embeddings), all by the
     untuned backbone."""
     encoder = embed.load(ws.encoder_dir(), "cpu")
     with Store(ws.db_path, read_only=True) as store:
-        ids, img, txt = distill.training_embeddings(ws, store, encoder)
-        queries, images = distill.load_rankings(store, split, {int(i): j for j, i in enumerate(ids)}, print)
-    q_img, q_txt = distill.query_embeddings(encoder, queries, images)
+        ids, img, txt = features.training_embeddings(ws, store, encoder)
+        queries, images = distill.load_rankings(store, split, {int(i): j for j, i in enumerate(ids)}, ws.limits, print)
+    q_img, q_txt = features.query_embeddings(encoder, queries, images)
     return img, txt, queries, q_img, q_txt
 
 
-def _teacher_tops(rows, k: int) -> list[set[int]]:
+def teacher_tops(rows, k: int) -> list[set[int]]:
+    """Per load_rankings row, its teacher's top-k (rows of the training matrix)."""
     return [set(c[np.argsort(r)[:k]].tolist()) for _, _, _, c, r in rows]
 
 
-def _aps(scores: np.ndarray, tops: list[set[int]]) -> np.ndarray:
+def aps(scores: np.ndarray, tops: list[set[int]]) -> np.ndarray:
     """Per query, AP of the scores' full ranking against its true top set."""
     return np.array([metrics.average_precision(np.argsort(-row, kind="stable"), top) for row, top in zip(scores, tops)])
 
@@ -114,8 +115,8 @@ def seen_prompts(ws, k: int = 10) -> str:
     the fit, the rest trained as `distill train` does, and the held-out ones ranked by the result and by the untuned
     feature. (EVAL.md's table holds out whole prompts, which is stricter: there the images of a test caption reach
     training only as candidates of other captions' queries.)"""
-    s = DistillSettings.from_config(ws.config.distill)
-    img, txt, queries, q_img, q_txt = _split_features(ws, "train")
+    s = ws.config.distill
+    img, txt, queries, q_img, q_txt = split_features(ws, "train")
     q_feat, t_feat = np.concatenate([q_img, q_txt], 1), np.concatenate([img, txt], 1)
     last = {q[2]: i for i, q in enumerate(queries)}  # load_rankings orders by id: the last query of each prompt
     held = np.zeros(len(queries), bool)
@@ -126,10 +127,10 @@ def seen_prompts(ws, k: int = 10) -> str:
     selected, fit = distill.fit(fit_set, val, t_feat, s)
     seconds = time.perf_counter() - t0
     held_rows = [q for q, h in zip(queries, held) if h]
-    tops = _teacher_tops(held_rows, k)
-    distilled = _aps(fit.scores(q_feat[held], t_feat), tops)
-    untuned = _aps(distill.joint(q_img[held], q_txt[held]) @ distill.joint(img, txt).T, tops)
-    (d, d_se), (u, u_se), (g, g_se) = (evaluate.mean_se(v) for v in (distilled, untuned, distilled - untuned))
+    tops = teacher_tops(held_rows, k)
+    distilled = aps(fit.scores(q_feat[held], t_feat), tops)
+    untuned = aps(features.joint(q_img[held], q_txt[held]) @ features.joint(img, txt).T, tops)
+    (d, d_se), (u, u_se), (g, g_se) = (metrics.mean_se(v) for v in (distilled, untuned, distilled - untuned))
     return (
         "## New generations of prompts the distillation saw\n\n"
         f"The table above holds out whole prompts. Holding out instead the last query of each of the {len(held_rows)} training "
@@ -142,25 +143,25 @@ def seen_prompts(ws, k: int = 10) -> str:
 def training_seeds(ws, shipped: Path, seeds: tuple[int, ...] = (1, 2), k: int = 10) -> str:
     """How much the held-out gain owes to the training seed (initialisation, batch order, negatives, dropout): the
     shipped bundle is seed 0; the same fit and validation queries trained again with other seeds."""
-    s = DistillSettings.from_config(ws.config.distill)
-    img, txt, train, q_img, q_txt = _split_features(ws, "train")
-    _, _, test, tq_img, tq_txt = _split_features(ws, "test")
+    s = ws.config.distill
+    img, txt, train, q_img, q_txt = split_features(ws, "train")
+    _, _, test, tq_img, tq_txt = split_features(ws, "test")
     t_feat, tq_feat = np.concatenate([img, txt], 1), np.concatenate([tq_img, tq_txt], 1)
     fit_set, val, _ = distill.split_validation(train, np.concatenate([q_img, q_txt], 1), s)
-    tops = _teacher_tops(test, k)
-    untuned = _aps(distill.joint(tq_img, tq_txt) @ distill.joint(img, txt).T, tops)
+    tops = teacher_tops(test, k)
+    untuned = aps(features.joint(tq_img, tq_txt) @ features.joint(img, txt).T, tops)
     with Store(ws.db_path, read_only=True) as store:
-        digests = distill.training_digests(store)
-    rows = [(s.seed, _aps(distill.head_scores(embed.load(shipped, "cpu"), tq_feat, t_feat, digests), tops), None)]
+        digests = features.training_digests(store)
+    rows = [(s.seed, aps(features.head_scores(embed.load(shipped, "cpu"), tq_feat, t_feat, digests), tops), None)]
     for seed in seeds:
-        selected, fit = distill.fit(fit_set, val, t_feat, replace(s, seed=seed))
-        rows.append((seed, _aps(fit.scores(tq_feat, t_feat), tops), selected.epochs))
-    gains = [evaluate.mean_se(aps - untuned) for _, aps, _ in rows]
+        selected, fit = distill.fit(fit_set, val, t_feat, s.override(seed=seed))
+        rows.append((seed, aps(fit.scores(tq_feat, t_feat), tops), selected.epochs))
+    gains = [metrics.mean_se(per_query - untuned) for _, per_query, _ in rows]
     lines = [f"| training seed | mAP@{k} | gain over untuned image ⊕ text (paired) | best epoch |", "|---|---|---|---|"]
     lines += [
-        f"| {seed}{' (shipped)' if epochs is None else ''} | {aps.mean():.3f} | {g:+.3f} ± {g_se:.3f} | "
+        f"| {seed}{' (shipped)' if epochs is None else ''} | {per_query.mean():.3f} | {g:+.3f} ± {g_se:.3f} | "
         f"{'table above' if epochs is None else epochs} |"
-        for (seed, aps, epochs), (g, g_se) in zip(rows, gains)
+        for (seed, per_query, epochs), (g, g_se) in zip(rows, gains)
     ]
     return (
         "## Training seeds\n\n"
@@ -177,11 +178,11 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
     last section)."""
     encoder, student = embed.load(ws.encoder_dir(), "cpu"), embed.load(distilled, "cpu")
     with Store(ws.db_path, read_only=True) as store:
-        ids, img, txt = distill.training_embeddings(ws, store, encoder)
-        digests = distill.training_digests(store)
+        ids, img, txt = features.training_embeddings(ws, store, encoder)
+        digests = features.training_digests(store)
         index_of = {int(i): j for j, i in enumerate(ids)}
         (train, _), (test, test_images) = (
-            distill.load_rankings(store, split, index_of, print) for split in ("train", "test")
+            distill.load_rankings(store, split, index_of, ws.limits, print) for split in ("train", "test")
         )
         paths_captions = dict((i, (p, c)) for i, p, c in store.rows("SELECT id, path, caption FROM training_images"))
     captions = [paths_captions[int(i)][1] for i in ids]
@@ -241,12 +242,12 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
     # 2. Within the same-caption candidates (text cannot tell them apart): what orders them like the teacher?
     t_pix = pixels([paths_captions[int(i)][0] for i in ids])
     q_pix = pixels([q[1] for q in test])
-    q_img, q_txt = distill.query_embeddings(encoder, test, test_images)
+    q_img, q_txt = features.query_embeddings(encoder, test, test_images)
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
-    cos = distill.joint(q_img, q_txt) @ distill.joint(img, txt).T
+    cos = features.joint(q_img, q_txt) @ features.joint(img, txt).T
     strength = student.strength(digests)
     head_only = (
-        distill.head_scores(student, np.concatenate([q_img, q_txt], 1), np.concatenate([img, txt], 1), digests)
+        features.head_scores(student, np.concatenate([q_img, q_txt], 1), np.concatenate([img, txt], 1), digests)
         / strength
     )
     model_space = diffusion_features(ws, [paths_captions[int(i)] for i in ids], [(q[1], q[2]) for q in test])
@@ -277,9 +278,7 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
             within[name].append(spearmanr(by_teacher, sim[i, c])[0])
     n_within = len(within["pixel cosine"])
     lines2 = ["| ordering of the same-caption candidates | Spearman with the teacher (mean ± SE) |", "|---|---|"]
-    lines2 += [
-        f"| {name} | {evaluate.mean_se(v)[0]:.3f} ± {evaluate.mean_se(v)[1]:.3f} |" for name, v in within.items()
-    ]
+    lines2 += [f"| {name} | {metrics.mean_se(v)[0]:.3f} ± {metrics.mean_se(v)[1]:.3f} |" for name, v in within.items()]
 
     # 3. The per-image part: each image's mean normalised teacher rank over the *training* queries (the 'prior'), what
     # image ⊕ text features can predict of it, and the strengths the distillation learnt.
@@ -288,14 +287,14 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
         total_target[cands] += 1.0 - (ranks - 1) / len(ranks)
         count[cands] += 1
     prior = np.where(count > 0, total_target / np.maximum(count, 1), 0.5)
-    teacher_top = _teacher_tops(test, k)
+    teacher_top = teacher_tops(test, k)
     replica_top = [
         set(np.array([index_of[int(t)] for t in replica[q[0]][0]])[np.argsort(-replica[q[0]][1])[:k]].tolist())
         for q in test
     ]
 
     def map_at(scores, tops):
-        return evaluate.mean_se(_aps(scores, tops))
+        return metrics.mean_se(aps(scores, tops))
 
     seen = count > 0
 
@@ -347,7 +346,7 @@ def diagnose(ws, replica: dict[int, tuple[np.ndarray, np.ndarray]], distilled: P
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("build/distill-world"))
     parser.add_argument("--queries", type=int, default=800)
     parser.add_argument("--more-queries", type=int, default=408, help="more images of the training prompts (seed 1)")
@@ -360,7 +359,7 @@ def main() -> None:
     ws = open_workspace(root)
     ws.config.confirm.timesteps = args.timesteps
     ws.save()
-    target, staging = HERE / "encoder-distilled", root / "encoder-distilled"
+    target, staging = WORLD / "encoder-distilled", root / "encoder-distilled"
     if "collect" in stages:
         t0 = time.perf_counter()
         result = distill.collect(ws, queries=args.queries, candidates=args.candidates, announce=print)
@@ -415,7 +414,7 @@ def main() -> None:
         results, n = evaluate.evaluate(
             ws,
             encoders=[
-                HERE / "encoder",
+                WORLD / "encoder",
                 staging,
                 root / "encoder-distilled-no-strengths",
                 root / "encoder-distilled-shared-head",
@@ -447,7 +446,7 @@ def main() -> None:
             f"**{gain:+.3f} ± {gain_se:.3f}** (mean ± standard error of the per-query differences) against one run of this "
             f"teacher, which agrees with itself at {replica_map:.3f}. The bar, +0.15, is judged in the next section: against "
             f"the teacher at `audit confirm` defaults, its two runs pooled.\n\n"
-            f"Made by `python examples/digits_world/distill.py --queries {args.queries} --more-queries {args.more_queries} "
+            f"Made by `python -m experiments.distill.distill --queries {args.queries} --more-queries {args.more_queries} "
             f"--candidates {args.candidates} "
             f"--timesteps {args.timesteps}` on {time.strftime('%Y-%m-%d')} (2 CPU cores). "
             f"Teacher: AbU with `audit confirm` defaults (scoring noise drawn per query) except {args.timesteps} scoring timesteps; "
@@ -464,13 +463,13 @@ def main() -> None:
             f"and {runs['encoder-distilled-shared-head'].epochs} (one head for queries and training images, `distill.query_map = false`).\n\n"
             + table
             + "\nThe 'teacher replicate' row is the same teacher run again on the held-out queries with independent noise "
-            "(a new Fisher sample, unlearning draws and scoring noise; `audit eval --replicate`): how well the teacher agrees "
+            "(a new Fisher sample, unlearning draws and scoring noise; `audit eval teacher --replicate`): how well the teacher agrees "
             "with itself, and so roughly the most any student can be expected to agree with it.\n\n" + collection + "\n"
         )
         (HERE / "eval.json").write_text(evaluate.to_json(results, n))
         print(table)
     if "reference" in stages:
-        encoders = [HERE / "encoder", target]
+        encoders = [WORLD / "encoder", target]
         single, pooled, n, seconds = reference(root, args.candidates, encoders)
         cheap_pooled, _ = evaluate.evaluate(ws, encoders=encoders, ks=KS, replicate=distill.replicate(ws), pooled=True)
         section = reference_section(single, pooled, cheap_pooled, n, seconds, main_k=10)
@@ -561,7 +560,7 @@ def reference_section(single, pooled, cheap_pooled, n: int, seconds: float, main
         f"run the shipped head gains {one:+.3f} ± {one_se:.3f} at k = {main_k} (against the collection's run, the table "
         f"above: {cheap['mean']:+.3f} ± {cheap['stderr']:.3f}). The bar is judged against the more precise reference, the "
         f"teacher's two runs pooled (the mean of their influence over the same candidates, 40 scoring timesteps per query; "
-        f"`audit eval --replicate --pooled`): **{both:+.3f} ± {both_se:.3f}** over {baseline}; the bar is +0.15: "
+        f"`audit eval teacher --replicate --pooled`): **{both:+.3f} ± {both_se:.3f}** over {baseline}; the bar is +0.15: "
         f"{'met' if both >= 0.15 else 'not met'}. The collection's teacher pooled the same way (12 + 12 timesteps): "
         f"{cheap_both:+.3f} ± {cheap_both_se:.3f} ({cheap_both:.4f}). The head is the same in all four, trained on single "
         f"12-step runs of other prompts' queries; only the reference's precision changes, and the gain grows with it "

@@ -1,33 +1,32 @@
 """Does the distilled head generalise to new prompts with more training prompts, or with more queries per prompt?
 
-    python examples/digits_world/prompt_curve.py [--workdir build/distill-world]    # writes PROMPT_CURVE.md
+    python -m experiments.prompt_curve.prompt_curve [--workdir build/distill-world]   # writes PROMPT_CURVE.md
 
-On the shipped collection (imported as distill.py does), the head is trained as `distill train` trains it but
-without the refit (`distill.refit = false`, so every run fits only its own fit split) on subsets of the training
-queries: a random share of the training prompts with all their queries, or every prompt with a share of its
-queries; each is scored on EVAL.md's 120 test queries (prompts never trained on) against untuned image ⊕ text.
-Why `distill train` refits on the validation prompts (auditor/distill.py, `fit`).
+On the shipped collection (imported as experiments/distill/distill.py does), the head is trained as `distill train`
+trains it but without the refit (`distill.refit = false`, so every run fits only its own fit split) on subsets of the
+training queries: a random share of the training prompts with all their queries, or every prompt with a share of its
+queries; each is scored on the 120 test queries of experiments/distill/EVAL.md (prompts never trained on) against
+untuned image ⊕ text. Why `distill train` refits on the validation prompts (auditor/distill/fit.py, `fit`). The output,
+experiments/prompt_curve/PROMPT_CURVE.md, is written beside this script.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-import time
-from dataclasses import replace
-from pathlib import Path
+from auditor import runtime
 
-import numpy as np
+runtime.tune_process()  # as the CLI does, before torch loads
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent.parent))
-sys.path.insert(0, str(HERE))
+import argparse  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-from distill import _aps, _split_features, _teacher_tops, with_collection  # noqa: E402
-from world import open_workspace  # noqa: E402
+import numpy as np  # noqa: E402
 
-from auditor import distill, evaluate  # noqa: E402
-from auditor.settings import DistillSettings  # noqa: E402
+from auditor import distill, features, metrics  # noqa: E402
+from experiments.distill.distill import aps, split_features, teacher_tops, with_collection  # noqa: E402
+from experiments.world import open_workspace  # noqa: E402
+
+HERE = Path(__file__).resolve().parent  # what this experiment writes: PROMPT_CURVE.md
 
 SUBSETS = (("prompts", 0.5), ("prompts", 0.75), ("queries per prompt", 0.5), ("prompts", 1.0))
 
@@ -47,7 +46,7 @@ def keep_mask(prompts: list[str], kind: str, share: float, rng: np.random.Genera
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("build/distill-world"))
     parser.add_argument("--k", type=int, default=10)
     args = parser.parse_args()
@@ -55,16 +54,16 @@ def main() -> None:
     ws.config.confirm.timesteps = 12  # distill.py's --timesteps, with which the collection was made
     ws.save()
     with_collection(ws)
-    s = replace(DistillSettings.from_config(ws.config.distill), refit=False)
-    img, txt, train, q_img, q_txt = _split_features(ws, "train")
-    _, _, test, tq_img, tq_txt = _split_features(ws, "test")
+    s = ws.config.distill.override(refit=False)
+    img, txt, train, q_img, q_txt = split_features(ws, "train")
+    _, _, test, tq_img, tq_txt = split_features(ws, "test")
     q_feat, t_feat, tq_feat = (
         np.concatenate([q_img, q_txt], 1),
         np.concatenate([img, txt], 1),
         np.concatenate([tq_img, tq_txt], 1),
     )
-    tops = _teacher_tops(test, args.k)
-    untuned = _aps(distill.joint(tq_img, tq_txt) @ distill.joint(img, txt).T, tops)
+    tops = teacher_tops(test, args.k)
+    untuned = aps(features.joint(tq_img, tq_txt) @ features.joint(img, txt).T, tops)
     rows = []
     for kind, share in SUBSETS:
         keep = keep_mask([q[2] or "" for q in train], kind, share, np.random.default_rng(123))
@@ -72,7 +71,7 @@ def main() -> None:
         fit_set, val, _ = distill.split_validation(subset, q_feat[keep], s)
         t0 = time.perf_counter()
         selected, _ = distill.fit(fit_set, val, t_feat, s)
-        gain, se = evaluate.mean_se(_aps(selected.scores(tq_feat, t_feat), tops) - untuned)
+        gain, se = metrics.mean_se(aps(selected.scores(tq_feat, t_feat), tops) - untuned)
         rows.append(
             f"| {kind} × {share:g} | {len({q[2] for q in subset})} | {len(subset)} ({len(fit_set.candidates)} fit) | "
             f"{selected.epochs} | {gain:+.3f} ± {se:.3f} |"
@@ -80,7 +79,7 @@ def main() -> None:
         print(rows[-1], f"{time.perf_counter() - t0:.0f} s", flush=True)
     (HERE / "PROMPT_CURVE.md").write_text(
         "# Training prompts or queries per prompt?\n\n"
-        f"Made by `python examples/digits_world/prompt_curve.py` on {time.strftime('%Y-%m-%d')} from the shipped collection: "
+        f"Made by `python -m experiments.prompt_curve.prompt_curve` on {time.strftime('%Y-%m-%d')} from the shipped collection: "
         "the head trained as `distill train` trains it, without the refit, on subsets of the 1,088 training queries "
         f"(validation by prompt inside each subset), scored on the {len(test)} test queries of prompts never trained on; "
         f"gain in mAP@{args.k} over untuned image ⊕ text, paired per query (mean ± standard error).\n\n"

@@ -1,34 +1,37 @@
-"""Is the teacher's scoring noise a per-image bias shared by every query of a run? (TEACHER.md, last section)
+"""Is the teacher's scoring noise a per-image bias shared by every query of a run? (experiments/teacher_signal/TEACHER.md,
+last section)
 
-    python examples/digits_world/scoring_noise.py [--workdir build/distill-world]
+    python -m experiments.scoring_noise.scoring_noise [--workdir build/distill-world] [--queries 60]
 
-On the collected test queries of a distillation workspace (examples/digits_world/distill.py), each query's
+On the collected test queries of a distillation workspace (experiments/distill/distill.py), each query's
 unlearning update is scored twice: with the run's scoring noise and with an independent set (the noise floor's).
 If the noise only adds per-query jitter, a candidate's rank difference between the two averages out across
 queries; if it is a per-candidate bias, its mean over one half of the queries predicts its mean over the other
-half. Until the teacher drew its noise per query (AbU scheme 2), it was such a bias.
+half. Until the teacher drew its noise per query (AbU scheme 2), it was such a bias. Writes
+experiments/scoring_noise/scoring-noise.json (scoring-noise-scheme1.json beside it is the scheme 1 run); 60 queries
+took 15 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
+from auditor import runtime
 
-import numpy as np
-import torch
+runtime.tune_process()  # as the CLI does, before torch loads
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent.parent))
-sys.path.insert(0, str(HERE))
+import argparse  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-from world import open_workspace  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from auditor import distill  # noqa: E402
-from auditor.confirm import TeacherSession, influence, training_set, unlearn  # noqa: E402
-from auditor.settings import AbuSettings  # noqa: E402
+from auditor.abu import AbuTeacher  # noqa: E402
 from auditor.store import Store  # noqa: E402
+from auditor.teacher import training_set  # noqa: E402
+from experiments.world import open_workspace  # noqa: E402
+
+HERE = Path(__file__).resolve().parent  # what this experiment writes: scoring-noise.json
 
 
 def normalised_rank(x: np.ndarray) -> np.ndarray:
@@ -52,25 +55,29 @@ def split_half(differences: list[tuple[np.ndarray, np.ndarray]], rng: np.random.
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("build/distill-world"))
     parser.add_argument("--splits", type=int, default=20, help="random query halvings to average over")
     parser.add_argument("--queries", type=int, default=0, help="use the first N collected test queries (0: all)")
     args = parser.parse_args()
     ws = open_workspace(args.workdir)
-    settings = AbuSettings.from_config(ws.config.confirm)
+    settings = ws.config.confirm
     with Store(ws.db_path, read_only=True) as store:
-        rows, images = distill.current_queries(distill.collected_queries(store, "test")[: args.queries or None], print)
-        training = training_set(ws, store, ws.model_dir(), torch.device("cpu"), "auto")
+        rows, images = distill.current_queries(
+            distill.collected_queries(store, "test")[: args.queries or None], ws.limits, print
+        )
+        training = training_set(ws, store, ws.model_dir(), torch.device("cpu"), settings.flip)
     if not rows:
-        raise SystemExit(f"no collected test queries in {args.workdir}; run distill.py --stage collect first")
-    session = TeacherSession(training, settings, ws.dir / "cache")
+        raise SystemExit(
+            f"no collected test queries in {args.workdir}; run `python -m experiments.distill.distill --stage collect` first"
+        )
+    teacher = AbuTeacher(training, settings, ws.dir / "cache")
     differences, agreement = [], []
     for (qid, _path, prompt, candidates), image in zip(rows, images):
         ids = np.array(candidates, np.int64)
-        delta = unlearn(session, image, prompt, qid)
-        raw_run, _ = influence(session, ids, delta, session.noise_seed(qid))
-        raw_other, _ = influence(session, ids, delta, session.noise_seed(qid, stream=1))
+        delta = teacher.unlearn(image, prompt, qid)
+        raw_run, _ = teacher.influence(ids, delta, teacher.noise_seed(qid))
+        raw_other, _ = teacher.influence(ids, delta, teacher.noise_seed(qid, stream=1))
         differences.append((ids, normalised_rank(raw_run) - normalised_rank(raw_other)))
         agreement.append(float(np.corrcoef(normalised_rank(raw_run), normalised_rank(raw_other))[0, 1]))
     rng = np.random.default_rng(0)
@@ -85,7 +92,7 @@ def main() -> None:
         "split_half_correlation": [float(np.mean(shared)), float(np.std(shared))],
         "null_shuffled_within_query": [float(np.mean(null)), float(np.std(null))],
     }
-    (args.workdir / "scoring-noise.json").write_text(json.dumps(result, indent=1))
+    (HERE / "scoring-noise.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
 
