@@ -115,6 +115,11 @@ def decode(data: bytes, limits: Limits) -> tuple[Image.Image, dict]:
             info = dict(image.info)
             exif = image.getexif()
             image.load()
+            # Stealth metadata lives in the alpha/RGB LSBs, which orientation and the RGB conversion destroy.
+            for key in (prompts.STEALTH_KEY, prompts.STEALTH_ERROR_KEY):  # a text chunk must not pose as pixels
+                info.pop(key, None)
+            if image.format in ("PNG", "WEBP"):
+                info.update(prompts.stealth_info(image))
             image = ImageOps.exif_transpose(image)
             rgb = to_rgb(image)
     except IngestError:
