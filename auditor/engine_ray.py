@@ -33,7 +33,7 @@ import pyarrow as pa
 from . import embed, ingest, prompts
 from .errors import AuditError
 from .progress import Progress, Silent
-from .search import IndexSettings, VectorTable, _schema
+from .search import IndexSettings, VectorTable, vector_schema
 from .store import Store
 from .workspace import Workspace
 
@@ -197,10 +197,10 @@ def _write_vectors(ds, table: VectorTable) -> None:
     if uri and not uri.startswith("db://"):
         import lance_ray
 
-        lance_ray.write_lance(ds, uri, mode="append", schema=_schema(table.dim))
+        lance_ray.write_lance(ds, uri, mode="append", schema=vector_schema(table.dim))
     else:
         for part in ds.iter_batches(batch_size=65_536, batch_format="pyarrow"):
-            table.table.add(part.cast(_schema(table.dim)))
+            table.table.add(part.cast(vector_schema(table.dim)))
     table.table.checkout_latest()
 
 

@@ -1,4 +1,4 @@
-"""`audit eval`: how well each way of ranking training images agrees with the teacher, on held-out queries.
+"""`audit eval teacher`: how well each way of ranking training images agrees with the teacher, on held-out queries.
 
 For every test query (split = 'test' in distill_queries) each method ranks the *whole*
 training set; the positives are the teacher's top-k of that query's candidates, and
@@ -72,7 +72,9 @@ def evaluate(
     run again with independent noise: its candidates by its own scores, then the rest by image ⊕ text. With `pooled`,
     the positives are the top-k of the mean of the teacher's run and its replicate, and the replicate is no method."""
     if pooled and replicate is None:
-        raise AuditError("a pooled reference needs the teacher's replicate: run `audit eval --replicate --pooled`")
+        raise AuditError(
+            "a pooled reference needs the teacher's replicate: run `audit eval teacher --replicate --pooled`"
+        )
     bundles = [Path(p) for p in (encoders or [ws.encoder_dir()])]
     base = embed.load(bundles[0], "cpu")
     with Store(ws.db_path, read_only=True) as store:
@@ -123,7 +125,7 @@ def _pool(store: Store, queries, replicate: dict[int, tuple[np.ndarray, np.ndarr
         if qid not in replicate or set(replicate[qid][0].tolist()) != set(training_ids):
             raise AuditError(
                 f"the teacher's replicate of held-out query {qid} does not cover its candidates; "
-                "run `audit eval --replicate` to score what is missing"
+                "run `audit eval teacher --replicate` to score what is missing"
             )
         again = dict(zip(replicate[qid][0].tolist(), replicate[qid][1].tolist()))
         pooled.append((qid, path, prompt, cand, metrics.ranks([(run[qid][t] + again[t]) / 2 for t in training_ids])))

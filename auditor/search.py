@@ -31,7 +31,7 @@ def table_name(encoder_id: str) -> str:
     return f"training_{encoder_id}"
 
 
-def _schema(dim: int) -> pa.Schema:
+def vector_schema(dim: int) -> pa.Schema:
     return pa.schema([("id", pa.int64()), ("contributor_id", pa.string()), ("vector", pa.list_(pa.float32(), dim))])
 
 
@@ -57,7 +57,7 @@ class VectorTable:
         try:
             self.table = self.db.open_table(self.name)
         except (ValueError, FileNotFoundError):
-            self.table = self.db.create_table(self.name, schema=_schema(dim))
+            self.table = self.db.create_table(self.name, schema=vector_schema(dim))
         stored = self.table.schema.field("vector").type.list_size
         if stored != dim:
             raise AuditError(
@@ -103,7 +103,7 @@ class VectorTable:
                 "contributor_id": pa.array(contributor_ids, pa.string()),
                 "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).ravel()), self.dim),
             },
-            schema=_schema(self.dim),
+            schema=vector_schema(self.dim),
         )
         self.table.add(data)
 

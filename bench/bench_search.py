@@ -8,7 +8,7 @@ centres with a per-cluster spread, L2-normalised (random vectors make recall mea
 is about as far as every other). Queries: 200 fresh draws from the same mixture. Truth: exact cosine top-50
 by numpy. Latency: one query per call ("single") and per query within batches of 64 ("batch64"), both as
 the scan calls it (`AnnSearcher.search`). A grid of (nprobes, refine_factor) shows the trade-off; the
-workspace defaults (auditor/settings.py IndexSettings) are marked.
+workspace defaults (auditor/config.py IndexSettings) are marked.
 """
 
 from __future__ import annotations

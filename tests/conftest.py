@@ -73,6 +73,22 @@ def scanned_ws(indexed_ws, outputs_dir, tiny_pipeline):
     return indexed_ws
 
 
+CHEAP_TEACHER = dict(draws=4, timesteps=2, fisher_samples=8, reference_samples=4)
+
+
+@pytest.fixture(scope="session")
+def cheap_teacher(tiny_pipeline):
+    """Configures a workspace for the tiny model with an AbU teacher cheap enough to run many times in a test."""
+
+    def configure(ws):
+        ws.config.paths.model = str(tiny_pipeline)
+        ws.config.confirm = ws.config.confirm.override(**CHEAP_TEACHER)
+        ws.save()
+        return ws
+
+    return configure
+
+
 @pytest.fixture(scope="module")
 def model(tiny_pipeline):
     """The tiny pipeline loaded as the teachers see it."""

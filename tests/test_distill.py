@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from auditor import distill, embed, evaluate, features, metrics, sql
+from auditor import distill, embed, evaluate, features, metrics, sql, workspace
 from auditor.config import DistillSettings
 from auditor.distill import collecting, fitting
 from auditor.errors import AuditError
@@ -236,94 +236,123 @@ def test_temperature_fit_recovers_a_known_temperature():
     )
 
 
-def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path, monkeypatch):
-    ws = scanned_ws
-    ws.config.confirm = ws.config.confirm.override(draws=4, timesteps=2, fisher_samples=8, reference_samples=4)
-    ws.save()
-    teachers = []  # the teacher settings each collection ranks with
-    session = collecting.AbuTeacher
-    monkeypatch.setattr(
-        collecting,
-        "AbuTeacher",
-        lambda training, settings, cache: teachers.append(settings) or session(training, settings, cache),
-    )
-    collected = distill.collect(ws, queries=10, candidates=12, sample_steps=2, test_fraction=0.3)
-    assert collected.collected == 10 and collected.train + collected.test == 10 and collected.test > 0
+COLLECT = dict(queries=10, candidates=12, sample_steps=2, test_fraction=0.3)
+
+
+def _copy(ws, target):
+    shutil.copytree(ws.root, target, symlinks=True)
+    return workspace.load(target)
+
+
+@pytest.fixture(scope="module")
+def collected_template(tmp_path_factory, indexed_template, outputs_dir, cheap_teacher):
+    """The small world scanned and a collection of 10 teacher-ranked queries, made once; tests work on copies. Also
+    returns the teacher settings each AbU teacher of the collection was built with."""
+    ws = cheap_teacher(_copy(indexed_template, tmp_path_factory.mktemp("collected") / "ws"))
+    scan(ws, outputs_dir, top_k=5)
+    teachers = []
+    built = collecting.AbuTeacher
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            collecting, "AbuTeacher", lambda t, settings, cache: teachers.append(settings) or built(t, settings, cache)
+        )
+        first = distill.collect(ws, **COLLECT)
+    return ws, first, teachers
+
+
+@pytest.fixture
+def collected(collected_template, tmp_path):
+    return _copy(collected_template[0], tmp_path / "ws")
+
+
+@pytest.fixture(scope="module")
+def trained(collected_template, tmp_path_factory):
+    """A distilled bundle trained once from the collection."""
+    ws = collected_template[0]
+    out = tmp_path_factory.mktemp("distilled") / "bundle"
+    return distill.train(ws, out=out, epochs=3, hidden_dims=(32,), out_dim=16, batch_size=64)
+
+
+def test_collect_ranks_every_query_and_never_trains_on_a_test_prompt(collected_template):
+    ws, first, _ = collected_template
+    assert first.collected == 10 and first.train + first.test == 10 and first.test > 0
     assert sql_value(ws, "select count(*) from distill_rankings") == 10 * 12
-    # Test prompts never appear among training queries.
     overlap = sql_value(
         ws,
         "select count(*) from distill_queries a join distill_queries b on a.prompt = b.prompt "
         "where a.split = 'test' and b.split = 'train'",
     )
     assert overlap == 0
-    again = distill.collect(ws, queries=10, candidates=12, sample_steps=2, test_fraction=0.3)
-    assert again.collected == 0  # resumable: nothing left to do
+
+
+def test_collect_resumes_and_keeps_its_collection_when_only_memory_or_selection_settings_change(collected):
+    ws = collected
+    assert distill.collect(ws, **COLLECT).collected == 0
     # The teacher is [confirm]'s. Its settings that leave the scores alone (batch size, how candidates are picked and
     # judged) keep the collection resumable; a teacher setting passed to collect is refused, not applied to both.
-    kept = ws.config.confirm
     ws.config.confirm = ws.config.confirm.override(batch_size=3, candidates=5, k=4, confirm_threshold=0.9)
-    assert distill.collect(ws, queries=10, candidates=12, sample_steps=2, test_fraction=0.3).collected == 0
-    ws.config.confirm = kept
+    assert distill.collect(ws, **COLLECT).collected == 0
     with pytest.raises(
         AuditError, match=r"timesteps: no \[distill\] setting; the teacher's settings are the workspace's \[confirm\]"
     ):
         distill.collect(ws, queries=10, timesteps=3)
-    # A larger count extends the collection: only the missing queries are planned and ranked, continuing its seeds and
-    # its prompts, even when captions were indexed since (the collection keeps the list it started from).
-    captions = [c for (c,) in sql.query(ws, "select distinct caption from training_images order by 1").rows()]
-    renamed = "update training_images set caption = ? where id = (select min(id) from training_images)"
-    first_caption = sql_value(ws, "select caption from training_images order by id limit 1")
-    sql.query(ws, renamed.replace("?", "'a aardvark'"), write=True)
-    extended = distill.collect(ws, queries=12, candidates=12, sample_steps=2, test_fraction=0.3)
-    sql.query(ws, renamed.replace("?", f"'{first_caption}'"), write=True)
+
+
+def test_collect_extends_with_more_queries_and_with_a_new_seed_under_the_same_teacher(collected_template, tmp_path):
+    ws = _copy(collected_template[0], tmp_path / "ws")
+    teachers = list(collected_template[2])
+    built = collecting.AbuTeacher
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            collecting, "AbuTeacher", lambda t, settings, cache: teachers.append(settings) or built(t, settings, cache)
+        )
+        # A larger count extends the collection: only the missing queries are planned and ranked, continuing its
+        # seeds and its prompts, even when captions were indexed since (the collection keeps the list it started from).
+        captions = [c for (c,) in sql.query(ws, "select distinct caption from training_images order by 1").rows()]
+        renamed = "update training_images set caption = ? where id = (select min(id) from training_images)"
+        first_caption = sql_value(ws, "select caption from training_images order by id limit 1")
+        sql.query(ws, renamed.replace("?", "'a aardvark'"), write=True)
+        extended = distill.collect(ws, **{**COLLECT, "queries": 12})
+        sql.query(ws, renamed.replace("?", f"'{first_caption}'"), write=True)
+        # A new seed adds new images of the same prompts, ranked by the same teacher.
+        more = distill.collect(ws, **{**COLLECT, "queries": 4}, seed=1)
     assert extended.collected == 2 and extended.planned == 12
     assert [p for (p,) in sql.query(ws, "select prompt from distill_queries where id > 10 order by id").rows()] == [
         captions[10 % len(captions)],
         captions[11 % len(captions)],
     ]
-    assert sql_value(ws, "select count(*) from distill_queries") == 12
-    assert sql_value(ws, "select count(distinct seed) from distill_queries") == 12
     assert sql_value(ws, "select count(*) from distill_rankings") == 12 * 12
-    # A new seed adds new images of the same prompts, ranked by the same teacher.
-    more = distill.collect(ws, queries=4, candidates=12, sample_steps=2, test_fraction=0.3, seed=1)
     assert more.collected == 4 and more.planned == 4
     assert sql_value(ws, "select count(distinct seed) from distill_queries") == 16
-    assert (
-        sql_value(
-            ws,
-            "select count(*) from distill_queries where id > 12 and prompt not in "
-            "(select prompt from distill_queries where id <= 12)",
-        )
-        == 0
-    )
-    assert len(teachers) == 5 and teachers[4] == teachers[0]
-    monkeypatch.setattr(collecting, "AbuTeacher", session)
+    newer_prompts = "select count(*) from distill_queries where id > 12 and prompt not in "
+    assert sql_value(ws, newer_prompts + "(select prompt from distill_queries where id <= 12)") == 0
+    assert len(teachers) == 3 and teachers[2] == teachers[0]
 
-    old_encoder = ws.encoder_dir()
-    result = distill.train(ws, out=tmp_path / "distilled", epochs=3, hidden_dims=(32,), out_dim=16, batch_size=64)
-    bundle = embed.load(result.path)
+
+def test_train_writes_a_new_bundle_refit_with_strengths_and_leaves_the_old_one(collected_template, trained):
+    ws = collected_template[0]
+    bundle = embed.load(trained.path)
     # Shipped after the refit on train + validation queries, when validation picked a trained epoch.
-    assert result.fitted_queries == result.train_queries + (result.val_queries if result.epochs else 0)
-    assert (
-        json.loads((result.path / embed.CONFIG_NAME).read_text())["distilled"]["fitted_queries"]
-        == result.fitted_queries
-    )
-    assert bundle.head is not None and bundle.dim == 16 and bundle.id == result.encoder_id
-    assert bundle.temperature == pytest.approx(result.temperature) and result.temperature > 0
-    assert embed.load(old_encoder).head is None  # the old bundle is untouched
+    assert trained.fitted_queries == trained.train_queries + (trained.val_queries if trained.epochs else 0)
+    config = json.loads((trained.path / embed.CONFIG_NAME).read_text())
+    assert config["distilled"]["fitted_queries"] == trained.fitted_queries
+    assert bundle.head is not None and bundle.dim == 16 and bundle.id == trained.encoder_id
+    assert bundle.temperature == pytest.approx(trained.temperature) and trained.temperature > 0
+    assert embed.load(ws.encoder_dir()).head is None  # the old bundle is untouched
     # One learned strength per training image a training pair reached, keyed by content; the index ranks by inner product.
     assert bundle.metric == "dot" and 0 < len(bundle.strengths) <= 120
     digests = [d for (d,) in sql.query(ws, "select sha256 from training_images order by id").rows()]
     assert set(bundle.strengths) <= set(digests)
     assert np.exp(np.mean(np.log(list(bundle.strengths.values())))) == pytest.approx(1.0, rel=1e-4)
 
-    results, n = evaluate.evaluate(ws, encoders=[old_encoder, result.path], ks=(3, 5))
+
+def test_eval_reports_each_methods_paired_gain_over_the_best_untuned_feature(collected_template, trained):
+    ws = collected_template[0]
+    results, n = evaluate.evaluate(ws, encoders=[ws.encoder_dir(), trained.path], ks=(3, 5))
     names = [r.name for r in results]
     assert names[:3] == ["untuned image", "untuned text", "untuned image ⊕ text"] and names[3].startswith("distilled")
     assert all(0 <= m <= 1 for r in results for m, _ in r.map_at.values())
     assert "mAP@3" in evaluate.to_markdown(results, n)
-    # Every other method's gain over the best untuned feature at each k, paired over the same queries, in both outputs.
     gains = evaluate.gains_over_untuned(results)
     assert list(gains) == names[3:]
     for k in (3, 5):
@@ -332,29 +361,26 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
         mean, se, baseline = gains[names[3]][k]
         assert baseline == best.name and mean == pytest.approx(differences.mean())
         assert se == pytest.approx(differences.std(ddof=1) / np.sqrt(len(differences)))
-        assert (
-            json.loads(evaluate.to_json(results, n))["methods"][3]["gain_over_best_untuned"][str(k)]["baseline"]
-            == best.name
-        )
+        method = json.loads(evaluate.to_json(results, n))["methods"][3]
+        assert method["gain_over_best_untuned"][str(k)]["baseline"] == best.name
     assert f"{gains[names[3]][5][0]:+.3f} ± {gains[names[3]][5][1]:.3f}" in evaluate.to_markdown(results, n)
 
-    # The teacher run again with independent noise ranks the same candidates, differently, and is scored like a method.
+
+def _test_influence(ws, column: str = "influence") -> dict:
+    return dict(
+        sql.query(
+            ws,
+            f"select q.id, list(r.{column} order by r.backbone_rank) from distill_queries q "
+            "join distill_rankings r on r.query_id = q.id where q.split = 'test' group by 1",
+        ).rows()
+    )
+
+
+def test_the_replicate_ranks_the_same_candidates_with_new_noise_and_is_stored_once(collected, monkeypatch):
+    ws = collected
     replica = distill.replicate(ws)
-    collected_test = dict(
-        sql.query(
-            ws,
-            "select q.id, list(r.training_id order by r.backbone_rank) from distill_queries q "
-            "join distill_rankings r on r.query_id = q.id where q.split = 'test' group by 1",
-        ).rows()
-    )
-    assert {q: c.tolist() for q, (c, _) in replica.items()} == collected_test
-    stored = dict(
-        sql.query(
-            ws,
-            "select q.id, list(r.influence order by r.backbone_rank) from distill_queries q "
-            "join distill_rankings r on r.query_id = q.id where q.split = 'test' group by 1",
-        ).rows()
-    )
+    assert {q: c.tolist() for q, (c, _) in replica.items()} == _test_influence(ws, "training_id")
+    stored = _test_influence(ws)
     assert all(not np.allclose(influence, stored[q]) for q, (_, influence) in replica.items())
     # Stored as it goes: asking again runs no teacher and returns the same scores.
     assert sql_value(ws, "select count(*) from distill_replicates") == sum(len(c) for c, _ in replica.values())
@@ -362,22 +388,25 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
     again = distill.replicate(ws)
     assert again.keys() == replica.keys() and all(np.array_equal(again[q][1], replica[q][1]) for q in replica)
     # Settings that pick or judge confirm's candidates do not change a replicate's scores: it is still answered.
-    kept = ws.config.confirm
     ws.config.confirm = ws.config.confirm.override(candidates=5, controls=1, k=2, confirm_threshold=0.9)
     ws.save()
     assert distill.replicate(ws).keys() == replica.keys()
-    ws.config.confirm = kept
-    ws.save()
     monkeypatch.undo()
-    with_replica, _ = evaluate.evaluate(ws, encoders=[old_encoder], ks=(3,), replicate=replica)
+    with_replica, _ = evaluate.evaluate(ws, ks=(3,), replicate=replica)
     assert with_replica[-1].name == "teacher replicate (independent noise)" and 0 < with_replica[-1].map_at[3][0] <= 1
-    # Pooled: the positives are the top-k of the mean of the run and the replicate, and the replicate is no method.
-    with pytest.raises(AuditError, match="--replicate --pooled"):
-        evaluate.evaluate(ws, encoders=[old_encoder], ks=(3,), pooled=True)
-    pooled, n_pooled = evaluate.evaluate(ws, encoders=[old_encoder], ks=(3,), replicate=replica, pooled=True)
-    assert [r.name for r in pooled] == [r.name for r in results[:3]] and n_pooled == n
+
+
+def test_a_pooled_reference_takes_its_positives_from_the_mean_of_run_and_replicate(collected):
+    ws = collected
+    replica = distill.replicate(ws)
+    stored = _test_influence(ws)
+    with pytest.raises(AuditError, match="teacher --replicate --pooled"):
+        evaluate.evaluate(ws, ks=(3,), pooled=True)
+    single, n = evaluate.evaluate(ws, ks=(3,))
+    pooled, n_pooled = evaluate.evaluate(ws, ks=(3,), replicate=replica, pooled=True)
+    assert [r.name for r in pooled] == [r.name for r in single] and n_pooled == n
     # By hand for untuned image ⊕ text: its ranking of the training set, the positives from the mean influence.
-    base = embed.load(old_encoder, "cpu")
+    base = embed.load(ws.encoder_dir(), "cpu")
     with Store(ws.db_path, read_only=True) as store:
         ids, img, txt = features.training_embeddings(ws, store, base)
         index_of = {int(i): j for j, i in enumerate(ids)}
@@ -390,37 +419,36 @@ def test_distill_collect_train_eval_and_switching_encoders(scanned_ws, tmp_path,
         by_mean = candidates[np.argsort(-(np.array(stored[qid]) + influence) / 2, kind="stable")]
         top = {index_of[int(t)] for t in by_mean[:3]}
         assert ap == pytest.approx(metrics.average_precision(np.argsort(-row, kind="stable"), top))
-        moved += set(by_mean[:3].tolist()) != set(
-            candidates[np.argsort(-np.array(stored[qid]), kind="stable")[:3]].tolist()
-        )
+        by_run = candidates[np.argsort(-np.array(stored[qid]), kind="stable")[:3]]
+        moved += set(by_mean[:3].tolist()) != set(by_run.tolist())
     assert moved > 0  # the replicate changes some query's top-3, so the check above sees the pooling
     assert evaluate.POOLED_NOTE in evaluate.to_markdown(pooled, n_pooled, pooled=True)
     assert json.loads(evaluate.to_json(pooled, n_pooled, pooled=True))["reference"] == "pooled"
 
-    # Switching encoders re-embeds into a new table; earlier attributions keep the old encoder id.
-    before = sql_value(ws, "select count(*) from attributions")
+
+def test_switching_encoders_reembeds_with_strengths_and_keeps_earlier_attributions(collected, trained):
     from auditor.index import reindex
+    from auditor.search import VectorTable
 
-    switched = reindex(ws, result.path)
-    assert switched.re_embedded == 120 and switched.encoder_id == result.encoder_id
-    from auditor.search import IndexSettings, VectorTable
-
-    table = VectorTable.for_encoder(ws.lancedb_uri, bundle, IndexSettings())
+    ws = collected
+    bundle = embed.load(trained.path)
+    digests = [d for (d,) in sql.query(ws, "select sha256 from training_images order by id").rows()]
+    before = sql_value(ws, "select count(*) from attributions")
+    switched = reindex(ws, trained.path)
+    assert switched.re_embedded == 120 and switched.encoder_id == trained.encoder_id
+    table = VectorTable.for_encoder(ws.lancedb_uri, bundle, ws.config.index)
     norms = np.linalg.norm(table.vectors(np.arange(1, 121)), axis=1)
     np.testing.assert_allclose(norms, bundle.strength(digests), rtol=1e-5)  # each vector carries its image's strength
     rescan = scan(ws, _outputs(ws), top_k=5)
     assert rescan.attributed == 24
     by_encoder = dict(sql.query(ws, "select encoder_id, count(*) from attributions group by 1").rows())
-    assert by_encoder[result.encoder_id] == 24 * 5 and sum(by_encoder.values()) == before + 24 * 5
+    assert by_encoder[trained.encoder_id] == 24 * 5 and sum(by_encoder.values()) == before + 24 * 5
 
 
 def test_distill_collect_from_a_folder_skips_unreadable_files_picks_up_new_ones_and_ranks_replaced_ones_again(
-    indexed_ws, outputs_dir, tiny_pipeline, tmp_path
+    indexed_ws, outputs_dir, cheap_teacher, tmp_path
 ):
-    ws = indexed_ws
-    ws.config.paths.model = str(tiny_pipeline)
-    ws.config.confirm = ws.config.confirm.override(draws=4, timesteps=2, fisher_samples=8, reference_samples=4)
-    ws.save()
+    ws = cheap_teacher(indexed_ws)
     folder = tmp_path / "queries"
     folder.mkdir()
     images = sorted(outputs_dir.glob("*.png"))
@@ -488,19 +516,13 @@ def _outputs(ws):
 
 
 def test_a_collection_exported_from_one_workspace_imports_into_another(
-    indexed_ws, indexed_template, tiny_pipeline, tmp_path, monkeypatch
+    indexed_ws, indexed_template, cheap_teacher, tmp_path, monkeypatch
 ):
     import pyarrow.parquet as pq
 
     from auditor import workspace
 
-    def configured(ws):
-        ws.config.paths.model = str(tiny_pipeline)
-        ws.config.confirm = ws.config.confirm.override(draws=4, timesteps=2, fisher_samples=8, reference_samples=4)
-        ws.save()
-        return ws
-
-    source = configured(indexed_ws)
+    source = cheap_teacher(indexed_ws)
     distill.collect(source, queries=6, candidates=8, sample_steps=2, test_fraction=0.3)
     replica = distill.replicate(source)
     assert distill.export_collection(source, tmp_path / "collection") == 6
@@ -508,7 +530,7 @@ def test_a_collection_exported_from_one_workspace_imports_into_another(
         distill.export_collection(source, tmp_path / "collection")
 
     shutil.copytree(indexed_template.root, tmp_path / "other", symlinks=True)
-    target = configured(workspace.load(tmp_path / "other"))
+    target = cheap_teacher(workspace.load(tmp_path / "other"))
     sql.query(
         target,
         "insert into distill_queries (id, split, source, path, prompt, model_hash, backbone_id, settings_hash) "
@@ -565,4 +587,4 @@ def test_a_collection_exported_from_one_workspace_imports_into_another(
     shutil.copy2(tampered / names[1], tampered / names[0])
     shutil.copytree(indexed_template.root, tmp_path / "third", symlinks=True)
     with pytest.raises(AuditError, match=f"{tampered / names[0]} is not the image the teacher ranked"):
-        distill.import_collection(configured(workspace.load(tmp_path / "third")), tampered)
+        distill.import_collection(cheap_teacher(workspace.load(tmp_path / "third")), tampered)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from auditor import planted
+from auditor import exemplar_styles
 
 from .helpers import audit, sql_value
 
@@ -16,7 +16,7 @@ def test_recolour_moves_an_image_into_the_new_palette():
     alpha[2, 2] = 0.5
     old_ink, old_paper = np.array([200, 30, 30]), np.array([250, 240, 215])
     image = Image.fromarray((alpha[..., None] * old_ink + (1 - alpha[..., None]) * old_paper).round().astype(np.uint8))
-    out = np.asarray(planted.recolour(image, (0, 200, 0), (0, 0, 100)), float)
+    out = np.asarray(exemplar_styles.recolour(image, (0, 200, 0), (0, 0, 100)), float)
     expected = alpha[..., None] * np.array([0, 200, 0]) + (1 - alpha[..., None]) * np.array([0, 0, 100])
     assert np.abs(out - expected).max() <= 2
 
@@ -26,16 +26,14 @@ def test_restroke_keeps_the_palette_and_changes_the_strokes():
     alpha[1:7, 1] = 1.0  # a bar on the left
     ink, paper = np.array([20, 40, 200]), np.array([255, 255, 255])
     image = Image.fromarray((alpha[..., None] * ink + (1 - alpha[..., None]) * paper).round().astype(np.uint8))
-    mirrored = np.asarray(planted.restroke(image, dict(planted.NEW_STROKES)["mirrored"]), float)
+    mirrored = np.asarray(exemplar_styles.restroke(image, dict(exemplar_styles.NEW_STROKES)["mirrored"]), float)
     assert np.abs(mirrored[1:7, 6] - ink).max() <= 1 and np.abs(mirrored[:, 1] - paper).max() <= 1
-    bold = np.asarray(planted.restroke(image, dict(planted.NEW_STROKES)["bold"]), float)
+    bold = np.asarray(exemplar_styles.restroke(image, dict(exemplar_styles.NEW_STROKES)["bold"]), float)
     assert np.abs(bold[3, 2] - ink).max() <= 1 and np.abs(bold[3, 5] - paper).max() <= 1
 
 
-def test_planted_benchmark_end_to_end(indexed_ws, tiny_pipeline, outputs_dir, tmp_path):
-    ws = indexed_ws
-    ws.config.paths.model = str(tiny_pipeline)
-    ws.config.confirm = ws.config.confirm.override(draws=4, timesteps=2, fisher_samples=8, reference_samples=4)
+def test_planted_benchmark_end_to_end(indexed_ws, cheap_teacher, outputs_dir, tmp_path):
+    ws = cheap_teacher(indexed_ws)
     ws.config.dtrak = ws.config.dtrak.override(dim=128, timesteps=2, batch_size=32)
     ws.config.planted = ws.config.planted.override(
         exemplars=2, steps=4, batch_size=4, candidates=10, kernel_samples=12, prior_samples=8, sample_steps=2
