@@ -137,8 +137,6 @@ class VectorTable:
     def _build_index(self, rows: int) -> None:
         from lancedb.index import IvfPq
 
-        if self.settings.index_type != "IVF_PQ":
-            raise AuditError(f"index.index_type {self.settings.index_type!r} is not supported; use IVF_PQ")
         # Lance trains at most rows/256 partitions; asking for more only warns.
         partitions = self.settings.num_partitions or max(1, min(int(math.sqrt(rows)), rows // 256))
         sub_vectors = self.settings.num_sub_vectors or _divisor_near(self.dim, self.dim // 4)
