@@ -317,11 +317,13 @@ def test_collect_extends_with_more_queries_and_with_a_new_seed_under_the_same_te
         # A new seed adds new images of the same prompts, ranked by the same teacher.
         more = distill.collect(ws, **{**COLLECT, "queries": 4}, seed=1)
     assert extended.collected == 2 and extended.planned == 12
-    assert [p for (p,) in sql.query(ws, "select prompt from distill_queries where id > 10 order by id").rows()] == [
+    assert [
+        p for (p,) in sql.query(ws, "select prompt from distill_queries where id in (11, 12) order by id").rows()
+    ] == [
         captions[10 % len(captions)],
         captions[11 % len(captions)],
     ]
-    assert sql_value(ws, "select count(*) from distill_rankings") == 12 * 12
+    assert sql_value(ws, "select count(*) from distill_rankings") == (12 + 4) * 12
     assert more.collected == 4 and more.planned == 4
     assert sql_value(ws, "select count(distinct seed) from distill_queries") == 16
     newer_prompts = "select count(*) from distill_queries where id > 12 and prompt not in "
