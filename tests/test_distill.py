@@ -45,6 +45,30 @@ def _synthetic(n_train=100, n_queries=300, dim=16, true_dim=4, candidates=100, s
     return q, t, cands, ranks
 
 
+def _split(q, cands, ranks, at):
+    """Fit and validation Rankings: the queries before `at`, and from `at` on."""
+    return (
+        distill.Rankings(q[:at], cands[:at], ranks[:at]),
+        distill.Rankings(q[at:], cands[at:], ranks[at:]),
+    )
+
+
+def _small_head(**overrides) -> DistillSettings:
+    """A small, deterministic head (no dropout, no LayerNorm) for synthetic rankings; long runs unless overridden."""
+    base = dict(
+        hidden_dims=(64,),
+        out_dim=16,
+        dropout=0.0,
+        layernorm=False,
+        epochs=80,
+        batch_size=512,
+        lr=3e-3,
+        patience=15,
+        k=5,
+    )
+    return DistillSettings(**{**base, **overrides})
+
+
 def _raw_cosine_map(val, t, k):
     from auditor import metrics
 
@@ -61,20 +85,8 @@ def _raw_cosine_map(val, t, k):
 
 def test_head_recovers_a_known_ranking_embedding():
     q, t, cands, ranks = _synthetic()
-    fit_rows, val_rows = slice(0, 240), slice(240, 300)
-    train = distill.Rankings(q[fit_rows], cands[fit_rows], ranks[fit_rows])
-    val = distill.Rankings(q[val_rows], cands[val_rows], ranks[val_rows])
-    s = DistillSettings(
-        hidden_dims=(64,),
-        out_dim=16,
-        dropout=0.0,
-        layernorm=False,
-        epochs=80,
-        batch_size=512,
-        lr=3e-3,
-        patience=15,
-        k=5,
-    )
+    train, val = _split(q, cands, ranks, 240)
+    s = _small_head()
     raw = _raw_cosine_map(val, t, 5)
     fit = distill.fit_head(train, val, t, s)
     print(f"val mAP@5: raw cosine {raw:.3f} → distilled {fit.best_val_map:.3f} after {fit.epochs} epochs")
@@ -84,20 +96,8 @@ def test_head_recovers_a_known_ranking_embedding():
 
 def test_validation_scores_and_the_fit_keeps_the_weights_moving_average():
     q, t, cands, ranks = _synthetic(n_queries=120)
-    train = distill.Rankings(q[:90], cands[:90], ranks[:90])
-    val = distill.Rankings(q[90:], cands[90:], ranks[90:])
-    s = DistillSettings(
-        hidden_dims=(32,),
-        out_dim=16,
-        dropout=0.0,
-        layernorm=False,
-        epochs=4,
-        batch_size=256,
-        lr=3e-3,
-        patience=10,
-        k=5,
-        strengths=False,
-    )
+    train, val = _split(q, cands, ranks, 90)
+    s = _small_head(hidden_dims=(32,), epochs=4, batch_size=256, patience=10, strengths=False)
     plain, averaged = (distill.fit_head(train, val, t, replace(s, ema=ema)) for ema in (0.0, 0.9))
     # The same optimisation (same seed); only what validation sees and the fit keeps differs after the first step.
     assert plain.history[0]["val_map"] == averaged.history[0]["val_map"] and plain.epochs > 0 and averaged.epochs > 0
@@ -110,20 +110,8 @@ def test_validation_scores_and_the_fit_keeps_the_weights_moving_average():
 
 def test_the_shipped_head_is_refit_on_fit_and_validation_queries_for_the_epochs_validation_picked():
     q, t, cands, ranks = _synthetic(n_train=2000, n_queries=120, candidates=10)
-    train = distill.Rankings(q[:90], cands[:90], ranks[:90])
-    val = distill.Rankings(q[90:], cands[90:], ranks[90:])
-    s = DistillSettings(
-        hidden_dims=(32,),
-        out_dim=16,
-        dropout=0.0,
-        layernorm=False,
-        epochs=8,
-        batch_size=256,
-        lr=3e-3,
-        patience=10,
-        k=5,
-        negatives=0.0,
-    )
+    train, val = _split(q, cands, ranks, 90)
+    s = _small_head(hidden_dims=(32,), epochs=8, batch_size=256, patience=10, negatives=0.0)
     rows = []
     selected, final = distill.fit(train, val, t, s, rows.append)
     assert selected.epochs > 0 and final.epochs == selected.epochs
@@ -150,23 +138,9 @@ def test_strengths_recover_a_known_per_image_factor():
     # cosines, cannot rank a strong image above a weak one at the same angle; one free strength per image can.
     true_log = np.random.default_rng(5).normal(0.0, 0.8, 100)
     q, t, cands, ranks = _synthetic(strengths=np.exp(true_log))
-    fit_rows, val_rows = slice(0, 240), slice(240, 300)
-    train = distill.Rankings(q[fit_rows], cands[fit_rows], ranks[fit_rows])
-    val = distill.Rankings(q[val_rows], cands[val_rows], ranks[val_rows])
-    s = DistillSettings(
-        hidden_dims=(64,),
-        out_dim=16,
-        dropout=0.0,
-        layernorm=False,
-        epochs=80,
-        batch_size=512,
-        lr=3e-3,
-        patience=15,
-        k=5,
-        strength_decay=1e-5,
-        query_map=False,
-    )  # the strengths alone
-    without = distill.fit_head(train, val, t, DistillSettings(**{**s.__dict__, "strengths": False}))
+    train, val = _split(q, cands, ranks, 240)
+    s = _small_head(strength_decay=1e-5, query_map=False)  # the strengths alone
+    without = distill.fit_head(train, val, t, replace(s, strengths=False))
     fit = distill.fit_head(train, val, t, s)
     rho = spearmanr(fit.log_strength[fit.touched], true_log[fit.touched])[0]
     print(
@@ -183,22 +157,9 @@ def test_a_query_map_recovers_an_asymmetric_ranking():
     turn = np.eye(4)
     turn[:2, :2] = [[0.0, -1.0], [1.0, 0.0]]
     q, t, cands, ranks = _synthetic(query_turn=turn)
-    fit_rows, val_rows = slice(0, 240), slice(240, 300)
-    train = distill.Rankings(q[fit_rows], cands[fit_rows], ranks[fit_rows])
-    val = distill.Rankings(q[val_rows], cands[val_rows], ranks[val_rows])
-    s = DistillSettings(
-        hidden_dims=(64,),
-        out_dim=16,
-        dropout=0.0,
-        layernorm=False,
-        epochs=80,
-        batch_size=512,
-        lr=3e-3,
-        patience=15,
-        k=5,
-        strengths=False,
-    )
-    shared = distill.fit_head(train, val, t, DistillSettings(**{**s.__dict__, "query_map": False}))
+    train, val = _split(q, cands, ranks, 240)
+    s = _small_head(strengths=False)
+    shared = distill.fit_head(train, val, t, replace(s, query_map=False))
     fit = distill.fit_head(train, val, t, s)
     print(f"val mAP@5: shared head {shared.best_val_map:.3f}, with the query map {fit.best_val_map:.3f}")
     assert shared.head.query_map is None and fit.head.query_map is not None
