@@ -74,7 +74,7 @@ def read_manifest(manifest: str | os.PathLike) -> list[Entry]:
     except UnicodeDecodeError:
         raise AuditError(f"manifest {manifest} is not UTF-8 text; save it as UTF-8 CSV") from None
     except csv.Error as exc:
-        raise AuditError(f"manifest {manifest}, line {reader.line_num if reader else 1}: {exc}") from None
+        raise AuditError(f"manifest {manifest}, line {reader.line_num + 1 if reader else 1}: {exc}") from None
     finally:
         csv.field_size_limit(previous)
     base = manifest.parent
