@@ -30,6 +30,7 @@ from .abu import AbuTeacher
 from .config import ConfirmSettings
 from .dtrak import DtrakTeacher
 from .errors import AuditError
+from .index import reconcile
 from .progress import Progress, Silent
 from .scan import METHOD as FAST
 from .search import Searcher, VectorTable
@@ -105,6 +106,7 @@ def confirm(
         training = training_set(ws, store, model_path, torch_device, selection.flip)
         encoder = embed.load(ws.encoder_dir(), torch_device)
         table = VectorTable.for_encoder(ws.lancedb_uri, encoder, ws.config.index)
+        reconcile(store, table)
         fast = _FastPath(encoder, table, table.searcher(), training.ids)
         flip = str(training.model.flip_augmentation)
         if method == "abu":

@@ -106,6 +106,15 @@ def read(store: Store, period: Period, encoder_id: str | None) -> Audit:
         f" WHERE c.method = ? AND c.encoder_id = ? AND {in_period}",
         params=[method, encoder_id] + params,
     ).pl()
+    # The report opens the store read-only and cannot repair it; paying around these rows would hand their
+    # share to the generation's other contributors (index.reconcile drops them under the writer lock).
+    dangling = attributions.filter(pl.col("training_path").is_null())
+    if dangling.height:
+        raise AuditError(
+            f"{dangling.height} attribution row(s) of {dangling['generation_id'].n_unique()} generation(s) cite training"
+            " images the store does not have (a scan searched an interrupted `audit index`); run `audit scan` on their"
+            " outputs folder again: it drops those rankings and attributes the generations anew"
+        )
     # The training-set basis counts the images indexed by the end of the period.
     contributors = store.con.sql(
         "SELECT c.id AS contributor_id, c.name, c.license, count(t.id) AS images_indexed"

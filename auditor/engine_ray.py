@@ -249,7 +249,7 @@ def index_training(
             for row in meta.to_pylist():
                 progress.advance()
                 item = _item(row)
-                if ledger.take(item):
+                if ledger.take(item, entries[row["i"]]):
                     batch.append((entries[row["i"]], item))
                     positions.append(row["i"] - start)
             if not batch:
@@ -281,6 +281,7 @@ def scan(
     limits: ingest.Limits,
     progress: Progress | None = None,
 ):
+    from .index import reconcile
     from .scan import ScanLedger
 
     progress = progress or Silent()
@@ -290,6 +291,7 @@ def scan(
         encoder = embed.load(ws.encoder_dir(), "cpu")
         settings = ws.config.index
         table = VectorTable.for_encoder(ws.lancedb_uri, encoder, settings)
+        reconcile(store, table)
         table.searcher()  # fails here, with the local engine's message, when the table is empty
         actor_device, _, _ = _pool(ray, device)
         ledger = ScanLedger(store, root, encoder, table, top_k, device=actor_device)

@@ -20,6 +20,7 @@ import pyarrow as pa
 from . import embed, ingest, prompts
 from .errors import AuditError
 from .progress import Progress, Silent
+from .prompts.base import clean
 from .search import VectorTable
 from .store import Store, record_encoder, record_vector_table, utcnow
 from .workspace import Workspace
@@ -37,13 +38,30 @@ class Entry:
     caption: str | None = None
     license: str | None = None
     known_id: int | None = None  # set when re-embedding an already registered image
+    # Every contributor the manifest lists this path for; more than one is a conflict_path (contributor_id is then None).
+    claimants: tuple[str, ...] = ()
+    refused: tuple[str, str] | None = None  # (code, reason) when the entry is not indexed at all
+
+    @property
+    def owners(self) -> tuple[str, ...]:
+        return self.claimants or ((self.contributor_id,) if self.contributor_id else ())
+
+
+def _text(value: str | None) -> str | None:
+    return clean(value).strip() or None if value else None
 
 
 def read_manifest(manifest: str | os.PathLike) -> list[Entry]:
-    """Rows of a contributors manifest: path, contributor_id [, contributor_name, caption, license]; paths relative to the file."""
+    """Rows of a contributors manifest: path, contributor_id [, contributor_name, caption, license]; paths relative to the file.
+    UTF-8 with or without a BOM; text is cleaned like metadata (prompts.base.clean). A path listed twice for one
+    contributor is one entry; listed for two or more, one entry with `claimants` set and no contributor (conflict_path)."""
     manifest = Path(manifest).resolve()
+    previous = csv.field_size_limit()
+    reader = None
     try:
-        with open(manifest, newline="", encoding="utf-8") as fh:
+        # A caption may be as long as a sidecar's (prompts.WRAPPER_MAX_PROMPT_CHARS); csv's default stops at 128 KiB.
+        csv.field_size_limit(max(previous, prompts.WRAPPER_MAX_PROMPT_CHARS))
+        with open(manifest, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             missing = {"path", "contributor_id"} - set(reader.fieldnames or [])
             if missing:
@@ -55,18 +73,27 @@ def read_manifest(manifest: str | os.PathLike) -> list[Entry]:
         raise AuditError(f"manifest {manifest} does not exist") from None
     except UnicodeDecodeError:
         raise AuditError(f"manifest {manifest} is not UTF-8 text; save it as UTF-8 CSV") from None
+    except csv.Error as exc:
+        raise AuditError(f"manifest {manifest}, line {reader.line_num + 1 if reader else 1}: {exc}") from None
+    finally:
+        csv.field_size_limit(previous)
     base = manifest.parent
-    return [
-        Entry(
-            path=str(base / row["path"]),
-            contributor_id=(row.get("contributor_id") or "").strip() or None,
-            contributor_name=(row.get("contributor_name") or "").strip() or None,
-            caption=(row.get("caption") or "").strip() or None,
-            license=(row.get("license") or "").strip() or None,
+    entries: dict[str, Entry] = {}
+    for row in rows:
+        if not row.get("path"):
+            continue
+        entry = Entry(
+            path=os.path.normpath(base / row["path"]),
+            contributor_id=_text(row.get("contributor_id")),
+            contributor_name=_text(row.get("contributor_name")),
+            caption=_text(row.get("caption")),
+            license=_text(row.get("license")),
         )
-        for row in rows
-        if row.get("path")
-    ]
+        seen = entries.setdefault(entry.path, entry)
+        if seen is not entry and entry.contributor_id and entry.contributor_id not in seen.owners:
+            seen.claimants = (*seen.owners, entry.contributor_id)
+            seen.contributor_id = None
+    return list(entries.values())
 
 
 def discover_entries(root: str | os.PathLike) -> list[Entry]:
@@ -79,13 +106,19 @@ def discover_entries(root: str | os.PathLike) -> list[Entry]:
     return entries
 
 
-def upsert_contributors(store: Store, entries: list[Entry]) -> int:
+def people_of(entries: list[Entry]) -> dict[str, Entry]:
+    """Each contributor's entry to register them from: their first, or the first that gives a name."""
     people: dict[str, Entry] = {}
     for entry in entries:
         if entry.contributor_id:
             seen = people.setdefault(entry.contributor_id, entry)
             if not seen.contributor_name and entry.contributor_name:
                 people[entry.contributor_id] = entry
+    return people
+
+
+def upsert_contributors(store: Store, people: dict[str, Entry]) -> int:
+    """Register these contributors, or update the name and licence of those already registered."""
     if not people:
         return 0
     data = pa.table(
@@ -129,12 +162,14 @@ def index_training(
     batch_size: int | None = None,
     progress: Progress | None = None,
     engine: str = "local",
+    allow_outside: bool = False,
 ) -> IndexResult:
     """Register and embed a training set (None: only embed registered images this encoder lacks).
-    Re-running adds only images whose sha256 is new."""
+    Re-running adds only images whose sha256 is new. Files resolving outside `training_dir` are refused
+    (index_errors: outside_training_dir) unless `allow_outside`."""
     started = time.perf_counter()
     progress = progress or Silent()
-    entries = read_entries(training_dir, manifest)
+    entries = read_entries(training_dir, manifest, allow_outside=allow_outside)
     batch_size = batch_size or ws.config.encoder.batch_size
     limits = ws.limits
     if engine == "ray":
@@ -173,7 +208,7 @@ def index_training(
 
         for entry_path, item in zip(by_path, ingest.load_all(by_path, ws.config.scan.loader_threads, load)):
             progress.advance()
-            if ledger.take(item):
+            if ledger.take(item, by_path[entry_path]):
                 batch.append((by_path[entry_path], item))
             if len(batch) >= batch_size:
                 flush()
@@ -183,8 +218,12 @@ def index_training(
     return ledger.result
 
 
-def read_entries(training_dir: str | os.PathLike | None, manifest: str | os.PathLike | None = None) -> list[Entry]:
-    """The training entries of a folder: from its manifest (given, or TRAINING_DIR/contributors.csv), else one per image."""
+def read_entries(
+    training_dir: str | os.PathLike | None, manifest: str | os.PathLike | None = None, *, allow_outside: bool = False
+) -> list[Entry]:
+    """The training entries of a folder: from its manifest (given, or TRAINING_DIR/contributors.csv), else one per image.
+    An entry whose file resolves outside TRAINING_DIR (`../x.png`, an absolute path, a symlink pointing out) is refused
+    (outside_training_dir) unless `allow_outside`."""
     if training_dir is None:
         return []
     training_dir = Path(training_dir).resolve()
@@ -192,14 +231,59 @@ def read_entries(training_dir: str | os.PathLike | None, manifest: str | os.Path
         raise AuditError(f"training folder {training_dir} does not exist")
     if manifest is None and (training_dir / MANIFEST_NAME).is_file():
         manifest = training_dir / MANIFEST_NAME
-    return read_manifest(manifest) if manifest else discover_entries(training_dir)
+    entries = read_manifest(manifest) if manifest else discover_entries(training_dir)
+    root = os.path.realpath(training_dir)
+    for entry in entries:
+        try:
+            real = os.path.realpath(entry.path)
+        except ValueError:  # a NUL in the path
+            entry.refused = ("not_a_file", "the path contains a NUL character")
+            continue
+        if not allow_outside and os.path.commonpath([root, real]) != root:
+            entry.refused = (
+                "outside_training_dir",
+                f"resolves to {ingest.display_path(real)}, outside the training folder {ingest.display_path(root)};"
+                " `audit index --allow-outside` indexes it",
+            )
+    return entries
+
+
+def reconcile(store: Store, table: VectorTable) -> tuple[int, int]:
+    """Make the stores agree before anything reads them; call under `ws.writing()`. Returns (vectors, attributions) dropped.
+
+    Vectors are appended to LanceDB before their training_images rows commit, so a killed `audit index` can leave
+    vectors whose rows never committed: they are dropped (the next index embeds those images again, under the same
+    ids). Attribution rows citing a training id the store does not have (made by a scan that searched such vectors,
+    before this check existed) are dropped with the rest of their generation's ranking, so the next scan attributes the
+    generation again; kept, they would be credited to whichever image is later registered under that id."""
+    committed = np.asarray([r[0] for r in store.rows("SELECT id FROM training_images")], np.int64)
+    dangling = np.setdiff1d(table.ids(), committed)
+    if len(dangling):
+        log.warning("dropping %d vector(s) whose training_images rows never committed", len(dangling))
+        table.delete_ids(dangling)
+    with store.transaction():
+        rankings = (
+            "SELECT DISTINCT a.generation_id, a.method, a.encoder_id FROM attributions a"
+            " WHERE NOT EXISTS (SELECT 1 FROM training_images t WHERE t.id = a.training_id)"
+        )
+        dropped = store.value(
+            f"SELECT count(*) FROM attributions WHERE (generation_id, method, encoder_id) IN ({rankings})"
+        )
+        if dropped:
+            log.warning("dropping %d attribution row(s) of rankings that cite unregistered training ids", dropped)
+            store.con.execute(f"DELETE FROM attributions WHERE (generation_id, method, encoder_id) IN ({rankings})")
+    return len(dangling), int(dropped or 0)
 
 
 class IndexLedger:
     """The audit-store side of `audit index`, shared by every engine: contributors, which contents are
     registered and embedded, id assignment, and the commit of each batch after its vectors are written.
 
-    Opening it drops vectors whose DuckDB rows never committed (a crash between the two writes)."""
+    Opening it makes the stores agree (reconcile: a crash between the two writes). Ownership (schemas/README.md,
+    index_errors): a contributor is registered with their first indexed image; content the manifest lists for two or
+    more contributors (one path twice: conflict_path; the same bytes at two paths: conflict_content) is registered
+    without a contributor, so nobody is paid for it until the manifest names one owner; content already registered to
+    a contributor keeps that owner when the manifest lists it for another (conflict_content, reported)."""
 
     def __init__(
         self, store: Store, encoder: embed.Encoder, table: VectorTable, entries: list[Entry], lancedb_uri: str
@@ -209,13 +293,32 @@ class IndexLedger:
         self.encoder_id = encoder.id
         self.lancedb_uri = lancedb_uri
         self.result = IndexResult(encoder.id)
+        self.errors: list[tuple[str, str, str]] = []
+        for entry in entries:
+            if entry.refused:
+                self.errors.append((ingest.display_path(entry.path), *entry.refused))
+            elif len(entry.claimants) > 1:
+                self.errors.append(
+                    (
+                        ingest.display_path(entry.path),
+                        "conflict_path",
+                        f"listed for contributors {' and '.join(entry.claimants)}; indexed without a contributor"
+                        " until the manifest lists it for one",
+                    )
+                )
+        entries = [entry for entry in entries if not entry.refused]
+        self.people = people_of(entries)
         with store.transaction():
             record_encoder(store, encoder.id, encoder.name, str(encoder.directory), encoder.dim, encoder.config)
-            upsert_contributors(store, entries)
-        table.delete_ids_above(store.value("SELECT coalesce(max(id), 0) FROM training_images"))
+            # New contributors are registered with their first indexed image (commit); known ones get name updates.
+            self.listed = {r[0] for r in store.rows("SELECT id FROM contributors")}
+            upsert_contributors(store, {c: p for c, p in self.people.items() if c in self.listed})
+        reconcile(store, table)
 
         self.embedded = set(table.ids().tolist())
-        self.registered = {sha: i for sha, i in store.rows("SELECT sha256, id FROM training_images")}
+        self.registered, self.owner, self.registered_path = {}, {}, {}
+        for sha, i, contributor, path in store.rows("SELECT sha256, id, contributor_id, path FROM training_images"):
+            self.registered[sha], self.owner[sha], self.registered_path[sha] = i, contributor, path
         entries = list(entries)
         # Registered images this encoder has not embedded yet (e.g. after switching encoders).
         for i, path, contributor, caption in store.rows(
@@ -226,7 +329,8 @@ class IndexLedger:
         self.by_path = {e.path: e for e in entries}
         self.next_id = store.next_id("training_images")
         self.seen: set[str] = set()
-        self.errors: list[tuple[str, str, str]] = []
+        # Who this run's manifest lists each content for: sha256 -> {contributor: first path}.
+        self.claims: dict[str, dict[str, str]] = {}
 
     def is_embedded(self, sha256: str) -> bool:
         return sha256 in self.registered and self.registered[sha256] in self.embedded
@@ -237,11 +341,15 @@ class IndexLedger:
             return entry.caption, "manifest"
         return prompts.read_sidecar(path)
 
-    def take(self, item: ingest.Item) -> bool:
-        """Count one loaded file; True when its content should be embedded in the caller's next batch."""
+    def take(self, item: ingest.Item, entry: Entry) -> bool:
+        """Count one loaded file (of `entry`); True when its content should be embedded in the caller's next batch."""
         if item.error:
             self.errors.append((item.path, item.error.code, item.error.reason))
             return False
+        if entry.known_id is None:
+            claims = self.claims.setdefault(item.sha256, {})
+            for contributor in entry.owners:
+                claims.setdefault(contributor, item.path)
         if item.skipped or item.sha256 in self.seen:
             self.result.unchanged += 1
             return False
@@ -262,21 +370,72 @@ class IndexLedger:
         return np.asarray(ids, np.int64), new_rows
 
     def commit(self, ids: np.ndarray, new_rows: list[tuple[int, Entry, ingest.Item]], n: int) -> None:
-        """Register the batch's new images; call after its vectors are in the table."""
+        """Register the batch's new images and their contributors; call after its vectors are in the table."""
         with self.store.transaction():
+            self._register({e.contributor_id for _, e, _ in new_rows})
             self.store.insert_arrow("training_images", _training_rows(new_rows))
-        for i, _entry, item in new_rows:
+        for i, entry, item in new_rows:
             self.registered[item.sha256] = i
+            self.owner[item.sha256] = entry.contributor_id
+            self.registered_path[item.sha256] = item.path
         self.embedded.update(np.asarray(ids).tolist())
         self.result.added += len(new_rows)
         log.info("indexed batch of %d (%d new)", n, len(new_rows))
 
+    def _register(self, contributors: set[str | None]) -> None:
+        new = {c for c in contributors if c and c not in self.listed}
+        upsert_contributors(self.store, {c: self.people.get(c, Entry("", c)) for c in new})
+        self.listed |= new
+
+    def _ownership(self) -> list[tuple[str | None, str]]:
+        """Settle this run's claims (see the class doc): conflict errors, and the (owner, sha256) updates to make."""
+        updates = []
+        for sha, claims in self.claims.items():
+            if sha not in self.registered:
+                continue
+            owner = self.owner[sha]
+            if len(claims) > 1:
+                first, first_path = next(iter(claims.items()))
+                for contributor, path in claims.items():
+                    if path != first_path:
+                        self.errors.append(
+                            (
+                                path,
+                                "conflict_content",
+                                f"same bytes as {first_path} (listed for contributor {first}); listed here for"
+                                f" contributor {contributor}; indexed without a contributor until the manifest lists"
+                                " it for one",
+                            )
+                        )
+                if owner is not None:
+                    updates.append((None, sha))
+            elif claims:
+                ((contributor, path),) = claims.items()
+                if owner is None:
+                    updates.append((contributor, sha))
+                elif owner != contributor:
+                    self.errors.append(
+                        (
+                            path,
+                            "conflict_content",
+                            f"same bytes as training image {self.registered[sha]} ({self.registered_path[sha]}),"
+                            f" registered to contributor {owner}; listed here for contributor {contributor};"
+                            f" it stays {owner}'s",
+                        )
+                    )
+        return updates
+
     def finish(self) -> IndexResult:
-        """Record the errors, build or maintain the ANN index, and record the vector table."""
-        result, errors, table = self.result, self.errors, self.table
+        """Settle ownership, record the errors, build or maintain the ANN index, and record the vector table."""
+        result, table = self.result, self.table
+        updates = self._ownership()
+        errors = self.errors
         result.errors = len(errors)
         result.error_samples = [(p, r) for p, _, r in errors[:5]]
         with self.store.transaction():
+            if updates:
+                self._register({owner for owner, _ in updates})
+                self.store.con.executemany("UPDATE training_images SET contributor_id = ? WHERE sha256 = ?", updates)
             self.store.insert_arrow(
                 "index_errors",
                 pa.table(

@@ -20,6 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from . import embed, ingest
 from .errors import AuditError
+from .index import reconcile
 from .progress import Progress, Silent
 from .search import VectorTable
 from .store import Store, record_encoder, utcnow
@@ -80,6 +81,7 @@ def scan(
     with ws.writing(), Store(ws.db_path) as store, threadpool_limits(1, user_api="blas"):
         encoder = embed.load(ws.encoder_dir(), ws.device(device))
         table = VectorTable.for_encoder(ws.lancedb_uri, encoder, ws.config.index)
+        reconcile(store, table)  # vectors of an interrupted `audit index` must not be attributed
         searcher = table.searcher()
         ledger = ScanLedger(store, root, encoder, table, top_k)
         k = ledger.k

@@ -107,9 +107,11 @@ class VectorTable:
         )
         self.table.add(data)
 
-    def delete_ids_above(self, max_id: int) -> None:
-        """Drop vectors whose DuckDB row never committed (a crash between the two writes)."""
-        self.table.delete(f"id > {int(max_id)}")
+    def delete_ids(self, ids) -> None:
+        """Drop the vectors of these ids (index.reconcile: those whose DuckDB row never committed)."""
+        ids = sorted({int(i) for i in ids})
+        for start in range(0, len(ids), 10_000):
+            self.table.delete(f"id IN ({','.join(map(str, ids[start : start + 10_000]))})")
 
     def ann_index(self) -> str | None:
         for index in self.table.list_indices():

@@ -59,6 +59,12 @@ def index(
         help="Manifest CSV: path,contributor_id[,contributor_name,caption,license] "
         "(default: TRAINING_DIR/contributors.csv).",
     ),
+    allow_outside: bool = typer.Option(
+        False,
+        "--allow-outside",
+        help="Index manifest paths that resolve outside TRAINING_DIR (`../`, absolute paths, symlinks pointing out); "
+        "without it they are recorded in index_errors as outside_training_dir.",
+    ),
     device: DeviceOption = None,
     batch_size: BatchSizeOption = None,
     engine: EngineOption = Engine.local,
@@ -76,6 +82,7 @@ def index(
             batch_size=batch_size,
             progress=RichProgress(bar),
             engine=engine.value,
+            allow_outside=allow_outside,
         )
     search = f"ANN {result.ann_index}" if result.ann_index else "exact search"
     out.print(

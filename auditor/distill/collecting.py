@@ -22,8 +22,10 @@ from ..abu import AbuTeacher
 from ..config import DistillSettings
 from ..errors import AuditError
 from ..features import embed_images, joint, training_embeddings
+from ..index import reconcile
 from ..progress import Progress, Silent
 from ..prompts import read_prompt
+from ..search import VectorTable
 from ..store import Store, utcnow
 from ..teacher import training_set
 from ..workspace import Workspace
@@ -160,6 +162,7 @@ def collect(
         training = training_set(ws, store, model_path, torch_device, flip)
         session = AbuTeacher(training, teacher, ws.dir / "cache")
         encoder = embed.load(ws.encoder_dir(), torch_device)
+        reconcile(store, VectorTable.for_encoder(ws.lancedb_uri, encoder, ws.config.index))
         # Not the query count: a later run with a larger one extends this collection instead of starting another.
         settings_hash = teacher.scoring_hash(
             session.model.hash,
