@@ -1,6 +1,9 @@
 """`audit scan`: attribute every generated image in a folder to its nearest training images.
 
-Per batch: decode (in a loader pool, overlapping the model), embed image ⊕ prompt,
+Before the first batch, the workspace's model identity is settled (model_identity.prepare: checkpoint files
+hashed once, stored generations matched again if it changed). Per batch: decode (in a loader pool, overlapping the
+model) and read everything the file declares about how it was made (prompts.read_generation; the negative prompt
+is stored, never embedded), decide whether it declares the workspace's model, embed image ⊕ prompt,
 search the training vectors, turn the top-k scores into shares, and commit the
 generation rows, attribution rows and errors in one DuckDB transaction. A kill at
 any moment loses at most the batch in flight; rerunning skips every image whose
