@@ -108,6 +108,24 @@ class PathsSettings(Section):
 
 
 @dataclass
+class ModelSettings(Section):
+    name: ClassVar[str] = "model"
+    doc: ClassVar[str] = (
+        "Which model the audited outputs must come from (`audit model`; matching: auditor/model_identity.py). A "
+        "generation declaring another model is refused by `audit confirm` and left out of `audit report` by default."
+    )
+    checkpoints: tuple[str, ...] = setting(
+        (),
+        "Checkpoint files (.safetensors, .ckpt) the model was served from: their hashes as AUTOMATIC1111 computes "
+        "them and their file names identify its outputs. [paths] model counts too when it is one such file.",
+    )
+    hashes: tuple[str, ...] = setting(
+        (), "Hashes the generators write for this model (AutoV1, AutoV2, AutoV3, full SHA-256, or e.g. blake3:...)."
+    )
+    names: tuple[str, ...] = setting((), "Model names the generators write for it (A1111 Model:, ComfyUI ckpt_name).")
+
+
+@dataclass
 class EncoderSettings(Section):
     name: ClassVar[str] = "encoder"
     path: str = setting("", "Encoder bundle directory (docs/encoders.md).")
@@ -309,11 +327,18 @@ class ReportSettings(Section):
         ("per-output", "training-set"),
     )
     confirmed_weight: float = setting(2.0, "Weight of a teacher-confirmed attribution within its generation.")
+    model: str = setting(
+        "not-other",
+        "Generations paid for, by the model they declare ([model]): same (only those declaring this model), "
+        "not-other (all but those declaring another model: outputs without metadata are paid), or any.",
+        ("same", "not-other", "any"),
+    )
     min_payout: str = setting("0", "Smaller amounts are paid 0 and shared among the others (a decimal string).")
 
 
 SECTIONS: tuple[type[Section], ...] = (
     PathsSettings,
+    ModelSettings,
     EncoderSettings,
     ScanSettings,
     IndexSettings,
@@ -334,6 +359,7 @@ class Config:
     """The whole audit.toml."""
 
     paths: PathsSettings = field(default_factory=PathsSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
     encoder: EncoderSettings = field(default_factory=EncoderSettings)
     scan: ScanSettings = field(default_factory=ScanSettings)
     index: IndexSettings = field(default_factory=IndexSettings)

@@ -49,11 +49,24 @@ class ConfirmResult:
     noise_floor: float | None = None
     signal_to_noise: float | None = None
     estimate_seconds: float = 0.0
+    other_model: int = 0  # selected generations left out because they declare another model (see --any-model)
+
+
+# A generation declared by another model was not made by the model the teacher runs: its verdict would be noise.
+OTHER_MODEL = "g.model_match IS NOT DISTINCT FROM 'other'"
 
 
 def _select(
-    store: Store, encoder_id: str, settings_hash: str, top: int | None, where: str | None, generation: int | None
-):
+    store: Store,
+    encoder_id: str,
+    settings_hash: str,
+    top: int | None,
+    where: str | None,
+    generation: int | None,
+    any_model: bool = False,
+) -> tuple[list[tuple], int]:
+    """The generations to confirm, and how many more the selection held that declare another model (left out
+    unless `any_model`)."""
     if top is None and where is None and generation is None:
         raise AuditError("say which generations to confirm: --top N, --where SQL or --generation ID")
     conditions = [
@@ -65,17 +78,20 @@ def _select(
     if generation is not None:
         conditions.append("g.id = ?")
         params.append(generation)
-    sql = (
-        "SELECT g.id, g.path, g.prompt FROM generations g"
+    joined = (
+        "FROM generations g"
         " JOIN attributions a ON a.generation_id = g.id AND a.rank = 1 AND a.method = ? AND a.encoder_id = ?"
-        f" WHERE {' AND '.join(conditions)} ORDER BY a.share DESC, g.id"
+        f" WHERE {' AND '.join(conditions)}"
     )
+    sql = f"SELECT g.id, g.path, g.prompt {joined}{'' if any_model else f' AND NOT {OTHER_MODEL}'} ORDER BY a.share DESC, g.id"
     if top is not None:
         sql += f" LIMIT {int(top)}"
     try:
-        return store.rows(sql, params)
+        selected = store.rows(sql, params)
+        refused = 0 if any_model else int(store.value(f"SELECT count(*) {joined} AND {OTHER_MODEL}", params))
     except Exception as exc:  # a user's --where can be anything
         raise AuditError(f"--where is not a valid condition over generations g: {str(exc).splitlines()[0]}") from None
+    return selected, refused
 
 
 def confirm(
@@ -89,10 +105,13 @@ def confirm(
     device: str | None = None,
     progress: Progress | None = None,
     announce: Callable[[str], None] = lambda message: None,
+    any_model: bool = False,
     **overrides,
 ) -> ConfirmResult:
     """Confirm the fast attributions of the selected generations with a teacher (AbU or D-TRAK); returns what it did.
-    `overrides` are [confirm] settings; for D-TRAK, `timesteps` is its own ([dtrak] timesteps)."""
+    Generations that declare another model than the workspace's (`generations.model_match = 'other'`) are left out
+    and counted unless `any_model`. `overrides` are [confirm] settings; for D-TRAK, `timesteps` is its own
+    ([dtrak] timesteps)."""
     progress = progress or Silent()
     # Candidates, controls and agreement come from [confirm] whatever the teacher, so AbU and D-TRAK
     # verdicts on a generation are about the same candidates.
@@ -118,12 +137,19 @@ def confirm(
             )
         # A run killed after its last commit is over too, even when this call finds nothing left to do.
         store.con.execute("UPDATE confirm_runs SET status = 'interrupted' WHERE status = 'running'")
-        selected = _select(store, encoder.id, settings_hash, top, where, generation)
-        result = ConfirmResult(None)
-        if not selected:
+        selected, refused = _select(store, encoder.id, settings_hash, top, where, generation, any_model)
+        result = ConfirmResult(None, other_model=refused)
+        if refused:
             announce(
-                "nothing to confirm: every selected generation is already confirmed with this model and these settings"
+                f"left out {refused} generation(s) declared by another model than the workspace's "
+                "(generations.model_match = 'other'; `audit model` shows its identity; --any-model includes them)"
             )
+        if not selected:
+            if not refused:
+                announce(
+                    "nothing to confirm: every selected generation is already confirmed with this model and these "
+                    "settings"
+                )
             return result
         teacher: Teacher = (
             AbuTeacher(training, selection, ws.dir / "cache")

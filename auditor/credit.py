@@ -78,8 +78,21 @@ class Audit:
     teacher_runs: list[dict]
 
 
-def read(store: Store, period: Period, encoder_id: str | None) -> Audit:
+# Which generations a report pays for, by the model they declare (generations.model_match, auditor/model_identity.py).
+# `not-other` is the default: contributors are not paid for outputs another model declares it made, but outputs
+# without metadata (stripped by a re-encode or an upload, or a server that writes none) still count.
+MODEL_FILTERS = {
+    "same": "g.model_match = 'same'",
+    "not-other": "g.model_match IS DISTINCT FROM 'other'",
+    "any": "true",
+}
+
+
+def read(store: Store, period: Period, encoder_id: str | None, model: str = "any") -> Audit:
+    if model not in MODEL_FILTERS:
+        raise AuditError(f"--model {model!r}: use {', '.join(MODEL_FILTERS)}")
     in_period, params = period.where("g.created_at")
+    in_period = f"{in_period} AND {MODEL_FILTERS[model]}"
     generations = store.con.sql(
         f"SELECT id, path, prompt, prompt_source, created_at FROM generations g WHERE {in_period} ORDER BY id",
         params=params,

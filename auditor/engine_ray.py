@@ -23,14 +23,17 @@ from the environment).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 
-from . import embed, ingest, prompts
+from . import embed, ingest, model_identity, prompts
 from .errors import AuditError
 from .progress import Progress, Silent
 from .search import IndexSettings, VectorTable, vector_schema
@@ -107,7 +110,7 @@ class _Embedder:
             caption = captions[paths[path]]
             if self.searcher is None:  # training image: manifest caption, else sidecar
                 return (caption, "manifest") if caption else prompts.read_sidecar(path)
-            return prompts.read_prompt(path, info)
+            return prompts.read_generation(path, info)
 
         def load(path: str) -> ingest.Item:
             return ingest.load_item(path, self.limits, self.encoder.preprocess, lambda sha: sha in self.skip, text_of)
@@ -126,6 +129,10 @@ class _Embedder:
                 "height": pa.array([item.height for item in items], pa.int32()),
                 "text": pa.array([item.text for item in items], pa.string()),
                 "text_source": pa.array([item.text_source for item in items], pa.string()),
+                "metadata": pa.array(
+                    [json.dumps(dataclasses.asdict(item.metadata)) if item.metadata else None for item in items],
+                    pa.string(),
+                ),
             }
         )
         features = np.zeros((len(items), self.encoder.dim), np.float32)
@@ -175,6 +182,7 @@ def _item(row: dict) -> ingest.Item:
         row["text_source"] or "none",
         bool(row["skipped"]),
         error,
+        prompts.GenerationMetadata(**json.loads(row["metadata"])) if row.get("metadata") else None,
     )
 
 
@@ -280,6 +288,7 @@ def scan(
     batch_size: int,
     limits: ingest.Limits,
     progress: Progress | None = None,
+    announce: Callable[[str], None] = lambda message: None,
 ):
     from .index import reconcile
     from .scan import ScanLedger
@@ -294,7 +303,8 @@ def scan(
         reconcile(store, table)
         table.searcher()  # fails here, with the local engine's message, when the table is empty
         actor_device, _, _ = _pool(ray, device)
-        ledger = ScanLedger(store, root, encoder, table, top_k, device=actor_device)
+        identity = model_identity.prepare(ws, store, announce)
+        ledger = ScanLedger(store, root, encoder, table, top_k, device=actor_device, identity=identity)
         k = ledger.k
         progress.start("scanning", len(paths))
         rows = [{"i": n, "path": os.fsencode(p), "caption": None} for n, p in enumerate(paths)]

@@ -149,6 +149,7 @@ class Item:
     text_source: str = "none"
     skipped: bool = False
     error: IngestError | None = None
+    metadata: prompts.GenerationMetadata | None = None  # all the image says about how it was made (generations)
 
 
 def load_item(
@@ -156,8 +157,10 @@ def load_item(
     limits: Limits,
     transform: Callable[[Image.Image], np.ndarray],
     skip: Callable[[str], bool] = lambda sha: False,
-    text_of: Callable[[str, dict], tuple[str | None, str]] = prompts.read_prompt,
+    text_of: Callable[[str, dict], prompts.GenerationMetadata | tuple[str | None, str]] = prompts.read_generation,
 ) -> Item:
+    """`text_of` gives the text the encoder embeds: a GenerationMetadata (kept as `item.metadata`; its prompt is the
+    text, never its negative prompt) or a (text, source) pair (training captions)."""
     item = Item(display_path(path))
     try:
         data = read_bytes(path, limits)
@@ -167,7 +170,11 @@ def load_item(
             return item
         image, info = decode(data, limits)
         item.width, item.height = image.size
-        item.text, item.text_source = text_of(path, info)
+        described = text_of(path, info)
+        if isinstance(described, prompts.GenerationMetadata):
+            item.metadata = described
+            described = prompts.prompt_of(described)
+        item.text, item.text_source = described
         item.pixels = transform(image)
     except IngestError as exc:
         item.error = exc

@@ -58,8 +58,10 @@ class ReportResult:
     currency: str
     pool: Decimal
     total_paid: Decimal  # equals the pool
-    generations: int  # registered in the period
+    generations: int  # registered in the period (and paid for under `model`)
     credited_generations: int  # of those, with credit for at least one contributor
+    model: str = "not-other"  # which generations count by the model they declare (credit.MODEL_FILTERS)
+    model_left_out: int = 0  # generations of the period the model filter left out
 
 
 def statement_name(contributor_id: str) -> str:
@@ -292,8 +294,10 @@ def build_report(
     confirmed_weight: float = 2.0,
     min_payout: Decimal = Decimal(0),
     encoder_id: str | None = None,
+    model: str = "not-other",
 ) -> ReportResult:
-    """Divide `pool` among the contributors for one period and write the report folder (see the module doc)."""
+    """Divide `pool` among the contributors for one period and write the report folder (see the module doc).
+    `model` picks the generations paid for by the model they declare (credit.MODEL_FILTERS)."""
     if policy not in POLICIES:
         raise AuditError(f"unknown policy {policy!r}; choose {' or '.join(POLICIES)}")
     if not confirmed_weight > 0:
@@ -304,11 +308,17 @@ def build_report(
     min_minor = payout.to_minor(min_payout, currency, "--min-payout")
 
     with Store(ws.db_path, read_only=True) as store:
-        audit = credit.read(store, span, encoder_id)
+        audit = credit.read(store, span, encoder_id, model)
+        left_out = store.value(
+            "SELECT count(*) FROM generations g WHERE "
+            f"{span.where('g.created_at')[0]} AND NOT ({credit.MODEL_FILTERS[model]})",
+            span.where("g.created_at")[1],
+        )
     credited = credit.credit(audit.attributions, confirmed_weight)
     if policy == "per-output" and credited.is_empty():
+        also = f" ({left_out} left out by --model {model})" if left_out else ""
         raise AuditError(
-            f"no generation registered in {span.label} is attributed to a contributor; nothing to pay per output"
+            f"no generation registered in {span.label} is attributed to a contributor{also}; nothing to pay per output"
         )
     payouts, split = credit.payouts(
         credit.summary(audit.contributors, credited), policy, pool_minor, min_minor, currency
@@ -329,6 +339,8 @@ def build_report(
         "encoder_id": audit.encoder_id,
         "encoder_name": audit.encoder_name,
         "teacher_runs": audit.teacher_runs,
+        "model_filter": model,
+        "model_left_out": left_out,
         "generated_at": utcnow(),
     }
     limits = ws.limits
@@ -347,4 +359,6 @@ def build_report(
         total_paid=context["paid"],
         generations=audit.generations.height,
         credited_generations=credited["generation_id"].n_unique(),
+        model=model,
+        model_left_out=left_out,
     )

@@ -1,6 +1,9 @@
 """`audit scan`: attribute every generated image in a folder to its nearest training images.
 
-Per batch: decode (in a loader pool, overlapping the model), embed image ⊕ prompt,
+Before the first batch, the workspace's model identity is settled (model_identity.prepare: checkpoint files
+hashed once, stored generations matched again if it changed). Per batch: decode (in a loader pool, overlapping the
+model) and read everything the file declares about how it was made (prompts.read_generation; the negative prompt
+is stored, never embedded), decide whether it declares the workspace's model, embed image ⊕ prompt,
 search the training vectors, turn the top-k scores into shares, and commit the
 generation rows, attribution rows and errors in one DuckDB transaction. A kill at
 any moment loses at most the batch in flight; rerunning skips every image whose
@@ -12,15 +15,18 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 from threadpoolctl import threadpool_limits
 
-from . import embed, ingest
+from . import embed, ingest, model_identity, prompts
 from .errors import AuditError
 from .index import reconcile
+from .model_identity import ModelIdentity
 from .progress import Progress, Silent
 from .search import VectorTable
 from .store import Store, record_encoder, utcnow
@@ -40,6 +46,9 @@ class ScanResult:
     skipped: int = 0
     errors: int = 0
     seconds: float = 0.0
+    # Generations attributed in this scan, by the model they declare: (hash and/or name, model_match) -> count.
+    models: Counter = field(default_factory=Counter)
+    identity_known: bool = True  # False: the workspace's model identity is empty ([model], `audit model`)
 
     @property
     def images_per_second(self) -> float:
@@ -55,6 +64,7 @@ def scan(
     batch_size: int | None = None,
     progress: Progress | None = None,
     engine: str = "local",
+    announce: Callable[[str], None] = lambda message: None,
 ) -> ScanResult:
     progress = progress or Silent()
     top_k = top_k or ws.config.scan.top_k
@@ -71,7 +81,15 @@ def scan(
         from . import engine_ray
 
         return engine_ray.scan(
-            ws, root, paths, top_k=top_k, device=device, batch_size=batch_size, limits=limits, progress=progress
+            ws,
+            root,
+            paths,
+            top_k=top_k,
+            device=device,
+            batch_size=batch_size,
+            limits=limits,
+            progress=progress,
+            announce=announce,
         )
     if engine != "local":
         raise AuditError(f"unknown engine {engine!r}; use local or ray")
@@ -83,7 +101,8 @@ def scan(
         table = VectorTable.for_encoder(ws.lancedb_uri, encoder, ws.config.index)
         reconcile(store, table)  # vectors of an interrupted `audit index` must not be attributed
         searcher = table.searcher()
-        ledger = ScanLedger(store, root, encoder, table, top_k)
+        identity = model_identity.prepare(ws, store, announce)
+        ledger = ScanLedger(store, root, encoder, table, top_k, identity=identity)
         k = ledger.k
 
         def load(path: str) -> ingest.Item:
@@ -116,9 +135,18 @@ class ScanLedger:
     attributed, and one transaction per committed batch (generations, attributions, errors, counters)."""
 
     def __init__(
-        self, store: Store, root: str, encoder: embed.Encoder, table: VectorTable, top_k: int, device: str | None = None
+        self,
+        store: Store,
+        root: str,
+        encoder: embed.Encoder,
+        table: VectorTable,
+        top_k: int,
+        device: str | None = None,
+        *,
+        identity: ModelIdentity | None = None,
     ):
         self.store = store
+        self.identity = identity or ModelIdentity([])
         self.encoder_id = encoder.id
         self.temperature = encoder.temperature
         self.k = min(top_k, table.count())
@@ -141,7 +169,7 @@ class ScanLedger:
                     device or str(encoder.device),
                 ],
             )
-        self.result = ScanResult(self.scan_id, encoder.id)
+        self.result = ScanResult(self.scan_id, encoder.id, identity_known=not self.identity.empty)
         self.known = dict(store.rows("SELECT sha256, id FROM generations"))
         self.done = {
             row[0]
@@ -173,6 +201,7 @@ class ScanLedger:
     def commit(self, batch: list[ingest.Item], ids: np.ndarray, scores: np.ndarray) -> None:
         """Commit a batch (its top-k training ids and cosine scores, (n, k)) and the errors taken since the last commit."""
         gen_ids, new_rows = [], []
+        matches = {item.sha256: _model_match(item, self.identity) for item in batch}
         for item in batch:
             if item.sha256 not in self.known:
                 self.known[item.sha256] = self.next_gen
@@ -184,7 +213,7 @@ class ScanLedger:
         shares = embed.softmax_shares(scores.astype(np.float64), self.temperature) if batch else np.zeros((0, self.k))
         errors, result, scan_id = self.errors, self.result, self.scan_id
         with self.store.transaction():
-            self.store.insert_arrow("generations", _generation_rows(new_rows, self.known, scan_id))
+            self.store.insert_arrow("generations", _generation_rows(new_rows, self.known, scan_id, matches))
             self.store.insert_arrow(
                 "attributions", _attribution_rows(gen_ids, ids, scores, shares, self.encoder_id, scan_id)
             )
@@ -197,6 +226,7 @@ class ScanLedger:
         self.pending.clear()
         result.attributed += len(batch)
         result.errors += len(errors)
+        result.models.update((_declared(item), matches[item.sha256]) for item in batch)
         log.info("scan %d: committed batch of %d (%d attributed so far)", scan_id, len(batch), result.attributed)
         self.errors = []
 
@@ -208,7 +238,52 @@ class ScanLedger:
         return self.result
 
 
-def _generation_rows(items: list[ingest.Item], known: dict[str, int], scan_id: int) -> pa.Table:
+def _model_match(item: ingest.Item, identity: ModelIdentity) -> str:
+    md = item.metadata
+    return identity.match(md.model_hash, md.model_name) if md else "none"
+
+
+def _declared(item: ingest.Item) -> str:
+    md = item.metadata
+    return model_identity.model_label(md.model_hash, md.model_name) if md else model_identity.model_label(None, None)
+
+
+MAX_SEED = 10**38  # HUGEINT holds any seed a generator writes (ComfyUI's go to 2**64 - 1); junk beyond is dropped
+
+
+def _metadata_columns(items: list[ingest.Item]) -> dict:
+    mds = [item.metadata or prompts.GenerationMetadata() for item in items]
+
+    def column(name: str, kind: pa.DataType) -> pa.Array:
+        return pa.array([getattr(md, name) for md in mds], kind)
+
+    return {
+        "negative_prompt": column("negative_prompt", pa.string()),
+        "generator": column("generator", pa.string()),
+        "metadata_source": pa.array([item.metadata.source if item.metadata else None for item in items], pa.string()),
+        "model_name": column("model_name", pa.string()),
+        "model_hash": column("model_hash", pa.string()),
+        "seed": pa.array(
+            [md.seed if md.seed is not None and abs(md.seed) < MAX_SEED else None for md in mds], pa.decimal128(38, 0)
+        ),
+        "steps": pa.array([_int32(md.steps) for md in mds], pa.int32()),
+        "sampler": column("sampler", pa.string()),
+        "cfg_scale": column("cfg_scale", pa.float64()),
+        "declared_width": pa.array([_int32(md.width) for md in mds], pa.int32()),
+        "declared_height": pa.array([_int32(md.height) for md in mds], pa.int32()),
+        "metadata_raw": column("raw", pa.string()),
+        "metadata_warnings": pa.array([md.warnings for md in mds], pa.list_(pa.string())),
+    }
+
+
+def _int32(value: int | None) -> int | None:
+    return value if value is not None and abs(value) < 2**31 else None
+
+
+def _generation_rows(
+    items: list[ingest.Item], known: dict[str, int], scan_id: int, matches: dict[str, str] | None = None
+) -> pa.Table:
+    matches = matches or {}
     return pa.table(
         {
             "id": pa.array([known[item.sha256] for item in items], pa.int64()),
@@ -219,6 +294,8 @@ def _generation_rows(items: list[ingest.Item], known: dict[str, int], scan_id: i
             "width": pa.array([item.width for item in items], pa.int32()),
             "height": pa.array([item.height for item in items], pa.int32()),
             "first_scan_id": pa.array([scan_id] * len(items), pa.int64()),
+            **_metadata_columns(items),
+            "model_match": pa.array([matches.get(item.sha256, "none") for item in items], pa.string()),
         }
     )
 

@@ -117,6 +117,7 @@ def scan(
             batch_size=batch_size,
             progress=RichProgress(bar),
             engine=engine.value,
+            announce=announce,
         )
     _summary(
         f"scan {result.scan_id}",
@@ -129,6 +130,18 @@ def scan(
             ("encoder", result.encoder_id),
         ],
     )
+    if result.models:
+        models = Table(title="attributed, by the model they declare", show_header=True)
+        for column in ("model (hash / name)", "match", "generations"):
+            models.add_column(column)
+        for (label, match), count in sorted(result.models.items(), key=lambda kv: (-kv[1], kv[0])):
+            models.add_row(Text(label), Text(match), Text(str(count)))
+        out.print(models)
+    if not result.identity_known and any(match == "unknown" for _, match in result.models):
+        announce(
+            "the workspace's model identity is empty, so declared models could not be matched: "
+            "set it with `audit model add-checkpoint FILE` or `audit model alias`"
+        )
 
 
 class TeacherMethod(StrEnum):
@@ -176,6 +189,12 @@ def confirm(
         help="Evenly spaced timesteps of the scoring loss (AbU; [confirm] timesteps) or of the output function "
         "(D-TRAK; [dtrak] timesteps).",
     ),
+    any_model: bool = typer.Option(
+        False,
+        "--any-model",
+        help="Also confirm generations that declare another model than the workspace's (left out and counted "
+        "otherwise; see `audit model`).",
+    ),
 ):
     """Run a teacher (AbU unlearning or D-TRAK gradients) on flagged generations; store its verdict beside the fast one."""
     from ..confirm import confirm as confirm_api
@@ -198,6 +217,7 @@ def confirm(
             step_size=step_size,
             draws=draws,
             timesteps=timesteps,
+            any_model=any_model,
         )
     if result.run_id is None:
         return
@@ -206,6 +226,7 @@ def confirm(
         f"confirm run {result.run_id}: {result.generations} generation(s), {result.confirmed} confirmed, "
         f"{len(result.failed)} failed; {per:.1f} s each; noise floor {result.noise_floor:.3g}, "
         f"signal/noise {result.signal_to_noise:.1f} (see confirmations)"
+        + (f"; {result.other_model} left out: declared by another model" if result.other_model else "")
     )
     for gen_id, reason in result.failed:
         out.print(Text(f"  generation {gen_id} not confirmed: {reason}"))
@@ -260,6 +281,12 @@ def _amount(text: str) -> Decimal:
         raise typer.BadParameter(f"{text!r} is not an amount like 1000 or 1000.00") from None
 
 
+class ModelFilter(StrEnum):
+    same = "same"
+    not_other = "not-other"
+    any = "any"
+
+
 class Policy(StrEnum):
     per_output = "per-output"
     training_set = "training-set"
@@ -294,6 +321,13 @@ def report(
         help=f"Smaller amounts are paid 0 and shared among the others ({default(ReportSettings, 'min_payout')}).",
     ),
     encoder: str | None = typer.Option(None, help="encoder_id whose attributions count (default: the latest scan's)."),
+    model: ModelFilter | None = typer.Option(
+        None,
+        "--model",
+        help="Generations paid for, by the model they declare: same (only the workspace's model), not-other (all "
+        "but those declaring another model) or any "
+        f"({default(ReportSettings, 'model')}).",
+    ),
     out_dir: Path = typer.Option(
         Path("report"), "--out", "-o", help="Report folder; an earlier report there is replaced."
     ),
@@ -315,12 +349,14 @@ def report(
         confirmed_weight=settings.confirmed_weight if confirmed_weight is None else confirmed_weight,
         min_payout=_amount(settings.min_payout) if min_payout is None else min_payout,
         encoder_id=encoder,
+        model=model.value if model else settings.model,
     )
     _summary(
         f"report {result.period}",
         [
             ("basis", result.policy),
             ("generations credited", f"{result.credited_generations} of {result.generations}"),
+            (f"left out by --model {result.model}", result.model_left_out),
             ("contributors paid", f"{int(result.payouts['paid'].sum())} of {result.payouts.height}"),
             ("pool", f"{result.currency} {result.pool:,}"),
             ("paid out", f"{result.currency} {result.total_paid:,}"),

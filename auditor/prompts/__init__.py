@@ -33,7 +33,15 @@ from .base import (
     looks_like_json_object,
 )
 
-__all__ = ["GenerationMetadata", "read_metadata", "read_prompt", "read_sidecar", "stealth_info"]
+__all__ = [
+    "GenerationMetadata",
+    "prompt_of",
+    "read_generation",
+    "read_metadata",
+    "read_prompt",
+    "read_sidecar",
+    "stealth_info",
+]
 
 MAX_PROMPT_CHARS = 65536
 MAX_RAW_CHARS = 65536
@@ -265,20 +273,28 @@ def read_metadata(
         return finish(GenerationMetadata(source="unreadable", warnings=notes), max_prompt_chars, max_raw_chars)
 
 
-def _pair(md: GenerationMetadata) -> tuple[str | None, str]:
+def prompt_of(md: GenerationMetadata) -> tuple[str | None, str]:
+    """(prompt, source) of a result, as the store's `prompt` and `prompt_source` record it: the source is 'none'
+    (or 'unreadable') when no prompt was found, even if other fields were."""
     if md.prompt:
         return md.prompt, md.source
     return None, "unreadable" if md.source == "unreadable" else "none"
 
 
+def read_generation(path: str, info: dict) -> GenerationMetadata:
+    """Everything a scan stores about a generated image: the prompt whole (as `read_prompt`), the raw metadata
+    capped at MAX_RAW_CHARS."""
+    return read_metadata(path, info, max_prompt_chars=WRAPPER_MAX_PROMPT_CHARS, max_raw_chars=MAX_RAW_CHARS)
+
+
 def read_prompt(path: str, info: dict) -> tuple[str | None, str]:
     """(prompt, source) for callers that only want the prompt; (None, 'none') when there is none."""
-    return _pair(read_metadata(path, info, max_prompt_chars=WRAPPER_MAX_PROMPT_CHARS, max_raw_chars=0))
+    return prompt_of(read_metadata(path, info, max_prompt_chars=WRAPPER_MAX_PROMPT_CHARS, max_raw_chars=0))
 
 
 def read_sidecar(path: str) -> tuple[str | None, str]:
     """(prompt, source) from `<name>.txt` or `<name>.json` beside `path` only (training captions)."""
-    return _pair(read_metadata(path, None, max_prompt_chars=WRAPPER_MAX_PROMPT_CHARS, max_raw_chars=0))
+    return prompt_of(read_metadata(path, None, max_prompt_chars=WRAPPER_MAX_PROMPT_CHARS, max_raw_chars=0))
 
 
 def parse_a1111(text: str) -> str:
