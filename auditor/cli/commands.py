@@ -101,16 +101,20 @@ def scan(
     from ..scan import scan as scan_api
 
     ws = current_workspace()
-    with progress_bar() as bar:
-        result = scan_api(
-            ws,
-            outputs_dir,
-            top_k=top_k,
-            device=device,
-            batch_size=batch_size,
-            progress=RichProgress(bar),
-            engine=engine.value,
-        )
+    try:
+        with progress_bar() as bar:
+            result = scan_api(
+                ws,
+                outputs_dir,
+                top_k=top_k,
+                device=device,
+                batch_size=batch_size,
+                progress=RichProgress(bar),
+                engine=engine.value,
+            )
+    except KeyboardInterrupt:
+        announce("scan interrupted (status 'interrupted' in scans); committed batches are kept, rerun to finish")
+        raise typer.Exit(130) from None
     _summary(
         f"scan {result.scan_id}",
         [
@@ -118,6 +122,7 @@ def scan(
             ("attributed", result.attributed),
             ("skipped (already attributed)", result.skipped),
             ("errors (see scan_errors)", result.errors),
+            ("unsupported files (see scan_errors)", result.unsupported),
             ("images/s", f"{result.images_per_second:.1f}"),
             ("encoder", result.encoder_id),
         ],
