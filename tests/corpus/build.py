@@ -190,7 +190,7 @@ def build(out: str | os.PathLike) -> dict[str, Case]:
     ):
         image_case(name, fresh(), source="a1111", prompt=prompt, pnginfo=_a1111(prompt))
     # Metadata over the caps: stored cut, or left unread; the image is attributed either way.
-    huge = "".join(f"word{n} " for n in range(400_000))  # about 3.5 MB of text, over the 1 MiB prompt cap
+    huge = "".join(f"word{n} " for n in range(400_000))  # about 4.4 MB of text, over the 1 MiB prompt cap
     sidecar_case("huge_sidecar.png", ".txt", huge.encode(), "sidecar_txt", huge[:PROMPT_CAP].strip())
     chunk_case("huge_comfy.png", b"tEXt", "prompt", _comfy_graph(huge[:2_000_000]).encode(), "comfyui",
                huge[:PROMPT_CAP])  # fmt: skip
