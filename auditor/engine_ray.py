@@ -90,11 +90,15 @@ class _Embedder:
         loader_threads: int,
         skip: frozenset,
         search: dict | None = None,
+        recorded: frozenset | None = None,
     ):
         self.encoder = embed.load(encoder_dir, device)
         self.limits = limits
         self.loader_threads = loader_threads
         self.skip = skip
+        # Scans: (sha256, path) of the files recorded in generation_files; a skipped file not among them is read for
+        # its prompt. Indexing never needs a skipped file's caption.
+        self.recorded = recorded
         self.searcher = None
         if search is not None:
             table = VectorTable.for_encoder(search["uri"], self.encoder, IndexSettings(**search["settings"]))
@@ -112,8 +116,13 @@ class _Embedder:
                 return (caption, "manifest") if caption else prompts.read_sidecar(path)
             return prompts.read_generation(path, info)
 
+        def is_recorded(sha: str, path: str) -> bool:
+            return self.recorded is None or (sha, path) in self.recorded
+
         def load(path: str) -> ingest.Item:
-            return ingest.load_item(path, self.limits, self.encoder.preprocess, lambda sha: sha in self.skip, text_of)
+            return ingest.load_item(
+                path, self.limits, self.encoder.preprocess, lambda sha: sha in self.skip, text_of, is_recorded
+            )
 
         items = list(ingest.load_all(list(paths), self.loader_threads, load))
         good = [n for n, item in enumerate(items) if not item.error and not item.skipped]
@@ -133,6 +142,7 @@ class _Embedder:
                     [json.dumps(dataclasses.asdict(item.metadata)) if item.metadata else None for item in items],
                     pa.string(),
                 ),
+                "text_read": pa.array([item.text_read for item in items], pa.bool_()),
             }
         )
         features = np.zeros((len(items), self.encoder.dim), np.float32)
@@ -182,7 +192,8 @@ def _item(row: dict) -> ingest.Item:
         row["text_source"] or "none",
         bool(row["skipped"]),
         error,
-        prompts.GenerationMetadata(**json.loads(row["metadata"])) if row.get("metadata") else None,
+        metadata=prompts.GenerationMetadata(**json.loads(row["metadata"])) if row.get("metadata") else None,
+        text_read=bool(row.get("text_read")),
     )
 
 
@@ -281,7 +292,7 @@ def index_training(
 def scan(
     ws: Workspace,
     root: str,
-    paths: list[str],
+    found: ingest.Discovery,
     *,
     top_k: int,
     device: str | None,
@@ -305,6 +316,8 @@ def scan(
         actor_device, _, _ = _pool(ray, device)
         identity = model_identity.prepare(ws, store, announce)
         ledger = ScanLedger(store, root, encoder, table, top_k, device=actor_device, identity=identity)
+        ledger.note_unreadable(found)
+        paths = found.images
         k = ledger.k
         progress.start("scanning", len(paths))
         rows = [{"i": n, "path": os.fsencode(p), "caption": None} for n, p in enumerate(paths)]
@@ -331,24 +344,26 @@ def scan(
             loader_threads=ws.config.scan.loader_threads,
             skip=frozenset(ledger.done),
             search=search,
+            recorded=frozenset(ledger.recorded),
         )
-        try:
-            for part in results.iter_batches(batch_size=None, batch_format="pyarrow"):
-                ids = part["ids"].combine_chunks().flatten().to_numpy().reshape(-1, k)
-                scores = part["scores"].combine_chunks().flatten().to_numpy().reshape(-1, k)
-                for n, row in enumerate(part.drop_columns(["ids", "scores"]).to_pylist()):
-                    progress.advance()
-                    item = _item(row)
-                    if ledger.take(item):
-                        batch.append(item)
-                        found_ids.append(ids[n])
-                        found_scores.append(scores[n])
-                    if len(batch) >= batch_size:
-                        flush()
-        except ray.exceptions.RayError as exc:
-            raise AuditError(f"the Ray job failed: {_first_line(exc)}") from None
-        flush()
-        return ledger.finish()
+        with ledger.running():
+            try:
+                for part in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    ids = part["ids"].combine_chunks().flatten().to_numpy().reshape(-1, k)
+                    scores = part["scores"].combine_chunks().flatten().to_numpy().reshape(-1, k)
+                    for n, row in enumerate(part.drop_columns(["ids", "scores"]).to_pylist()):
+                        progress.advance()
+                        item = _item(row)
+                        if ledger.take(item):
+                            batch.append(item)
+                            found_ids.append(ids[n])
+                            found_scores.append(scores[n])
+                        if len(batch) >= batch_size:
+                            flush()
+            except ray.exceptions.RayError as exc:
+                raise AuditError(f"the Ray job failed: {_first_line(exc)}") from None
+            flush()
+            return ledger.finish()
 
 
 def _first_line(exc: Exception) -> str:

@@ -7,9 +7,11 @@ act on; callers record it and go on (bad input never stops a batch).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import hashlib
 import io
 import os
+import stat
 import struct
 import warnings
 from collections import deque
@@ -17,11 +19,19 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from . import prompts
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp"}
+# What Pillow decodes (first frame of an animation or a multi-page TIFF); AVIF where this Pillow build has it.
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+if features.check("avif"):
+    IMAGE_EXTENSIONS.add(".avif")
+# Files beside the images that are not images and never will be: sidecars (the prompt readers' .txt and .json, kohya's
+# .caption), logs and notes. A scan neither attributes nor reports them; every other file it cannot read it counts.
+TEXT_EXTENSIONS = {".txt", ".json", ".caption", ".csv", ".log", ".md", ".yaml", ".yml", ".toml", ".ini", ".xmp"}
+# Operating-system litter (hidden files such as .DS_Store and ._name AppleDouble files are skipped by name).
+LITTER_NAMES = {"thumbs.db", "desktop.ini"}
 EXIF_USER_COMMENT = 0x9286
 EXIF_IFD = 0x8769
 
@@ -38,21 +48,69 @@ def display_path(path: str | bytes | os.PathLike) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+@dataclass
+class Discovery:
+    """What a walk found: image files to read, files of a type the scan cannot read, folders it could not list."""
+
+    images: list[str]
+    unsupported: list[tuple[str, str]]  # (path, reason)
+    unlisted: list[tuple[str, str]]  # (folder, reason)
+
+
 def discover(root: str | os.PathLike) -> list[str]:
-    """Image files under root (recursive, sorted). Directory symlinks are not followed, so loops cannot trap the walk;
-    file symlinks are returned (a broken one is reported when read)."""
+    """Image files under root (recursive, sorted by their bytes). Directory symlinks are not followed, so loops cannot
+    trap the walk; file symlinks are returned (a broken one is reported when read)."""
+    return walk(root).images
+
+
+def walk(root: str | os.PathLike) -> Discovery:
+    """Everything under root, sorted by path bytes: images, unsupported files, unlistable folders. Iterative (an
+    explicit stack), so a tree thousands of levels deep cannot exhaust the interpreter's recursion limit."""
     root = os.fspath(root)
     if os.path.isfile(root):
-        return [root]
+        return Discovery([root], [], [])
     if not os.path.isdir(root):
         raise FileNotFoundError(root)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(os.path.join(dirpath, name))
-    return sorted(found, key=os.fsencode)
+    found = Discovery([], [], [])
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as exc:
+            found.unlisted.append(
+                (folder, f"cannot list this folder: {exc.strerror or exc}; its files were not scanned")
+            )
+            continue
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                stack.append(entry.path)
+                continue
+            extension = os.path.splitext(entry.name)[1].lower()
+            if extension in IMAGE_EXTENSIONS:
+                found.images.append(entry.path)  # a symlink to a folder too: reported as not_a_file when read
+            elif not _ignorable(entry, extension):
+                kind = f"{extension} files" if extension else "files without an extension"
+                found.unsupported.append((entry.path, f"not an image the scan reads ({kind})"))
+    found.images.sort(key=os.fsencode)
+    found.unsupported.sort(key=lambda pair: os.fsencode(pair[0]))
+    found.unlisted.sort(key=lambda pair: os.fsencode(pair[0]))
+    return found
+
+
+def _ignorable(entry: os.DirEntry, extension: str) -> bool:
+    """Text beside the images, hidden files, OS litter, and symlinks to folders (never followed): not unsupported."""
+    if extension in TEXT_EXTENSIONS or entry.name.startswith(".") or entry.name.lower() in LITTER_NAMES:
+        return True
+    try:
+        return entry.is_symlink() and entry.is_dir()
+    except OSError:
+        return False
 
 
 @dataclass
@@ -61,25 +119,50 @@ class Limits:
     max_file_bytes: int = 256 * 1024 * 1024
 
 
+_NOT_REGULAR = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _not_regular(mode: int) -> IngestError | None:
+    if stat.S_ISREG(mode):
+        return None
+    what = next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
+    return IngestError("not_a_file", f"{what} named like an image, not a regular file")
+
+
 def read_bytes(path: str, limits: Limits) -> bytes:
+    """The file's bytes. Only a regular file is ever opened: a FIFO would block the read forever and a device could
+    be endless or act on open; the type is checked before opening and again on the open descriptor (O_NONBLOCK, so
+    a FIFO swapped in between cannot block the open either)."""
     if os.path.islink(path) and not os.path.exists(path):
         raise IngestError("broken_symlink", "symlink points to a file that does not exist")
     try:
-        size = os.stat(path).st_size
-        if os.path.isdir(path):
-            raise IngestError("not_a_file", "a directory named like an image")
-        if size == 0:
-            raise IngestError("empty_file", "file is empty (0 bytes)")
-        if size > limits.max_file_bytes:
-            raise IngestError(
-                "too_large", f"file is {size} bytes, over the {limits.max_file_bytes}-byte limit (scan.max_file_bytes)"
-            )
-        with open(path, "rb") as fh:
+        error = _not_regular(os.stat(path).st_mode)
+        if error:
+            raise error
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb", closefd=True) as fh:
+            info = os.fstat(fd)
+            error = _not_regular(info.st_mode)
+            if error:
+                raise error
+            if info.st_size == 0:
+                raise IngestError("empty_file", "file is empty (0 bytes)")
+            if info.st_size > limits.max_file_bytes:
+                raise IngestError(
+                    "too_large",
+                    f"file is {info.st_size} bytes, over the {limits.max_file_bytes}-byte limit (scan.max_file_bytes)",
+                )
             return fh.read()
     except PermissionError:
         raise IngestError("unreadable", "permission denied") from None
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP: a symlink that points at itself
+        if exc.errno == errno.ELOOP:  # a symlink that points at itself
             raise IngestError("broken_symlink", "symlink loop") from None
         raise IngestError("unreadable", f"cannot read: {exc.strerror or exc}") from None
 
@@ -100,8 +183,46 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
+# Pillow refuses a whole PNG whose compressed text chunk inflates past PngImagePlugin.MAX_TEXT_CHUNK (1 MiB) or whose
+# text chunks add up past MAX_TEXT_MEMORY: a metadata bomb. The pixels are still good, so they are decoded without it.
+_PNG_TEXT_BOMB = ("MAX_TEXT_CHUNK", "MAX_TEXT_MEMORY")
+_PNG_TEXT_CHUNKS = {b"tEXt", b"zTXt", b"iTXt"}
+METADATA_ERROR_KEY = prompts.STEALTH_ERROR_KEY  # an info entry the prompt readers report as "unreadable"
+
+
+def _without_png_text(data: bytes) -> bytes | None:
+    """The PNG with its text chunks left out; None when the chunk structure cannot be walked."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
+    parts, pos = [data[:8]], 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            return None
+        if kind not in _PNG_TEXT_CHUNKS:
+            parts.append(data[pos:end])
+        pos = end
+        if kind == b"IEND":
+            break
+    return b"".join(parts)
+
+
 def decode(data: bytes, limits: Limits) -> tuple[Image.Image, dict]:
     """Decode the first frame as RGB (EXIF orientation applied); returns the image and its text metadata."""
+    try:
+        return _decode(data, limits)
+    except IngestError as exc:
+        stripped = _without_png_text(data) if any(word in exc.reason for word in _PNG_TEXT_BOMB) else None
+        if stripped is None:
+            raise
+        image, info = _decode(stripped, limits)
+        if prompts.STEALTH_KEY not in info:  # metadata hidden in the pixels is still read
+            info[METADATA_ERROR_KEY] = "PNG text chunks over Pillow's size limits (a metadata bomb): left unread"
+        return image, info
+
+
+def _decode(data: bytes, limits: Limits) -> tuple[Image.Image, dict]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -150,6 +271,7 @@ class Item:
     skipped: bool = False
     error: IngestError | None = None
     metadata: prompts.GenerationMetadata | None = None  # all the image says about how it was made (generations)
+    text_read: bool = False  # text/text_source are this file's (a skipped file's are read only when asked)
 
 
 def load_item(
@@ -158,16 +280,21 @@ def load_item(
     transform: Callable[[Image.Image], np.ndarray],
     skip: Callable[[str], bool] = lambda sha: False,
     text_of: Callable[[str, dict], prompts.GenerationMetadata | tuple[str | None, str]] = prompts.read_generation,
+    recorded: Callable[[str, str], bool] = lambda sha, path: True,
 ) -> Item:
     """`text_of` gives the text the encoder embeds: a GenerationMetadata (kept as `item.metadata`; its prompt is the
-    text, never its negative prompt) or a (text, source) pair (training captions)."""
+    text, never its negative prompt) or a (text, source) pair (training captions).
+
+    `skip(sha256)`: the content is already attributed, so it is not embedded again; its text is still read
+    (a decode, no embedding) unless `recorded(sha256, display path)` says this file was recorded before."""
     item = Item(display_path(path))
     try:
         data = read_bytes(path, limits)
         item.sha256 = hashlib.sha256(data).hexdigest()
         if skip(item.sha256):
             item.skipped = True
-            return item
+            if recorded(item.sha256, item.path):
+                return item
         image, info = decode(data, limits)
         item.width, item.height = image.size
         described = text_of(path, info)
@@ -175,7 +302,9 @@ def load_item(
             item.metadata = described
             described = prompts.prompt_of(described)
         item.text, item.text_source = described
-        item.pixels = transform(image)
+        item.text_read = True
+        if not item.skipped:
+            item.pixels = transform(image)
     except IngestError as exc:
         item.error = exc
     except Exception as exc:  # a decoder bug must not stop the batch; record it

@@ -8,15 +8,21 @@ search the training vectors, turn the top-k scores into shares, and commit the
 generation rows, attribution rows and errors in one DuckDB transaction. A kill at
 any moment loses at most the batch in flight; rerunning skips every image whose
 sha256 is already attributed by this encoder, so no row is ever duplicated.
+
+Every file holding attributed content gets a `generation_files` row with the prompt read from that file (two files
+with the same bytes are one generation but keep both prompts); a file seen again only has its `last_scan_id` moved.
+Files of a type the scan cannot read are counted and listed in `scan_errors` (code `unsupported`). A scan stopped by
+Ctrl-C, SIGTERM or an error is marked `interrupted` on the way out; its committed batches stand.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +51,7 @@ class ScanResult:
     attributed: int = 0
     skipped: int = 0
     errors: int = 0
+    unsupported: int = 0
     seconds: float = 0.0
     # Generations attributed in this scan, by the model they declare: (hash and/or name, model_match) -> count.
     models: Counter = field(default_factory=Counter)
@@ -74,7 +81,7 @@ def scan(
     limits = ws.limits
     root = os.path.abspath(os.fspath(outputs_dir))
     try:
-        paths = ingest.discover(root)
+        found = ingest.walk(root)
     except FileNotFoundError:
         raise AuditError(f"outputs folder {outputs_dir} does not exist") from None
     if engine == "ray":
@@ -83,7 +90,7 @@ def scan(
         return engine_ray.scan(
             ws,
             root,
-            paths,
+            found,
             top_k=top_k,
             device=device,
             batch_size=batch_size,
@@ -103,10 +110,12 @@ def scan(
         searcher = table.searcher()
         identity = model_identity.prepare(ws, store, announce)
         ledger = ScanLedger(store, root, encoder, table, top_k, identity=identity)
+        ledger.note_unreadable(found)
+        paths = found.images
         k = ledger.k
 
         def load(path: str) -> ingest.Item:
-            return ingest.load_item(path, limits, encoder.preprocess, ledger.is_done)
+            return ingest.load_item(path, limits, encoder.preprocess, ledger.is_done, recorded=ledger.is_recorded)
 
         progress.start("scanning", len(paths))
         batch: list[ingest.Item] = []
@@ -119,15 +128,16 @@ def scan(
             ledger.commit(batch, ids, scores)
             batch.clear()
 
-        # Read a whole batch ahead: the next batch decodes while this one is embedded.
-        for item in ingest.load_all(paths, ws.config.scan.loader_threads, load, ahead=batch_size):
-            progress.advance()
-            if ledger.take(item):
-                batch.append(item)
-            if len(batch) >= batch_size:
-                flush()
-        flush()
-        return ledger.finish()
+        with ledger.running():
+            # Read a whole batch ahead: the next batch decodes while this one is embedded.
+            for item in ingest.load_all(paths, ws.config.scan.loader_threads, load, ahead=batch_size):
+                progress.advance()
+                if ledger.take(item):
+                    batch.append(item)
+                if len(batch) >= batch_size:
+                    flush()
+            flush()
+            return ledger.finish()
 
 
 class ScanLedger:
@@ -179,12 +189,49 @@ class ScanLedger:
                 [METHOD, encoder.id],
             )
         }
+        # Files already recorded, as (sha256, path): seeing one again reads nothing but its bytes (for the hash).
+        self.recorded = set(
+            store.rows("SELECT g.sha256, f.path FROM generation_files f JOIN generations g ON g.id = f.generation_id")
+        )
         self.next_gen = store.next_id("generations")
         self.errors: list[ingest.Item] = []
+        self.files: list[ingest.Item] = []
         self.pending: set[str] = set()
 
     def is_done(self, sha256: str) -> bool:
         return sha256 in self.done
+
+    def is_recorded(self, sha256: str, path: str) -> bool:
+        """This file (display path) with this content has its generation_files row already."""
+        return (sha256, path) in self.recorded
+
+    def note_unreadable(self, found: ingest.Discovery) -> None:
+        """Files of a type the scan cannot read (code `unsupported`) and folders it cannot list (`unreadable`), for
+        scan_errors with the first commit."""
+        for path, reason in found.unsupported:
+            self.errors.append(ingest.Item(ingest.display_path(path), error=ingest.IngestError("unsupported", reason)))
+        for path, reason in found.unlisted:
+            self.errors.append(ingest.Item(ingest.display_path(path), error=ingest.IngestError("unreadable", reason)))
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Mark the scan `interrupted` (with finished_at) when anything, Ctrl-C and SIGTERM included, stops it."""
+        try:
+            yield
+        except BaseException:
+            self.interrupt()
+            raise
+
+    def interrupt(self) -> None:
+        try:
+            with contextlib.suppress(Exception):  # a batch's transaction the interrupt cut short
+                self.store.con.execute("ROLLBACK")
+            self.store.con.execute(
+                "UPDATE scans SET status = 'interrupted', finished_at = ? WHERE id = ? AND status = 'running'",
+                [utcnow(), self.scan_id],
+            )
+        except Exception as exc:  # the disk may be full: the next scan marks it instead
+            log.warning("scan %d: could not mark it interrupted: %s", self.scan_id, exc)
 
     def take(self, item: ingest.Item) -> bool:
         """Count one loaded file; True when it is new content the caller should attribute in its next batch."""
@@ -192,6 +239,8 @@ class ScanLedger:
         if item.error:
             self.errors.append(item)
             return False
+        if item.text_read or (item.sha256, item.path) in self.recorded:
+            self.files.append(item)
         if item.skipped or item.sha256 in self.done or item.sha256 in self.pending:
             self.result.skipped += 1
             return False
@@ -212,23 +261,51 @@ class ScanLedger:
         ids = np.asarray(ids, np.int64).reshape(len(batch), self.k)
         shares = embed.softmax_shares(scores.astype(np.float64), self.temperature) if batch else np.zeros((0, self.k))
         errors, result, scan_id = self.errors, self.result, self.scan_id
+        n_unsupported = sum(1 for item in errors if item.error.code == "unsupported")
+        seen_again = [item for item in self.files if (item.sha256, item.path) in self.recorded]
+        new_files = [item for item in self.files if (item.sha256, item.path) not in self.recorded]
         with self.store.transaction():
             self.store.insert_arrow("generations", _generation_rows(new_rows, self.known, scan_id, matches))
             self.store.insert_arrow(
                 "attributions", _attribution_rows(gen_ids, ids, scores, shares, self.encoder_id, scan_id)
             )
+            self.store.insert_arrow("generation_files", _file_rows(new_files, self.known, scan_id))
+            self._seen_again(seen_again)
             self.store.insert_arrow("scan_errors", _error_rows(errors, scan_id))
             self.store.con.execute(
-                "UPDATE scans SET n_seen = ?, n_attributed = n_attributed + ?, n_skipped = ?, n_errors = n_errors + ? WHERE id = ?",
-                [result.seen, len(batch), result.skipped, len(errors), scan_id],
+                "UPDATE scans SET n_seen = ?, n_attributed = n_attributed + ?, n_skipped = ?,"
+                " n_errors = n_errors + ?, n_unsupported = n_unsupported + ? WHERE id = ?",
+                [result.seen, len(batch), result.skipped, len(errors) - n_unsupported, n_unsupported, scan_id],
             )
         self.done.update(item.sha256 for item in batch)
+        self.recorded.update((item.sha256, item.path) for item in new_files)
         self.pending.clear()
         result.attributed += len(batch)
-        result.errors += len(errors)
+        result.errors += len(errors) - n_unsupported
+        result.unsupported += n_unsupported
         result.models.update((_declared(item), matches[item.sha256]) for item in batch)
         log.info("scan %d: committed batch of %d (%d attributed so far)", scan_id, len(batch), result.attributed)
         self.errors = []
+        self.files = []
+
+    def _seen_again(self, items: list[ingest.Item]) -> None:
+        if not items:
+            return
+        seen = pa.table(
+            {
+                "generation_id": pa.array([self.known[item.sha256] for item in items], pa.int64()),
+                "path": pa.array([item.path for item in items], pa.string()),
+            }
+        )
+        self.store.con.register("_seen", seen)
+        try:
+            self.store.con.execute(
+                "UPDATE generation_files SET last_scan_id = ? FROM _seen"
+                " WHERE generation_files.generation_id = _seen.generation_id AND generation_files.path = _seen.path",
+                [self.scan_id],
+            )
+        finally:
+            self.store.con.unregister("_seen")
 
     def finish(self) -> ScanResult:
         self.result.seconds = time.perf_counter() - self.started
@@ -296,6 +373,19 @@ def _generation_rows(
             "first_scan_id": pa.array([scan_id] * len(items), pa.int64()),
             **_metadata_columns(items),
             "model_match": pa.array([matches.get(item.sha256, "none") for item in items], pa.string()),
+        }
+    )
+
+
+def _file_rows(items: list[ingest.Item], known: dict[str, int], scan_id: int) -> pa.Table:
+    return pa.table(
+        {
+            "generation_id": pa.array([known[item.sha256] for item in items], pa.int64()),
+            "path": pa.array([item.path for item in items], pa.string()),
+            "prompt": pa.array([item.text for item in items], pa.string()),
+            "prompt_source": pa.array([item.text_source for item in items], pa.string()),
+            "first_scan_id": pa.array([scan_id] * len(items), pa.int64()),
+            "last_scan_id": pa.array([scan_id] * len(items), pa.int64()),
         }
     )
 

@@ -169,6 +169,8 @@ def test_scan_killed_at_random_points_then_rerun_matches_uninterrupted(
     assert (got["share"] - expected["share"]).abs().max() < 1e-5
     counts = sql.query(crashed, "select count(*) n, count(distinct sha256) d from generations").row(0)
     assert counts == (160, 160)
+    files = sql.query(crashed, "select count(*) n, count(distinct path) d from generation_files").row(0)
+    assert files == (160, 160)  # one row per file, committed with its generation
     statuses = sql.query(crashed, "select status from scans order by id")["status"].to_list()
     assert statuses == ["interrupted"] * 3 + ["finished"]
     totals = sql.query(crashed, "select sum(n_attributed) a, sum(n_errors) e from scans").row(0)

@@ -64,7 +64,10 @@ def test_ray_index_and_scan_match_the_local_engine(
     assert (got["share"] - expected["share"]).abs().max() < 1e-5
     gens = "select sha256, path, prompt, prompt_source, width, height from generations order by sha256"
     assert sql.query(ws, gens).equals(sql.query(local, gens))
+    files = "select path, prompt, prompt_source, first_scan_id, last_scan_id from generation_files order by path"
+    assert sql.query(ws, files).equals(sql.query(local, files))
 
     rerun = scan(ws, outputs_dir, top_k=5, engine="ray")  # resumable/idempotent like the local path
     assert (rerun.attributed, rerun.skipped) == (0, 24)
+    assert sql.query(ws, "select count(*) n, min(last_scan_id) s from generation_files").row(0) == (24, 2)
     assert sql.query(ws, "select count(*) n from attributions")["n"].item() == 24 * 5

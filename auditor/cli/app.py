@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -16,7 +18,7 @@ from rich.text import Text
 from .. import runtime
 from .. import workspace as workspace_api
 from ..config import Section
-from ..errors import AuditError
+from ..errors import AuditError, storage_message
 
 app = typer.Typer(
     help="Provenance auditor: which training images, and so which contributors, influenced each generated image.",
@@ -125,8 +127,27 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
+def _workspace_places() -> list[str]:
+    """The folders the current workspace writes to (for a disk-full message); none when there is no workspace."""
+    try:
+        ws = current_workspace()
+    except Exception:
+        return []
+    places = [str(ws.dir)]
+    lance = ws.lancedb_uri
+    if "://" not in lance and not os.path.abspath(lance).startswith(str(ws.dir) + os.sep):
+        places.append(lance)
+    return places
+
+
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops a command the way Ctrl-C does: runs are marked interrupted, not left running
+
+
 def main() -> None:
     runtime.tune_process()
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except AuditError as exc:
@@ -139,4 +160,7 @@ def main() -> None:
     except Exception as exc:  # the one-line promise holds for bugs too
         if state.debug:
             raise
-        _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+        _fail(
+            storage_message(exc, _workspace_places())
+            or f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
+        )

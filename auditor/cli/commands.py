@@ -108,17 +108,21 @@ def scan(
     from ..scan import scan as scan_api
 
     ws = current_workspace()
-    with progress_bar() as bar:
-        result = scan_api(
-            ws,
-            outputs_dir,
-            top_k=top_k,
-            device=device,
-            batch_size=batch_size,
-            progress=RichProgress(bar),
-            engine=engine.value,
-            announce=announce,
-        )
+    try:
+        with progress_bar() as bar:
+            result = scan_api(
+                ws,
+                outputs_dir,
+                top_k=top_k,
+                device=device,
+                batch_size=batch_size,
+                progress=RichProgress(bar),
+                engine=engine.value,
+                announce=announce,
+            )
+    except KeyboardInterrupt:
+        announce("scan interrupted (status 'interrupted' in scans); committed batches are kept, rerun to finish")
+        raise typer.Exit(130) from None
     _summary(
         f"scan {result.scan_id}",
         [
@@ -126,6 +130,7 @@ def scan(
             ("attributed", result.attributed),
             ("skipped (already attributed)", result.skipped),
             ("errors (see scan_errors)", result.errors),
+            ("unsupported files (see scan_errors)", result.unsupported),
             ("images/s", f"{result.images_per_second:.1f}"),
             ("encoder", result.encoder_id),
         ],
