@@ -303,7 +303,7 @@ def build_report(
     pool_minor = payout.to_minor(pool, currency, "--pool")
     min_minor = payout.to_minor(min_payout, currency, "--min-payout")
 
-    with Store(ws.db_path, read_only=True) as store:
+    with Store(ws.db_path, read_only=True, wait=ws.config.store.busy_timeout) as store:
         audit = credit.read(store, span, encoder_id)
     credited = credit.credit(audit.attributions, confirmed_weight)
     if policy == "per-output" and credited.is_empty():
