@@ -223,7 +223,8 @@ class Store:
         with turnstile.reader_waits() if read_only else contextlib.nullcontext():
             while True:
                 if read_only:
-                    ready = not turnstile.writer_present()
+                    # The last try goes ahead regardless: it may get in, or learn who holds the file.
+                    ready = not turnstile.writer_present() or time.monotonic() >= deadline
                 else:
                     ready = self._writer or turnstile.take_writer()
                     self._writer = ready
