@@ -181,10 +181,17 @@ class Store:
         self._writer = False  # holds the turnstile's writer flag
         self._con: duckdb.DuckDBPyConnection | None = None
         self._yielded = False
+        self.waited = 0.0  # seconds this Store's opens waited for other processes
+        self.yields = 0  # times a yielding writer let readers in
         try:
             self._con = self._connect(read_only)
             if not read_only:
                 self.migrate()
+                if self.yield_to_readers:
+                    # Open again at the first statement: a scan loads its model first, and readers may read meanwhile.
+                    self._con.close()
+                    self._con = None
+                    self._drop_writer()
             elif self.pending():
                 # A store an older version made: a reader must see every table, so bring it up to date first.
                 self._con.close()
@@ -217,7 +224,7 @@ class Store:
         self._yielded = False
         delay, cap = READER_POLL if read_only else WRITER_POLL
         warned = started
-        holder = "another process"
+        holder, tries = "another process", 0
         # A reader says it waits (a yielding writer lets go after its commit) and queues behind a writer that
         # holds or wants the store; a writer announces itself, then waits for the reads under way.
         with turnstile.reader_waits() if read_only else contextlib.nullcontext():
@@ -230,11 +237,18 @@ class Store:
                     self._writer = ready
                 if ready:
                     try:
-                        return duckdb.connect(str(self.path), read_only=read_only)
+                        con = duckdb.connect(str(self.path), read_only=read_only)
                     except duckdb.IOException as exc:
                         if not _is_lock_conflict(exc):
                             raise AuditError(f"cannot open the audit store {self.path}: {exc}") from None
                         holder = _holder(exc)
+                    else:
+                        waited = time.monotonic() - started
+                        self.waited += waited
+                        if tries:
+                            log.info("opened %s after waiting %.3f s", self.path, waited)
+                        return con
+                tries += 1
                 now = time.monotonic()
                 if now >= deadline:
                     break
@@ -262,6 +276,7 @@ class Store:
         self._con.close()
         self._con = None
         self._yielded = True
+        self.yields += 1
         self._drop_writer()
         return True
 
