@@ -189,3 +189,19 @@ def test_a_reader_gives_up_after_busy_timeout_with_the_busy_message(tmp_path):
         writer.wait()
     with Store(ws.db_path, read_only=True, wait=0) as store:  # free again: no wait
         assert store.value("SELECT count(*) FROM scans") == 0
+
+
+def test_a_scan_gives_up_after_writer_timeout_and_a_rerun_completes(indexed_ws, outputs_dir):
+    indexed_ws.config.store = indexed_ws.config.store.override(writer_timeout=1.0)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(indexed_ws.db_path), "60"], stdout=subprocess.PIPE, text=True, env=_env()
+    )
+    try:
+        assert holder.stdout.readline().startswith("open")
+        with pytest.raises(WorkspaceBusy, match=r"workspace is busy: process \d+ holds .*writer_timeout"):
+            scan.scan(indexed_ws, outputs_dir, top_k=TOP_K, batch_size=BATCH)
+    finally:
+        holder.kill()
+        holder.wait()
+    result = scan.scan(indexed_ws, outputs_dir, top_k=TOP_K, batch_size=BATCH)
+    assert result.attributed == _distinct_images(outputs_dir) > 0
