@@ -181,7 +181,7 @@ class Store:
         self._writer = False  # holds the turnstile's writer flag
         self._con: duckdb.DuckDBPyConnection | None = None
         self._yielded = False
-        self.waited = 0.0  # seconds this Store's opens waited for other processes
+        self.waited = 0.0  # seconds in opens, waits for other processes included
         self.yields = 0  # times a yielding writer let readers in
         try:
             self._con = self._connect(read_only)
