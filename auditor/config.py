@@ -336,6 +336,23 @@ class ReportSettings(Section):
     min_payout: str = setting("0", "Smaller amounts are paid 0 and shared among the others (a decimal string).")
 
 
+@dataclass
+class StoreSettings(Section):
+    name: ClassVar[str] = "store"
+    doc: ClassVar[str] = (
+        "The DuckDB audit store. A scan lets readers (`audit sql`, `audit report`, ...) in between its batches: "
+        "a reader waits at most for the batch in flight, the scan for the reads under way (docs/benchmarks.md)."
+    )
+    busy_timeout: float = setting(
+        30.0, "Seconds a reader waits for a writer to let go of the store before 'workspace is busy'; 0: no wait."
+    )
+    writer_timeout: float = setting(
+        3600.0,
+        "Seconds a writer (a scan's next batch) waits for the reads under way to finish before it stops with "
+        "'workspace is busy' (logged every 30 s; new reads queue behind it); a rerun resumes the scan.",
+    )
+
+
 SECTIONS: tuple[type[Section], ...] = (
     PathsSettings,
     ModelSettings,
@@ -348,6 +365,7 @@ SECTIONS: tuple[type[Section], ...] = (
     PlantedSettings,
     CounterfactualSettings,
     ReportSettings,
+    StoreSettings,
 )
 
 # Keys earlier versions wrote that mean nothing now: dropped on load (and from the file at its next save).
@@ -369,6 +387,7 @@ class Config:
     planted: PlantedSettings = field(default_factory=PlantedSettings)
     counterfactual: CounterfactualSettings = field(default_factory=CounterfactualSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
 
     @classmethod
     def from_toml(cls, raw: dict) -> "Config":

@@ -243,7 +243,7 @@ def counterfactual(
     model_path = ws.model_dir(model)
     torch_device = ws.device(device)
     encoder = embed.load(ws.encoder_dir(), torch_device)
-    with Store(ws.db_path, read_only=True) as store:
+    with ws.reader() as store:
         training = training_set(ws, store, model_path, torch_device, "off")
         gens = _select(store, s, generations)
         rankings = _rankings(store, encoder, [g for g, _, _ in gens], list(s.methods))

@@ -307,7 +307,7 @@ def scan(
     progress = progress or Silent()
     ray = _ray()
     device = device or ws.config.encoder.device
-    with ws.writing(), Store(ws.db_path) as store:
+    with ws.writing(), ScanLedger.store_for(ws) as store:
         encoder = embed.load(ws.encoder_dir(), "cpu")
         settings = ws.config.index
         table = VectorTable.for_encoder(ws.lancedb_uri, encoder, settings)

@@ -77,7 +77,7 @@ def evaluate(
         )
     bundles = [Path(p) for p in (encoders or [ws.encoder_dir()])]
     base = embed.load(bundles[0], "cpu")
-    with Store(ws.db_path, read_only=True) as store:
+    with ws.reader() as store:
         ids, img, txt = training_embeddings(ws, store, base)
         digests = training_digests(store)
         index_of = {int(i): j for j, i in enumerate(ids)}

@@ -56,7 +56,6 @@ from .errors import AuditError
 from .features import embed_images, joint, training_embeddings
 from .metrics import markdown_table, mean_se
 from .progress import Progress, Silent
-from .store import Store
 from .workspace import Workspace
 
 RECALL_KS = (5, 10, 100)
@@ -156,7 +155,7 @@ def planted(
 
     # The augmented training set: the workspace's images, then every customisation's exemplars under new ids.
     encoder = embed.load(ws.encoder_dir(), torch_device)
-    with Store(ws.db_path, read_only=True) as store:
+    with ws.reader() as store:
         rows = store.rows("SELECT id, path, caption FROM training_images ORDER BY id")
         ids, img, txt = training_embeddings(ws, store, encoder)
     if not rows:

@@ -40,7 +40,7 @@ import polars as pl
 
 from . import credit, ingest, payout
 from .errors import AuditError
-from .store import Store, utcnow
+from .store import utcnow
 from .workspace import Workspace
 
 POLICIES = ("per-output", "training-set")
@@ -307,7 +307,7 @@ def build_report(
     pool_minor = payout.to_minor(pool, currency, "--pool")
     min_minor = payout.to_minor(min_payout, currency, "--min-payout")
 
-    with Store(ws.db_path, read_only=True) as store:
+    with ws.reader() as store:
         audit = credit.read(store, span, encoder_id, model)
         left_out = store.value(
             "SELECT count(*) FROM generations g WHERE "

@@ -103,7 +103,7 @@ def scan(
 
     # numpy's BLAS (the exact search) single-threaded: its threads spin after each call and took the CPU the
     # model and the decoders need (docs/benchmarks.md: scan/bare 0.69 -> 0.89-0.98 in an A/B run on 2 cores).
-    with ws.writing(), Store(ws.db_path) as store, threadpool_limits(1, user_api="blas"):
+    with ws.writing(), ScanLedger.store_for(ws) as store, threadpool_limits(1, user_api="blas"):
         encoder = embed.load(ws.encoder_dir(), ws.device(device))
         table = VectorTable.for_encoder(ws.lancedb_uri, encoder, ws.config.index)
         reconcile(store, table)  # vectors of an interrupted `audit index` must not be attributed
@@ -143,6 +143,12 @@ def scan(
 class ScanLedger:
     """The audit-store side of a scan, shared by every engine: the scan row, which contents are already
     attributed, and one transaction per committed batch (generations, attributions, errors, counters)."""
+
+    @staticmethod
+    def store_for(ws: Workspace) -> Store:
+        """The scan's store: it lets waiting readers in after each batch's commit and reopens at the next (the
+        caches below stay valid: the workspace's writer lock keeps every other writer out meanwhile)."""
+        return Store(ws.db_path, wait=ws.config.store.writer_timeout, yield_to_readers=True)
 
     def __init__(
         self,

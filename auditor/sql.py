@@ -93,7 +93,7 @@ def query(ws: Workspace, sql: str, *, write: bool = False) -> pl.DataFrame | Non
         # Writers take the workspace lock like every other writing command.
         with ws.writing(), Store(ws.db_path) as store:
             return _run(store, sql, kind)
-    with Store(ws.db_path, read_only=True) as store:
+    with ws.reader() as store:
         return _run(store, sql, kind)
 
 

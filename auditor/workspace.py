@@ -86,6 +86,12 @@ class Workspace:
             )
         return path
 
+    def reader(self):
+        """A read-only connection to the store; it waits up to [store] busy_timeout for a writer to let go."""
+        from .store import Store
+
+        return Store(self.db_path, read_only=True, wait=self.config.store.busy_timeout)
+
     def save(self) -> None:
         self.config_path.write_text(
             "# provenance auditor workspace settings: docs/config.md\n" + tomli_w.dumps(self.config.to_toml())

@@ -43,10 +43,9 @@ def _show(ident) -> None:
 def model_show():
     """Show the model's identity: its checkpoint files' hashes (computed when not cached yet) and names."""
     from ..model_identity import identity
-    from ..store import Store
 
     ws = current_workspace()
-    with Store(ws.db_path, read_only=True) as store:
+    with ws.reader() as store:
         ident = identity(ws, store, write=False, announce=announce)
     _show(ident)
 

@@ -271,7 +271,7 @@ def replicate(
     model_path = diffusion.checked_folder(ws.model_dir(model))
     # Keyed by what the scores depend on, like a collection: another candidate count or k for `audit confirm` keeps it.
     key = settings.scoring_hash("replicate", diffusion.model_hash(model_path, ws.dir / "cache"))
-    with Store(ws.db_path, read_only=True) as store:
+    with ws.reader() as store:
         rows = collected_queries(store, split)
         stored = {
             int(q): dict(zip(t, v))

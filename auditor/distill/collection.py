@@ -119,7 +119,7 @@ def export_collection(ws: Workspace, out: str | os.PathLike) -> int:
     out = Path(out)
     if (out / QUERIES_FILE).exists():
         raise AuditError(f"{out} already holds a collection; export into a new folder")
-    with Store(ws.db_path, read_only=True) as store:
+    with ws.reader() as store:
         queries = store.con.sql(
             "SELECT * EXCLUDE (replaced_at) FROM distill_queries WHERE collected_at IS NOT NULL AND replaced_at IS NULL"
             " ORDER BY id"

@@ -15,7 +15,6 @@ import numpy as np
 from .. import embed
 from ..errors import AuditError
 from ..features import query_embeddings, training_digests, training_embeddings
-from ..store import Store
 from ..workspace import Workspace
 from .collection import load_rankings
 from .fitting import calibration_error, fit, fit_temperature, split_validation
@@ -49,7 +48,7 @@ def train(
     s = ws.config.distill.override(**overrides)
     started = time.perf_counter()
     encoder = embed.load(ws.encoder_dir(), "cpu")
-    with Store(ws.db_path, read_only=True) as store:
+    with ws.reader() as store:
         ids, img, txt = training_embeddings(ws, store, encoder)
         digests = training_digests(store)
         index_of = {int(i): j for j, i in enumerate(ids)}
