@@ -23,3 +23,12 @@ def sql_value(ws, query: str):
 
     frame = sql.query(ws, query)
     return frame.row(0)[0]
+
+
+def insert_finished_scan(con, attributed: int, scan_id: int = 1) -> None:
+    """A finished scan row for stores a test fills by hand (columns named: migrations add more)."""
+    con.execute(
+        "INSERT INTO scans (id, started_at, finished_at, root, encoder_id, index_version, top_k, device, n_seen,"
+        " n_attributed, status) VALUES (?, now(), now(), '/out', 'enc', 1, 2, 'cpu', ?, ?, 'finished')",
+        [scan_id, attributed, attributed],
+    )

@@ -19,7 +19,7 @@ from auditor import workspace
 from auditor.report import build_report, plain, spreadsheet_safe
 from auditor.store import Store
 
-from .helpers import audit
+from .helpers import audit, insert_finished_scan
 
 RLO = "\u202e"
 FORMULA = '=HYPERLINK("http://x","y")'
@@ -60,9 +60,7 @@ def hostile_report(tmp_path):
         store.con.execute(
             "INSERT INTO encoders (id, name, path, dim, config) VALUES ('enc', ?, '/e', 32, '{}')", [f"enc{RLO}\x00"]
         )
-        store.con.execute(
-            "INSERT INTO scans VALUES (1, now(), now(), '/out', 'enc', 1, 2, 'cpu', 3, 3, 0, 0, 'finished')"
-        )
+        insert_finished_scan(store.con, 3)
         store.con.executemany(
             "INSERT INTO generations (id, sha256, path, prompt, prompt_source, width, height, first_scan_id)"
             " VALUES (?, ?, ?, ?, 'txt', 32, 32, 1)",

@@ -16,7 +16,7 @@ from auditor import sql, workspace
 from auditor.errors import AuditError
 from auditor.store import Store
 
-from .helpers import audit
+from .helpers import audit, insert_finished_scan
 
 FILES = "reads or writes files outside the audit store"
 PROMPTS = ("a [cat:dog:0.5] on [white] paper", "x [/bold] y", ":x: [link=http://x]y[/link] [red]")
@@ -35,9 +35,7 @@ def store_ws(tmp_path):
             "INSERT INTO training_images VALUES (?, ?, ?, ?, 'a caption', 'manifest', 32, 32, now())",
             [[1, "ana/1.png", "t1", "ana"], [2, "ben/2.png", "t2", "ben"]],
         )
-        store.con.execute(
-            "INSERT INTO scans VALUES (1, now(), now(), '/out', 'enc', 1, 2, 'cpu', 2, 2, 0, 0, 'finished')"
-        )
+        insert_finished_scan(store.con, 2)
         store.con.executemany(
             "INSERT INTO generations (id, sha256, path, prompt, prompt_source, width, height, first_scan_id)"
             " VALUES (?, ?, ?, ?, 'txt', 32, 32, 1)",
