@@ -217,6 +217,7 @@ def decode(data: bytes, limits: Limits) -> tuple[Image.Image, dict]:
         if stripped is None:
             raise
         image, info = _decode(stripped, limits)
+        info.update(prompts.c2pa_info(data))  # the manifest signs the file as it is, text chunks and all
         if prompts.STEALTH_KEY not in info:  # metadata hidden in the pixels is still read
             info[METADATA_ERROR_KEY] = "PNG text chunks over Pillow's size limits (a metadata bomb): left unread"
         return image, info
@@ -237,8 +238,9 @@ def _decode(data: bytes, limits: Limits) -> tuple[Image.Image, dict]:
             exif = image.getexif()
             image.load()
             # Stealth metadata lives in the alpha/RGB LSBs, which orientation and the RGB conversion destroy.
-            for key in (prompts.STEALTH_KEY, prompts.STEALTH_ERROR_KEY):  # a text chunk must not pose as pixels
-                info.pop(key, None)
+            for key in (prompts.STEALTH_KEY, prompts.STEALTH_ERROR_KEY, prompts.C2PA_KEY):  # a text chunk must not
+                info.pop(key, None)  # pose as pixels or file bytes
+            info.update(prompts.c2pa_info(data))  # the C2PA reader reads the file itself
             if image.format in ("PNG", "WEBP"):
                 info.update(prompts.stealth_info(image))
             image = ImageOps.exif_transpose(image)

@@ -356,6 +356,7 @@ def _metadata_columns(items: list[ingest.Item]) -> dict:
         "declared_height": pa.array([_int32(md.height) for md in mds], pa.int32()),
         "metadata_raw": column("raw", pa.string()),
         "metadata_warnings": pa.array([md.warnings for md in mds], pa.list_(pa.string())),
+        "digital_source_type": column("digital_source_type", pa.string()),
     }
 
 

@@ -13,6 +13,9 @@ beats a sidecar):
 7. stealth metadata in the pixels' LSBs (A1111 extension, NovelAI), which `ingest.decode` extracts;
 8. `<name>.txt` (A1111 text or a plain prompt), then `<name>.json` (any of the shapes, or {prompt|parameters|caption}).
 
+Then, whatever those found, a C2PA manifest (`c2pa.py`, optional library) adds the digital source type, and the
+generator when none was named; alone it makes the source "c2pa" (no prompt: C2PA declares none).
+
 Metadata is untrusted (issue #24): nothing here raises. A reader that meets malformed input records why in
 `warnings`; when nothing usable is left the source is "unreadable" (metadata was there) or "none".
 """
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import os
 
-from . import a1111, comfyui, drawthings, fooocus, invokeai, novelai, swarmui
+from . import a1111, c2pa, comfyui, drawthings, fooocus, invokeai, novelai, swarmui
 from .base import (
     GenerationMetadata,
     Unreadable,
@@ -52,6 +55,12 @@ WRAPPER_MAX_PROMPT_CHARS = MAX_SIDECAR_BYTES
 
 STEALTH_KEY = "stealth_metadata"
 STEALTH_ERROR_KEY = "stealth_metadata_error"
+C2PA_KEY = c2pa.C2PA_KEY
+
+
+def c2pa_info(data: bytes) -> dict:
+    """The entry for a decoded image's info dict that lets `read_metadata` read its C2PA manifest (none without)."""
+    return {C2PA_KEY: data} if c2pa.present(data) else {}
 
 
 def stealth_info(image) -> dict:
@@ -267,10 +276,22 @@ def read_metadata(
         if md is None:
             md = collector.fallback or GenerationMetadata(source="unreadable" if collector.broken else "none")
         md.warnings[:0] = collector.notes
+        if isinstance(info, dict) and isinstance(info.get(C2PA_KEY), bytes):
+            _add_c2pa(md, c2pa.read(info[C2PA_KEY]))
         return finish(md, max_prompt_chars, max_raw_chars)
     except Exception as exc:  # the promise is "never raises": the last net under the readers' own
         notes = [*collector.notes, f"metadata reader failed: {type(exc).__name__}: {exc}"]
         return finish(GenerationMetadata(source="unreadable", warnings=notes), max_prompt_chars, max_raw_chars)
+
+
+def _add_c2pa(md: GenerationMetadata, facts: c2pa.Facts) -> None:
+    """C2PA complements the other readers: it never replaces their prompt, generator or raw text."""
+    md.warnings.extend(facts.warnings)
+    md.generator = md.generator or facts.generator
+    md.digital_source_type = facts.digital_source_type
+    if facts.found and md.source == "none":
+        md.source = "c2pa"
+        md.raw = md.raw or facts.raw
 
 
 def prompt_of(md: GenerationMetadata) -> tuple[str | None, str]:

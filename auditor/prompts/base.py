@@ -38,6 +38,7 @@ class GenerationMetadata:
     width: int | None = None
     height: int | None = None
     raw: str | None = None
+    digital_source_type: str | None = None  # C2PA's IPTC code: what kind of process made it (c2pa.py)
     warnings: list[str] = field(default_factory=list)
 
     def has_fields(self) -> bool:
@@ -162,7 +163,7 @@ def finish(md: GenerationMetadata, max_prompt_chars: int, max_raw_chars: int) ->
             md.warnings.append(f"{what} cut at {limit} characters (was {len(value)})")
             value = value[:limit]
         setattr(md, name, value if value.strip() or name == "raw" else None)
-    for name in ("generator", "model_name", "model_hash", "sampler"):
+    for name in ("generator", "model_name", "model_hash", "sampler", "digital_source_type"):
         value = getattr(md, name)
         if value is not None:
             setattr(md, name, clean(value)[:MAX_FIELD_CHARS].strip() or None)
