@@ -32,3 +32,21 @@ def insert_finished_scan(con, attributed: int, scan_id: int = 1) -> None:
         " n_attributed, status) VALUES (?, now(), now(), '/out', 'enc', 1, 2, 'cpu', ?, ?, 'finished')",
         [scan_id, attributed, attributed],
     )
+
+
+def store_made_before(path, version: int):
+    """A store as a release before migration `version` left it (only the earlier migrations applied), holding one
+    generation that release scanned. Close it; the next Store(path) applies the rest."""
+    import pytest
+
+    from auditor import store
+
+    every = store.migrations()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(store, "migrations", lambda: [m for m in every if m[0] < version])
+        old = store.Store(path)
+    old.con.execute(
+        "INSERT INTO generations (id, sha256, path, prompt, prompt_source, width, height, first_scan_id)"
+        " VALUES (7, 'abc', '/out/x.png', 'a fox', 'a1111', 8, 8, 3)"
+    )
+    return old

@@ -19,6 +19,7 @@ from auditor.scan import scan
 from auditor.store import Store
 
 from . import metadata_fixtures as fx
+from .helpers import store_made_before
 
 GENERATED = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 COMPOSITE = "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia"
@@ -279,16 +280,8 @@ def test_scan_stores_generator_and_digital_source_type(sign, indexed_ws, tmp_pat
 
 
 def test_migration_008_applies_to_a_store_made_before_it(tmp_path):
-    from auditor import workspace
-
-    ws = workspace.init(tmp_path)
-    with Store(ws.db_path) as store:  # as 007 left it, with a generation scanned then
-        store.con.execute("ALTER TABLE generations DROP COLUMN digital_source_type")
-        store.con.execute("DELETE FROM schema_migrations WHERE version = 8")
-        store.con.execute(
-            "INSERT INTO generations (id, sha256, path, prompt, prompt_source, width, height, first_scan_id)"
-            " VALUES (1, 'abc', '/old.png', 'a fox', 'a1111', 8, 8, 1)"
-        )
-    with Store(ws.db_path) as store:
+    path = tmp_path / "audit.duckdb"
+    store_made_before(path, 8).close()
+    with Store(path) as store:
         assert 8 in {row[0] for row in store.rows("SELECT version FROM schema_migrations")}
         assert store.rows("SELECT prompt, digital_source_type FROM generations") == [("a fox", None)]

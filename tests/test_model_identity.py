@@ -19,7 +19,7 @@ from auditor.scan import scan
 from auditor.store import Store
 
 from . import metadata_fixtures as fx
-from .helpers import audit, sql_value
+from .helpers import audit, sql_value, store_made_before
 
 OTHER_HASH = "0123456789"
 
@@ -276,21 +276,13 @@ def test_report_filters_generations_by_the_model_they_declare(two_models, tmp_pa
 
 
 def test_migration_007_applies_to_a_store_made_before_it(tmp_path):
-    ws = workspace.init(tmp_path)
     added = [
         "negative_prompt", "generator", "metadata_source", "model_name", "model_hash", "seed", "steps", "sampler",
         "cfg_scale", "declared_width", "declared_height", "metadata_raw", "metadata_warnings", "model_match",
     ]  # fmt: skip
-    with Store(ws.db_path) as store:  # as 006 left it, with a generation scanned then
-        store.con.execute("DROP TABLE checkpoint_hashes")
-        for column in added:
-            store.con.execute(f"ALTER TABLE generations DROP COLUMN {column}")
-        store.con.execute("DELETE FROM schema_migrations WHERE version = 7")
-        store.con.execute(
-            "INSERT INTO generations (id, sha256, path, prompt, prompt_source, width, height, first_scan_id)"
-            " VALUES (1, 'abc', '/old.png', 'a fox', 'a1111', 8, 8, 1)"
-        )
-    with Store(ws.db_path) as store:
+    path = tmp_path / "audit.duckdb"
+    store_made_before(path, 7).close()
+    with Store(path) as store:
         assert 7 in {row[0] for row in store.rows("SELECT version FROM schema_migrations")}
         row = store.rows(f"SELECT prompt, {', '.join(added)} FROM generations")[0]
         assert row == ("a fox", *[None] * len(added))

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from auditor import ingest, store, workspace
+from auditor import ingest, workspace
 from auditor.errors import storage_message
 from auditor.scan import scan
 from auditor.store import Store
 
-from .helpers import sql_value
+from .helpers import sql_value, store_made_before
 
 
 def _png(seed: int, size: int = 16) -> bytes:
@@ -89,24 +89,17 @@ def test_every_file_keeps_its_prompt_and_a_rerun_adds_no_rows(indexed_ws, tmp_pa
     assert sql_value(indexed_ws, "select count(distinct generation_id) from generation_files") == 3
 
 
-def test_migration_006_backfills_generation_files(tmp_path, monkeypatch):
-    every = store.migrations()
-    monkeypatch.setattr(store, "migrations", lambda: [m for m in every if m[0] < 6])
+def test_migration_006_backfills_generation_files(tmp_path):
     path = tmp_path / "audit.duckdb"
-    with Store(path) as old:
-        old.con.execute(
-            "INSERT INTO generations (id, sha256, path, prompt, prompt_source, width, height, first_scan_id)"
-            " VALUES (7, 'abc', '/out/x.png', 'a prompt', 'a1111', 8, 8, 3)"
-        )
+    with store_made_before(path, 6) as old:
         old.con.execute(
             "INSERT INTO scans (id, started_at, root, encoder_id, index_version, top_k, device, status)"
             " VALUES (3, now(), '/out', 'e', 1, 5, 'cpu', 'finished')"
         )
-    monkeypatch.setattr(store, "migrations", lambda: every)
     with Store(path) as new:
         assert new.rows(
             "select generation_id, path, prompt, prompt_source, first_scan_id, last_scan_id from generation_files"
-        ) == [(7, "/out/x.png", "a prompt", "a1111", 3, 3)]
+        ) == [(7, "/out/x.png", "a fox", "a1111", 3, 3)]
         assert new.rows("select n_unsupported from scans") == [(0,)]
 
 
