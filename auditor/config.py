@@ -136,10 +136,13 @@ class EncoderSettings(Section):
 @dataclass
 class ScanSettings(Section):
     name: ClassVar[str] = "scan"
-    doc: ClassVar[str] = "The image limits apply wherever the product reads an image, not only in scans."
+    doc: ClassVar[str] = "The image and text limits apply wherever the product reads an image, not only in scans."
     top_k: int = setting(50, "Training images attributed per generation (also --top-k).")
     max_pixels: int = setting(50_000_000, "Larger images are refused (decompression bombs).")
     max_file_bytes: int = setting(256 * 1024 * 1024, "Larger files are refused.")
+    max_text_chars: int = setting(
+        65536, "Longer prompts and captions are cut to this; the cut is noted (generations.metadata_warnings)."
+    )
     loader_threads: int = setting(4, "Decoding threads feeding the encoder.")
 
 

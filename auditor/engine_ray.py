@@ -110,11 +110,11 @@ class _Embedder:
         captions = {row["i"]: row.get("caption") for row in rows}
         paths = {os.fsdecode(row["path"]): row["i"] for row in rows}
 
-        def text_of(path: str, info: dict) -> tuple[str | None, str]:
+        def text_of(path: str, info: dict, max_chars: int) -> tuple[str | None, str] | prompts.GenerationMetadata:
             caption = captions[paths[path]]
             if self.searcher is None:  # training image: manifest caption, else sidecar
-                return (caption, "manifest") if caption else prompts.read_sidecar(path)
-            return prompts.read_generation(path, info)
+                return (caption[:max_chars], "manifest") if caption else prompts.read_sidecar(path, max_chars)
+            return prompts.read_generation(path, info, max_chars)
 
         def is_recorded(sha: str, path: str) -> bool:
             return self.recorded is None or (sha, path) in self.recorded

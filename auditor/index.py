@@ -59,8 +59,9 @@ def read_manifest(manifest: str | os.PathLike) -> list[Entry]:
     previous = csv.field_size_limit()
     reader = None
     try:
-        # A caption may be as long as a sidecar's (prompts.WRAPPER_MAX_PROMPT_CHARS); csv's default stops at 128 KiB.
-        csv.field_size_limit(max(previous, prompts.WRAPPER_MAX_PROMPT_CHARS))
+        # A caption field may be as long as a sidecar is read (later cut to [scan] max_text_chars); csv's default
+        # stops at 128 KiB.
+        csv.field_size_limit(max(previous, prompts.MAX_SIDECAR_BYTES))
         with open(manifest, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             missing = {"path", "contributor_id"} - set(reader.fieldnames or [])
@@ -335,11 +336,11 @@ class IndexLedger:
     def is_embedded(self, sha256: str) -> bool:
         return sha256 in self.registered and self.registered[sha256] in self.embedded
 
-    def caption_of(self, path: str, info: dict) -> tuple[str | None, str]:
+    def caption_of(self, path: str, info: dict, max_chars: int) -> tuple[str | None, str]:
         entry = self.by_path[path]
         if entry.caption:
-            return entry.caption, "manifest"
-        return prompts.read_sidecar(path)
+            return entry.caption[:max_chars], "manifest"
+        return prompts.read_sidecar(path, max_chars)
 
     def take(self, item: ingest.Item, entry: Entry) -> bool:
         """Count one loaded file (of `entry`); True when its content should be embedded in the caller's next batch."""

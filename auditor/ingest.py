@@ -117,6 +117,7 @@ def _ignorable(entry: os.DirEntry, extension: str) -> bool:
 class Limits:
     max_pixels: int = 50_000_000
     max_file_bytes: int = 256 * 1024 * 1024
+    max_text_chars: int = prompts.MAX_PROMPT_CHARS
 
 
 _NOT_REGULAR = (
@@ -281,7 +282,7 @@ def load_item(
     limits: Limits,
     transform: Callable[[Image.Image], np.ndarray],
     skip: Callable[[str], bool] = lambda sha: False,
-    text_of: Callable[[str, dict], prompts.GenerationMetadata | tuple[str | None, str]] = prompts.read_generation,
+    text_of: Callable[[str, dict, int], prompts.GenerationMetadata | tuple[str | None, str]] = prompts.read_generation,
     recorded: Callable[[str, str], bool] = lambda sha, path: True,
 ) -> Item:
     """`text_of` gives the text the encoder embeds: a GenerationMetadata (kept as `item.metadata`; its prompt is the
@@ -299,7 +300,7 @@ def load_item(
                 return item
         image, info = decode(data, limits)
         item.width, item.height = image.size
-        described = text_of(path, info)
+        described = text_of(path, info, limits.max_text_chars)
         if isinstance(described, prompts.GenerationMetadata):
             item.metadata = described
             described = prompts.prompt_of(described)

@@ -58,10 +58,11 @@ class Workspace:
 
     @property
     def limits(self):
-        """How any image is read here: the [scan] pixel and byte limits."""
+        """How any image and its text are read here: the [scan] pixel, byte and text limits."""
         from .ingest import Limits
 
-        return Limits(self.config.scan.max_pixels, self.config.scan.max_file_bytes)
+        scan = self.config.scan
+        return Limits(scan.max_pixels, scan.max_file_bytes, scan.max_text_chars)
 
     def device(self, override: str | None = None):
         """The torch device of a command: its --device, else [encoder] device."""

@@ -476,8 +476,9 @@ def test_huge_sidecar_is_read_only_up_to_the_limit_and_the_prompt_is_capped(tmp_
         "prompt cut at 65536 characters (was 1048576)",
         "raw metadata cut at 65536 characters (was 1048576)",
     ]
-    # The (prompt, source) wrapper keeps a megabyte whole: the scan promises not to lose prompts.
-    assert len(read_sidecar(str(tmp_path / "h.png"))[0]) == 1048576
+    # The wrappers take the cap the workspace sets ([scan] max_text_chars); the sidecar is read far enough for it.
+    assert len(read_sidecar(str(tmp_path / "h.png"))[0]) == 65536
+    assert len(read_sidecar(str(tmp_path / "h.png"), max_chars=2**20)[0]) == 2**20
 
 
 def test_nul_and_control_characters_are_removed():

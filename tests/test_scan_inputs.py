@@ -270,3 +270,27 @@ def test_a_stopped_scan_is_marked_interrupted(indexed_ws, tmp_path, signum):
     ws = workspace.load(indexed_ws.root)  # the next scan completes the rest
     result = scan(ws, folder, top_k=3)
     assert (result.attributed + attributed, result.skipped) == (1500, attributed)
+
+
+def test_prompts_are_cut_at_the_workspace_limit_and_the_cut_is_noted(indexed_ws, tmp_path):
+    long_prompt = "".join(f"word{n} " for n in range(20_000)).strip()  # 188,889 characters
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    (outputs / "long.png").write_bytes(_png(1))
+    (outputs / "long.txt").write_text(long_prompt)
+    scan(indexed_ws, outputs, top_k=3)
+    prompt, warnings = _rows(indexed_ws, "select prompt, metadata_warnings from generations")[0]
+    assert prompt == long_prompt[:65536]
+    assert warnings == [
+        f"prompt cut at 65536 characters (was {len(long_prompt)})",
+        f"raw metadata cut at 65536 characters (was {len(long_prompt)})",
+    ]
+
+    indexed_ws.config.scan.max_text_chars = 200_000
+    (outputs / "long_too.png").write_bytes(_png(2))
+    (outputs / "long_too.txt").write_text(long_prompt)
+    scan(indexed_ws, outputs, top_k=3)
+    prompt, warnings = _rows(
+        indexed_ws, "select prompt, metadata_warnings from generations where path like '%too.png'"
+    )[0]
+    assert prompt == long_prompt and warnings == [f"raw metadata cut at 65536 characters (was {len(long_prompt)})"]

@@ -49,9 +49,6 @@ __all__ = [
 MAX_PROMPT_CHARS = 65536
 MAX_RAW_CHARS = 65536
 MAX_SIDECAR_BYTES = 1024 * 1024
-# The (prompt, source) wrappers feed the scan, whose contract is that a prompt is stored whole
-# (tests/test_bad_input.py keeps a megabyte one); the sidecar byte limit still bounds it.
-WRAPPER_MAX_PROMPT_CHARS = MAX_SIDECAR_BYTES
 
 STEALTH_KEY = "stealth_metadata"
 STEALTH_ERROR_KEY = "stealth_metadata_error"
@@ -302,20 +299,25 @@ def prompt_of(md: GenerationMetadata) -> tuple[str | None, str]:
     return None, "unreadable" if md.source == "unreadable" else "none"
 
 
-def read_generation(path: str, info: dict) -> GenerationMetadata:
-    """Everything a scan stores about a generated image: the prompt whole (as `read_prompt`), the raw metadata
-    capped at MAX_RAW_CHARS."""
-    return read_metadata(path, info, max_prompt_chars=WRAPPER_MAX_PROMPT_CHARS, max_raw_chars=MAX_RAW_CHARS)
+def _text_limits(max_chars: int) -> dict:
+    # A configured cap above the sidecar read limit must be reachable: UTF-8 takes at most 4 bytes a character.
+    return {"max_prompt_chars": max_chars, "max_sidecar_bytes": max(MAX_SIDECAR_BYTES, 4 * max_chars)}
 
 
-def read_prompt(path: str, info: dict) -> tuple[str | None, str]:
+def read_generation(path: str, info: dict, max_chars: int = MAX_PROMPT_CHARS) -> GenerationMetadata:
+    """Everything a scan stores about a generated image: prompts cut at `max_chars` ([scan] max_text_chars), the
+    raw metadata at MAX_RAW_CHARS, each cut noted in the warnings."""
+    return read_metadata(path, info, max_raw_chars=MAX_RAW_CHARS, **_text_limits(max_chars))
+
+
+def read_prompt(path: str, info: dict, max_chars: int = MAX_PROMPT_CHARS) -> tuple[str | None, str]:
     """(prompt, source) for callers that only want the prompt; (None, 'none') when there is none."""
-    return prompt_of(read_metadata(path, info, max_prompt_chars=WRAPPER_MAX_PROMPT_CHARS, max_raw_chars=0))
+    return prompt_of(read_metadata(path, info, max_raw_chars=0, **_text_limits(max_chars)))
 
 
-def read_sidecar(path: str) -> tuple[str | None, str]:
+def read_sidecar(path: str, max_chars: int = MAX_PROMPT_CHARS) -> tuple[str | None, str]:
     """(prompt, source) from `<name>.txt` or `<name>.json` beside `path` only (training captions)."""
-    return prompt_of(read_metadata(path, None, max_prompt_chars=WRAPPER_MAX_PROMPT_CHARS, max_raw_chars=0))
+    return prompt_of(read_metadata(path, None, max_raw_chars=0, **_text_limits(max_chars)))
 
 
 def parse_a1111(text: str) -> str:

@@ -25,7 +25,7 @@ from PIL import Image, PngImagePlugin, features
 
 ATTRIBUTED = "attributed"
 TOO_LARGE_BYTES = 3 * 1024 * 1024  # the test sets scan.max_file_bytes below this
-PROMPT_CAP = 1024 * 1024  # auditor.prompts.WRAPPER_MAX_PROMPT_CHARS: a longer prompt is stored cut to this
+PROMPT_CAP = 65536  # [scan] max_text_chars: a longer prompt is stored cut to this
 DEEP_LEVELS = 1100  # one-character folder names: about 2,200 characters of path, under PATH_MAX (4096)
 NESTING = 100_000
 
@@ -145,7 +145,7 @@ def build(out: str | os.PathLike) -> dict[str, Case]:
     image_case("script_prompt.png", fresh(), source="a1111", prompt=script, pnginfo=_a1111(script))
     image_case("sql_prompt.png", fresh(), source="a1111", prompt=sql, pnginfo=_a1111(sql))
     long_prompt = "a very long prompt " * (1024 * 1024 // 19)
-    sidecar_case("megabyte_prompt.png", ".txt", long_prompt.encode(), "sidecar_txt", long_prompt.strip())
+    sidecar_case("megabyte_prompt.png", ".txt", long_prompt.encode(), "sidecar_txt", long_prompt[:PROMPT_CAP].strip())
     chunk_case("bad_comfy_json.png", b"tEXt", "prompt", b"{not json", "unreadable", None)
     json_prompt = json.dumps({"prompt": "from a json sidecar"}).encode()
     sidecar_case("json_sidecar.png", ".json", json_prompt, "sidecar_json", "from a json sidecar")
@@ -190,7 +190,7 @@ def build(out: str | os.PathLike) -> dict[str, Case]:
     ):
         image_case(name, fresh(), source="a1111", prompt=prompt, pnginfo=_a1111(prompt))
     # Metadata over the caps: stored cut, or left unread; the image is attributed either way.
-    huge = "".join(f"word{n} " for n in range(400_000))  # about 4.4 MB of text, over the 1 MiB prompt cap
+    huge = "".join(f"word{n} " for n in range(400_000))  # about 4.4 MB of text, over the sidecar read limit
     sidecar_case("huge_sidecar.png", ".txt", huge.encode(), "sidecar_txt", huge[:PROMPT_CAP].strip())
     chunk_case("huge_comfy.png", b"tEXt", "prompt", _comfy_graph(huge[:2_000_000]).encode(), "comfyui",
                huge[:PROMPT_CAP])  # fmt: skip
