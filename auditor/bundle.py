@@ -64,6 +64,7 @@ class Tower:
     state: dict[str, torch.Tensor]
     source: dict
     tokenizer: object | None = None  # a Hugging Face tokenizer to save in the bundle
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Created:
     path: Path
     encoder_id: str
     config: dict
+    notes: list[str] = field(default_factory=list)  # what the user may want to check (e.g. QuickGELU)
 
 
 def sha256_file(path: Path) -> str:
@@ -243,7 +245,15 @@ def open_clip_tower(source: Source, tower: str | None) -> Tower:
             text["tokenizer_kwargs"]["tokenizer_mode"] = text_cfg["tokenizer_mode"]
     elif "siglip" in name.lower() and tower != "image":
         raise BundleError(f"{what}: its config names no Hugging Face tokenizer (text_cfg.hf_tokenizer_name)")
-    return Tower({**part, "image": image, "text": text}, model.state_dict(), _source_record(source, path), tokenizer)
+    notes = []
+    if source.weights is not None and not cfg.get("quick_gelu") and open_clip.get_model_config(f"{name}-quickgelu"):
+        # Nothing in the weights says which activation they were trained with.
+        notes.append(
+            f"{name} uses GELU; if {source.weights} holds OpenAI's original CLIP weights (trained with QuickGELU), "
+            f"create the bundle with {name}-quickgelu instead"
+        )
+    record = _source_record(source, path)
+    return Tower({**part, "image": image, "text": text}, model.state_dict(), record, tokenizer, notes)
 
 
 def _hf_tokenizer(name: str, what: str):
@@ -419,7 +429,8 @@ def create(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     directory, written = embed.read_config(directory)
-    return Created(directory, encoder_id, written)
+    notes = image.notes + (text.notes if text is not image else [])
+    return Created(directory, encoder_id, written, notes)
 
 
 __all__ = [

@@ -161,9 +161,10 @@ def test_quickgelu_comes_from_the_config_name_and_the_pretrained_tag(registry, t
 
     # The same weights under the two names: QuickGELU only where the config says so, and different features.
     weights = registry["auditor-tiny"]
-    plain = embed.load(
-        bundle.create(tmp_path / "gelu", "clip", bundle.Source("open_clip", "auditor-tiny", weights)).path
-    )
+    made = bundle.create(tmp_path / "gelu", "clip", bundle.Source("open_clip", "auditor-tiny", weights))
+    # Nothing in the weights tells the activations apart: the create says which config to use for OpenAI's.
+    assert "auditor-tiny uses GELU" in made.notes[0] and "auditor-tiny-quickgelu instead" in made.notes[0]
+    plain = embed.load(made.path)
     quick = embed.load(
         bundle.create(tmp_path / "quick", "clip", bundle.Source("open_clip", "auditor-tiny-quickgelu", weights)).path
     )
@@ -178,6 +179,7 @@ def test_quickgelu_comes_from_the_config_name_and_the_pretrained_tag(registry, t
     )
     _cache(hf_cache, "tests/auditor-tiny-openai", "open_clip_model.safetensors", weights)
     made = bundle.create(tmp_path / "tag", "clip", bundle.Source("open_clip", "auditor-tiny/openai"))
+    assert not made.notes
     assert made.config["image_tower"]["model_config"]["quick_gelu"] is True
     assert made.config["image_tower"]["std"] == [0.2] * 3
     tagged = embed.load(made.path)

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.text import Text
 
-from .app import DeviceOption, app, out
+from .app import DeviceOption, announce, app, out
 from .commands import use_encoder
 
 encoder_app = typer.Typer(
@@ -67,6 +67,8 @@ def encoder_create(
     dims += f" ⊕ text {config['text_tower']['library']}:{config['text_tower']['model_name']}"
     out.print(Text(f"wrote encoder {made.encoder_id} ({dims}) to {made.path}"))
     out.print(Text(f"use it: audit init --encoder {made.path}, or audit encoder use {made.path}"))
+    for note in made.notes:
+        announce(f"note: {note}")
 
 
 @encoder_app.command("use")
