@@ -30,7 +30,7 @@ from .errors import BundleError
 
 PRESETS = ("clip", "dino-clip")
 LIBRARIES = {"open_clip": "open_clip", "open-clip": "open_clip", "timm": "timm", "transformers": "transformers"}
-LIBRARIES["hf"] = "transformers"
+LIBRARIES["hf"] = LIBRARIES["transformers"]  # an alias: transformers:ID or hf:ID
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -130,16 +130,23 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
 def _strict(model: torch.nn.Module, state: dict, path: Path, what: str) -> None:
     """Load `state` into `model`, refusing any missing, unexpected or misshapen weight in one line."""
+    _load_strictly(lambda: model.load_state_dict(state, strict=False), path, what)
+
+
+def _load_strictly(load, path: Path, what: str) -> None:
+    """Run `load` (a non-strict load returning missing and unexpected keys) and refuse any mismatch in one line."""
     try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
+        result = load()
+    except RuntimeError as exc:  # a weight of the wrong shape
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else lines[0]
-        raise BundleError(f"{path} does not fit {what}: {detail}") from None
-    problems = []
-    for label, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)):
-        if keys:
-            problems.append(f"{len(keys)} {label} weights (e.g. {', '.join(sorted(keys)[:3])})")
+        raise BundleError(f"{path} does not fit {what}: {lines[1] if len(lines) > 1 else lines[0]}") from None
+    if not result:  # open_clip's big_vision (.npz) conversion reports nothing
+        return
+    problems = [
+        f"{len(keys)} {label} weights (e.g. {', '.join(sorted(keys)[:3])})"
+        for label, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys))
+        if keys
+    ]
     if problems:
         raise BundleError(
             f"{path} does not fit {what}: {'; '.join(problems)}; check the model name matches the weights"
@@ -205,19 +212,8 @@ def open_clip_tower(source: Source, tower: str | None) -> Tower:
         )
 
     model = embed._build_open_clip({"model_config": cfg, "model_name": name})
-    try:
-        result = open_clip.load_checkpoint(model, str(path), strict=False)
-    except RuntimeError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        raise BundleError(f"{path} does not fit {what}: {lines[1] if len(lines) > 1 else lines[0]}") from None
-    if result:  # (missing, unexpected) after open_clip's own conversions (npz SigLIP weights return {})
-        problems = [
-            f"{len(keys)} {label} weights (e.g. {', '.join(sorted(keys)[:3])})"
-            for label, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys))
-            if keys
-        ]
-        if problems:
-            raise BundleError(f"{path} does not fit {what}: {'; '.join(problems)}; check the model name matches")
+    # open_clip's own conversions first (older layouts, logit scale shapes, position embedding sizes), then strict.
+    _load_strictly(lambda: open_clip.load_checkpoint(model, str(path), strict=False), path, what)
     embed.open_clip_tower(model, tower)
 
     vision = cfg["vision_cfg"]
