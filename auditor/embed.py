@@ -2,9 +2,10 @@
 
 A bundle is a directory with `encoder.json` and safetensors weights:
 
-- `image_tower`: an open_clip model (its image tower) or a timm model, with the
-  preprocessing it was trained with (size, mean, std);
-- `text_tower` (optional): an open_clip model (its text tower);
+- `image_tower`: an open_clip model (its image tower), a timm model or a transformers
+  CLIP vision model, with the preprocessing it was trained with (size, mean, std);
+- `text_tower` (optional): an open_clip model (its text tower) or a transformers CLIP
+  text model; `auditor/bundle.py` builds both from pretrained model names;
 - `head` (optional): the distilled MLP of FastGDA (docs/methods.md §2);
 - `strengths` (optional): a learned influence strength per training image, keyed by
   the image's sha256 (distill.py);
@@ -122,7 +123,11 @@ class ProjectionHead(torch.nn.Module):
 
 def _hash_bundle(directory: Path, config: dict) -> str:
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for name in sorted(_weight_files(config)):
+    tokenizer = (config.get("text_tower") or {}).get("tokenizer")
+    files = sorted(_weight_files(config))
+    if tokenizer:
+        files += sorted(str(f.relative_to(directory)) for f in (directory / tokenizer).rglob("*") if f.is_file())
+    for name in files:
         with open(directory / name, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
@@ -141,10 +146,40 @@ def _load_weights(directory: Path, part: dict) -> dict[str, torch.Tensor]:
 def _build_open_clip(part: dict):
     import open_clip
 
+    cfg = dict(part["model_config"])
+    # SigLIP-style configs (custom_text) build as CustomTextCLIP, as open_clip's factory does.
+    custom = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
     try:
-        return open_clip.model.CLIP(**part["model_config"])
+        model = (open_clip.model.CustomTextCLIP if custom else open_clip.model.CLIP)(**cfg)
     except (TypeError, KeyError) as exc:
         raise BundleError(f"open_clip model_config of {part.get('model_name', '?')} is invalid: {exc}") from None
+    return open_clip_tower(model, part.get("tower"))
+
+
+def open_clip_tower(model: torch.nn.Module, tower: str | None) -> torch.nn.Module:
+    """The open_clip model with only the tower a bundle part uses ('image' or 'text'; None keeps both), so a DINO ⊕ CLIP
+    bundle stores and loads the CLIP text weights alone. The logit scale and bias stay (two scalars)."""
+    if tower == "text":
+        model.visual = None
+    elif tower == "image":
+        for name in [n for n in model._modules if n != "visual"]:
+            setattr(model, name, None)
+        for name in [n for n in model._parameters if n not in ("logit_scale", "logit_bias")]:
+            setattr(model, name, None)
+    elif tower is not None:
+        raise BundleError(f"open_clip tower must be 'image' or 'text', not {tower!r}")
+    return model
+
+
+def _build_transformers(part: dict):
+    import transformers
+
+    names = {"CLIPVisionModelWithProjection": "CLIPVisionConfig", "CLIPTextModelWithProjection": "CLIPTextConfig"}
+    cls = part.get("model_class")
+    if cls not in names:
+        raise BundleError(f"transformers model_class must be one of {sorted(names)}, not {cls!r}")
+    config = getattr(transformers, names[cls]).from_dict(part["model_config"])
+    return getattr(transformers, cls)(config)
 
 
 def _load_state(module: torch.nn.Module, state: dict, directory: Path, part: dict, role: str) -> None:
@@ -204,9 +239,14 @@ class Encoder:
         text_cfg = config.get("text_tower")
         self._text_model = self._tower(text_cfg, "text_tower", cache) if text_cfg else None
         if text_cfg:
-            from open_clip.tokenizer import SimpleTokenizer
+            from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
-            self._tokenizer = SimpleTokenizer(context_length=int(text_cfg.get("context_length", 77)))
+            length = int(text_cfg.get("context_length", 77))
+            if text_cfg.get("tokenizer"):  # a Hugging Face tokenizer saved in the bundle (SigLIP-style towers)
+                kwargs = text_cfg.get("tokenizer_kwargs", {})
+                self._tokenizer = HFTokenizer(str(directory / text_cfg["tokenizer"]), context_length=length, **kwargs)
+            else:  # OpenAI's CLIP BPE, shared by open_clip and transformers CLIP
+                self._tokenizer = SimpleTokenizer(context_length=length)
         # Prompts repeat across generations; embedding each distinct text once saves the text tower's time.
         self._text_cache: dict[str, torch.Tensor] = {}
         self.image_dim = self._probe_image_dim()
@@ -226,7 +266,8 @@ class Encoder:
         self.metric = "dot" if config.get("strengths") else "cosine"
 
     def _tower(self, part: dict, role: str, cache: dict) -> torch.nn.Module:
-        key = json.dumps(part.get("model_config") or part.get("model_name"), sort_keys=True) + part["weights"]
+        key = json.dumps([part.get("model_config") or part.get("model_name"), part.get("tower")], sort_keys=True)
+        key += part["weights"]
         if key in cache:
             return cache[key]
         library = part.get("library")
@@ -239,9 +280,12 @@ class Encoder:
                 model = timm.create_model(part["model_name"], pretrained=False, num_classes=0, **part.get("kwargs", {}))
             except RuntimeError as exc:
                 raise BundleError(f"timm model {part['model_name']!r}: {exc}") from None
+        elif library == "transformers":
+            model = _build_transformers(part)
         else:
             raise BundleError(
-                f"encoder bundle {self.directory}: {role}.library must be 'open_clip' or 'timm', not {library!r}"
+                f"encoder bundle {self.directory}: {role}.library must be 'open_clip', 'timm' or 'transformers', "
+                f"not {library!r}"
             )
         _load_state(model, _load_weights(self.directory, part), self.directory, part, role)
         model.to(self.device).eval()
@@ -249,9 +293,17 @@ class Encoder:
         return model
 
     def _image_forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.config["image_tower"]["library"] == "open_clip":
+        library = self.config["image_tower"]["library"]
+        if library == "open_clip":
             return self._image_model.encode_image(pixels)
+        if library == "transformers":
+            return self._image_model(pixel_values=pixels).image_embeds
         return self._image_model(pixels)
+
+    def _text_forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.config["text_tower"]["library"] == "transformers":
+            return self._text_model(input_ids=tokens).text_embeds
+        return self._text_model.encode_text(tokens)
 
     def _probe_image_dim(self) -> int:
         size = self.preprocess.image_size
@@ -260,7 +312,7 @@ class Encoder:
 
     def _probe_text_dim(self) -> int:
         with torch.inference_mode():
-            return int(self._text_model.encode_text(self._tokenizer([""]).to(self.device)).shape[-1])
+            return int(self._text_forward(self._tokenizer([""]).to(self.device)).shape[-1])
 
     @torch.inference_mode()
     def embed_images(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -279,7 +331,7 @@ class Encoder:
             if len(self._text_cache) + len(new) > 50_000:
                 self._text_cache.clear()
             tokens = self._tokenizer(new).to(self.device)
-            embedded = torch.nn.functional.normalize(self._text_model.encode_text(tokens).float(), dim=-1)
+            embedded = torch.nn.functional.normalize(self._text_forward(tokens).float(), dim=-1)
             self._text_cache.update(zip(new, embedded))
         for i, text in enumerate(texts):
             if text:
@@ -421,6 +473,7 @@ __all__ = [
     "save",
     "read_config",
     "open_clip_bundle_config",
+    "open_clip_tower",
     "resolve_device",
     "softmax_shares",
     "strengths_state",
