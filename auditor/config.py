@@ -131,6 +131,12 @@ class EncoderSettings(Section):
     path: str = setting("", "Encoder bundle directory (docs/encoders.md).")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N; also --device.")
     batch_size: int = setting(64, "Images per encoder forward pass.")
+    precision: str = setting(
+        "fp32",
+        "The towers' arithmetic in `audit index` and `audit scan`: fp32, or bf16/fp16 autocast (faster on a GPU; the "
+        "head and the search stay fp32; top-k overlap with fp32 tested >= 0.99 with bf16, docs/benchmarks.md).",
+        ("fp32", "bf16", "fp16"),
+    )
 
 
 @dataclass

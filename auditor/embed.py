@@ -25,6 +25,7 @@ search ranks by inner product (`metric` 'dot' instead of 'cosine').
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -201,6 +202,13 @@ class Preprocess:
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
 
+    @property
+    def min_decode_size(self) -> int:
+        """The shorter side a decoder may reduce an image to (JPEG DCT scaling, ingest.decode): this transform
+        resizes the shorter side to `image_size` and centre-crops, so any decode whose shorter side is at least that
+        gives the same crop, up to resampling differences."""
+        return self.image_size
+
     def __call__(self, image: Image.Image) -> np.ndarray:
         size = self.image_size
         resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[self.interpolation]
@@ -216,13 +224,24 @@ class Preprocess:
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-class Encoder:
-    """A loaded encoder bundle on one device."""
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    def __init__(self, directory: Path, config: dict, device: torch.device):
+
+class Encoder:
+    """A loaded encoder bundle on one device.
+
+    `precision` ('fp32', 'bf16', 'fp16'): the towers run under torch autocast at that dtype (matrix products and
+    convolutions in half precision, normalisations and reductions in fp32); their embeddings, the head and
+    everything after stay fp32. The encoder id does not change with it: it trades speed for rounding, the
+    attributions stay the same (tests/test_speed.py)."""
+
+    def __init__(self, directory: Path, config: dict, device: torch.device, precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise AuditError(f"unknown encoder precision {precision!r}; use {', '.join(PRECISIONS)}")
         self.directory = directory
         self.config = config
         self.device = device
+        self.precision = precision
         self.id = _hash_bundle(directory, config)
         self.name = config.get("name", directory.name)
         self.temperature = float(config.get("temperature", 0.05))
@@ -292,13 +311,20 @@ class Encoder:
         cache[key] = model
         return model
 
+    def _autocast(self):
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
     def _image_forward(self, pixels: torch.Tensor) -> torch.Tensor:
         library = self.config["image_tower"]["library"]
-        if library == "open_clip":
-            return self._image_model.encode_image(pixels)
-        if library == "transformers":
-            return self._image_model(pixel_values=pixels).image_embeds
-        return self._image_model(pixels)
+        with self._autocast():
+            if library == "open_clip":
+                return self._image_model.encode_image(pixels).float()
+            if library == "transformers":
+                return self._image_model(pixel_values=pixels).image_embeds.float()
+            return self._image_model(pixels).float()
 
     def _text_forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.config["text_tower"]["library"] == "transformers":
@@ -317,8 +343,14 @@ class Encoder:
     @torch.inference_mode()
     def embed_images(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings of preprocessed pixels (N, 3, S, S)."""
-        pixels = torch.as_tensor(pixels).to(self.device, non_blocking=True)
-        return torch.nn.functional.normalize(self._image_forward(pixels).float(), dim=-1)
+        pixels = torch.as_tensor(pixels)
+        if self.device.type == "cuda" and not pixels.is_cuda:
+            # Page-locked host memory: the copy runs by DMA, asynchronously with the host (the stream orders it
+            # before the forward); pageable memory would be staged through a pinned buffer and block.
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        else:
+            pixels = pixels.to(self.device)
+        return torch.nn.functional.normalize(self._image_forward(pixels), dim=-1)
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str | None]) -> torch.Tensor:
@@ -331,7 +363,9 @@ class Encoder:
             if len(self._text_cache) + len(new) > 50_000:
                 self._text_cache.clear()
             tokens = self._tokenizer(new).to(self.device)
-            embedded = torch.nn.functional.normalize(self._text_forward(tokens).float(), dim=-1)
+            with self._autocast():
+                embedded = self._text_forward(tokens).float()
+            embedded = torch.nn.functional.normalize(embedded, dim=-1)
             self._text_cache.update(zip(new, embedded))
         for i, text in enumerate(texts):
             if text:
@@ -391,11 +425,11 @@ def read_config(directory: str | Path) -> tuple[Path, dict]:
     return directory.resolve(), config
 
 
-def load(directory: str | Path, device: str | torch.device = "cpu") -> Encoder:
-    """Load a bundle from local files only."""
+def load(directory: str | Path, device: str | torch.device = "cpu", precision: str = "fp32") -> Encoder:
+    """Load a bundle from local files only; `precision` is the towers' ([encoder] precision)."""
     directory, config = read_config(directory)
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    return Encoder(directory, config, device)
+    return Encoder(directory, config, device, precision)
 
 
 def save(directory: str | Path, config: dict, weights: dict[str, dict[str, torch.Tensor]]) -> str:

@@ -91,8 +91,9 @@ class _Embedder:
         skip: frozenset,
         search: dict | None = None,
         recorded: frozenset | None = None,
+        precision: str = "fp32",
     ):
-        self.encoder = embed.load(encoder_dir, device)
+        self.encoder = embed.load(encoder_dir, device, precision)
         self.limits = limits
         self.loader_threads = loader_threads
         self.skip = skip
@@ -102,7 +103,7 @@ class _Embedder:
         self.searcher = None
         if search is not None:
             table = VectorTable.for_encoder(search["uri"], self.encoder, IndexSettings(**search["settings"]))
-            self.searcher = table.searcher()
+            self.searcher = table.searcher(device=self.encoder.device)
             self.k = search["k"]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -260,6 +261,7 @@ def index_training(
                     limits=limits,
                     loader_threads=ws.config.scan.loader_threads,
                     skip=skip,
+                    precision=ws.config.encoder.precision,
                 ).materialize()
                 meta = pa.concat_tables(ray.get(embedded.drop_columns(["vector"]).to_arrow_refs())).sort_by("i")
             except ray.exceptions.RayError as exc:
@@ -345,6 +347,7 @@ def scan(
             skip=frozenset(ledger.done),
             search=search,
             recorded=frozenset(ledger.recorded),
+            precision=ws.config.encoder.precision,
         )
         with ledger.running():
             try:

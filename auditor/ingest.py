@@ -209,27 +209,42 @@ def _without_png_text(data: bytes) -> bytes | None:
     return b"".join(parts)
 
 
-def decode(data: bytes, limits: Limits) -> tuple[Image.Image, dict]:
-    """Decode the first frame as RGB (EXIF orientation applied); returns the image and its text metadata."""
+def decode(data: bytes, limits: Limits, reduce_to: int = 0) -> tuple[Image.Image, dict]:
+    """Decode the first frame as RGB (EXIF orientation applied); returns the image and its text metadata.
+
+    `reduce_to` > 0: a JPEG may be decoded at a DCT scale of 1/2, 1/4 or 1/8 whose shorter side stays at least
+    `reduce_to` pixels (`decode_sized` gives the full size as well)."""
+    image, info, _ = decode_sized(data, limits, reduce_to)
+    return image, info
+
+
+def decode_sized(data: bytes, limits: Limits, reduce_to: int = 0) -> tuple[Image.Image, dict, tuple[int, int]]:
+    """`decode`, plus the image's full (declared, oriented) size, which a reduced decode makes smaller than the
+    image it returns."""
     try:
-        return _decode(data, limits)
+        return _decode(data, limits, reduce_to)
     except IngestError as exc:
         stripped = _without_png_text(data) if any(word in exc.reason for word in _PNG_TEXT_BOMB) else None
         if stripped is None:
             raise
-        image, info = _decode(stripped, limits)
+        image, info, size = _decode(stripped, limits, reduce_to)
         info.update(prompts.c2pa_info(data))  # the manifest signs the file as it is, text chunks and all
         if prompts.STEALTH_KEY not in info:  # metadata hidden in the pixels is still read
             info[METADATA_ERROR_KEY] = "PNG text chunks over Pillow's size limits (a metadata bomb): left unread"
-        return image, info
+        return image, info, size
 
 
-def _decode(data: bytes, limits: Limits) -> tuple[Image.Image, dict]:
+# EXIF orientations that swap width and height (transposed and rotated by 90 or 270 degrees).
+_SWAPS_AXES = {5, 6, 7, 8}
+EXIF_ORIENTATION = 0x0112
+
+
+def _decode(data: bytes, limits: Limits, reduce_to: int = 0) -> tuple[Image.Image, dict, tuple[int, int]]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            width, height = image.size
+            width, height = image.size  # the declared size: the pixel limit applies to it, never to a reduced decode
             if width * height > limits.max_pixels:
                 raise IngestError(
                     "too_many_pixels",
@@ -237,6 +252,10 @@ def _decode(data: bytes, limits: Limits) -> tuple[Image.Image, dict]:
                 )
             info = dict(image.info)
             exif = image.getexif()
+            # JPEG DCT scaling: libjpeg decodes at 1/2, 1/4 or 1/8 scale for a fraction of the work. Only JPEG (no
+            # stealth metadata lives in its pixels); PNG has no reduced decoding and Pillow's WebP decoder offers none.
+            if reduce_to > 0 and image.format == "JPEG" and min(width, height) >= 2 * reduce_to:
+                image.draft(None, (reduce_to, reduce_to))
             image.load()
             # Stealth metadata lives in the alpha/RGB LSBs, which orientation and the RGB conversion destroy.
             for key in (prompts.STEALTH_KEY, prompts.STEALTH_ERROR_KEY, prompts.C2PA_KEY):  # a text chunk must not
@@ -244,6 +263,7 @@ def _decode(data: bytes, limits: Limits) -> tuple[Image.Image, dict]:
             info.update(prompts.c2pa_info(data))  # the C2PA reader reads the file itself
             if image.format in ("PNG", "WEBP"):
                 info.update(prompts.stealth_info(image))
+            swapped = exif.get(EXIF_ORIENTATION) in _SWAPS_AXES if exif else False
             image = ImageOps.exif_transpose(image)
             rgb = to_rgb(image)
     except IngestError:
@@ -257,7 +277,7 @@ def _decode(data: bytes, limits: Limits) -> tuple[Image.Image, dict]:
     comment = exif.get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT) if exif else None
     if comment is not None:
         info["exif_user_comment"] = comment
-    return rgb, info
+    return rgb, info, ((height, width) if swapped else (width, height))
 
 
 @dataclass
@@ -284,13 +304,20 @@ def load_item(
     skip: Callable[[str], bool] = lambda sha: False,
     text_of: Callable[[str, dict, int], prompts.GenerationMetadata | tuple[str | None, str]] = prompts.read_generation,
     recorded: Callable[[str, str], bool] = lambda sha, path: True,
+    reduce_to: int | None = None,
 ) -> Item:
     """`text_of` gives the text the encoder embeds: a GenerationMetadata (kept as `item.metadata`; its prompt is the
     text, never its negative prompt) or a (text, source) pair (training captions).
 
     `skip(sha256)`: the content is already attributed, so it is not embedded again; its text is still read
-    (a decode, no embedding) unless `recorded(sha256, display path)` says this file was recorded before."""
+    (a decode, no embedding) unless `recorded(sha256, display path)` says this file was recorded before.
+
+    `reduce_to`: the shorter side a reduced decode must keep (`decode`); None asks the transform (an encoder's
+    `Preprocess.min_decode_size`; 0 when it has none), 0 always decodes at full size. `item.width`/`height` are the
+    full size either way."""
     item = Item(display_path(path))
+    if reduce_to is None:
+        reduce_to = getattr(transform, "min_decode_size", 0)
     try:
         data = read_bytes(path, limits)
         item.sha256 = hashlib.sha256(data).hexdigest()
@@ -298,8 +325,7 @@ def load_item(
             item.skipped = True
             if recorded(item.sha256, item.path):
                 return item
-        image, info = decode(data, limits)
-        item.width, item.height = image.size
+        image, info, (item.width, item.height) = decode_sized(data, limits, reduce_to)
         described = text_of(path, info, limits.max_text_chars)
         if isinstance(described, prompts.GenerationMetadata):
             item.metadata = described

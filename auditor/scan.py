@@ -104,10 +104,10 @@ def scan(
     # numpy's BLAS (the exact search) single-threaded: its threads spin after each call and took the CPU the
     # model and the decoders need (docs/benchmarks.md: scan/bare 0.69 -> 0.89-0.98 in an A/B run on 2 cores).
     with ws.writing(), ScanLedger.store_for(ws) as store, threadpool_limits(1, user_api="blas"):
-        encoder = embed.load(ws.encoder_dir(), ws.device(device))
+        encoder = embed.load(ws.encoder_dir(), ws.device(device), ws.config.encoder.precision)
         table = VectorTable.for_encoder(ws.lancedb_uri, encoder, ws.config.index)
         reconcile(store, table)  # vectors of an interrupted `audit index` must not be attributed
-        searcher = table.searcher()
+        searcher = table.searcher(device=encoder.device)
         identity = model_identity.prepare(ws, store, announce)
         ledger = ScanLedger(store, root, encoder, table, top_k, identity=identity)
         ledger.note_unreadable(found)

@@ -5,7 +5,9 @@ vector spaces and earlier tables stay readable. The encoder also sets the metric
 or the inner product for a bundle with influence strengths (embed.py). Below `index.ann_threshold` rows the
 search is exact (a matrix product over all vectors, the highest precision); from it on
 LanceDB's ANN index (IVF_PQ by default) is built and used with a refine step that
-re-ranks by exact distance.
+re-ranks by exact distance. On a CUDA device the search is exact at any size while the training
+vectors fit in a fraction of the GPU's free memory: one matrix product per batch of queries there
+(`MatrixSearcher`) is faster than the ANN probe and loses nothing.
 
 Appended rows: LanceDB searches rows the index does not cover exactly, so appends are
 found at once. We measured (lancedb 0.40 / lance 14) that `optimize()`'s incremental
@@ -148,11 +150,33 @@ class VectorTable:
             replace=True,
         )
 
-    def searcher(self, exact: bool | None = None) -> Searcher:
-        if self.count() == 0:
+    def searcher(self, exact: bool | None = None, device=None) -> Searcher:
+        """The search a scan uses: on a CUDA `device` (a torch device or its name) exact, as one matrix product
+        on the GPU, whenever the vectors fit there (`exact=False` still forces the ANN index); else exact below
+        `index.ann_threshold` rows (numpy) and the ANN index from it on."""
+        rows = self.count()
+        if rows == 0:
             raise AuditError("the training index is empty for this encoder; run `audit index TRAINING_DIR` first")
+        if (
+            device is not None
+            and exact is not False
+            and str(device).startswith("cuda")
+            and _fits_gpu(rows, self.dim, device)
+        ):
+            return MatrixSearcher(self, device)
         use_ann = (self.ann_index() is not None) if exact is None else not exact
         return AnnSearcher(self) if use_ann else ExactSearcher(self)
+
+
+GPU_SHARE = 0.25  # of the device's free memory the training vectors and one batch's scores may take
+QUERY_CHUNK = 1024  # queries per matrix product (their scores are QUERY_CHUNK x rows floats)
+
+
+def _fits_gpu(rows: int, dim: int, device) -> bool:
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return 4 * rows * (dim + QUERY_CHUNK) <= GPU_SHARE * free
 
 
 class Searcher:
@@ -174,6 +198,36 @@ class ExactSearcher(Searcher):
         top_scores = np.take_along_axis(scores, top, axis=1)
         order = np.argsort(-top_scores, axis=1, kind="stable")
         return self.ids[np.take_along_axis(top, order, axis=1)], np.take_along_axis(top_scores, order, axis=1)
+
+
+class MatrixSearcher(Searcher):
+    """Exact search as one torch matrix product on any device: the scan's on a GPU (fp32, like ExactSearcher;
+    tests compare the two on the CPU). `vectors`/`ids` given directly, or read from the table."""
+
+    def __init__(self, table: VectorTable | None, device="cpu", *, ids=None, vectors=None):
+        import torch
+
+        if table is not None:
+            data = table.table.to_lance().to_table(columns=["id", "vector"])
+            ids = data["id"].to_numpy()
+            vectors = data["vector"].combine_chunks().flatten().to_numpy().reshape(-1, table.dim)
+        self.device = torch.device(device)
+        self.ids = np.asarray(ids, np.int64)
+        self.vectors = torch.from_numpy(np.array(vectors, np.float32)).to(self.device)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        k = min(k, len(self.ids))
+        all_ids, all_scores = [], []
+        with torch.inference_mode():
+            for start in range(0, max(1, len(queries)), QUERY_CHUNK):
+                q = torch.as_tensor(np.ascontiguousarray(queries[start : start + QUERY_CHUNK], np.float32))
+                scores, top = torch.topk(q.to(self.device) @ self.vectors.T, k, dim=1, sorted=True)
+                all_ids.append(top.cpu().numpy())
+                all_scores.append(scores.cpu().numpy())
+        top = np.concatenate(all_ids) if all_ids else np.zeros((0, k), np.int64)
+        return self.ids[top], np.concatenate(all_scores).astype(np.float32, copy=False)
 
 
 class AnnSearcher(Searcher):

@@ -1,9 +1,15 @@
 """End-to-end `audit scan` throughput vs the bare encoder forward, and peak memory at 1k vs 10k images.
 
     python bench/bench_scan.py [--quick] [--device cpu|cuda] [--arch ViT-B-32] [--batch-size 64]
+                               [--image-size 512] [--format png|jpeg|webp]
 
-Images: synthetic 32x32 digit PNGs (tests/small_world.py palettes, scikit-learn's digits, a little seeded noise so
-every file is distinct content), each with its prompt in an A1111 `parameters` chunk. Encoder: the example
+Images: synthetic digit images (tests/small_world.py palettes, scikit-learn's digits, a little seeded noise so
+every file is distinct content) at the encoder's input size, or `--image-size` pixels square, as PNG (the prompt in
+an A1111 `parameters` chunk), JPEG (quality 90) or lossy WebP (quality 90; both with the prompt in the EXIF
+UserComment, as A1111 writes it). Decoding is timed first, on up to 128 of them: `ingest.load_item` (read, sha256,
+decode, prompt, preprocess) on one thread, as images per CPU-second of that thread (per core; robust to a shared
+machine), with reduced decoding (JPEG DCT scaling, what the scan does) and at full size (before it), then in
+`ingest.load_all` with N threads (wall clock). Encoder: the example
 world's (examples/digits_world/encoder) when present, else the tiny test encoder; `--arch ViT-B-32` builds a
 random-weight full-size open_clip ViT-B/32 bundle from open_clip's bundled config (no download).
 Each size runs in its own subprocess: the bare forward (`Encoder.features` on pre-decoded, pre-processed
@@ -27,10 +33,13 @@ from pathlib import Path
 import _common  # noqa: F401  (sys.path, HF offline)
 from _common import WORLD, report
 
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
-def build_images(root: Path, n: int, size: int, seed: int = 0) -> None:
-    """n distinct PNGs under root; the first 1,000 in root/part0 (so the 1k run scans a subfolder)."""
+
+def build_images(root: Path, n: int, size: int, seed: int = 0, fmt: str = "png") -> None:
+    """n distinct images under root; the first 1,000 in root/part0 (so the 1k run scans a subfolder)."""
     import numpy as np
+    from PIL import Image
     from sklearn.datasets import load_digits
 
     from tests import small_world
@@ -47,9 +56,14 @@ def build_images(root: Path, n: int, size: int, seed: int = 0) -> None:
         image = small_world.digit_image(digits.images[j], ink, paper, size)
         noisy = np.clip(np.asarray(image, np.int16) + rng.integers(-3, 4, (size, size, 3)), 0, 255).astype(np.uint8)
         prompt = small_world.caption(int(digits.target[j]), who)
-        from PIL import Image
-
-        Image.fromarray(noisy, "RGB").save(folder / f"gen_{i:05d}.png", pnginfo=small_world.a1111(prompt, i))
+        target = folder / f"gen_{i:05d}.{EXTENSIONS[fmt]}"
+        if fmt == "png":
+            Image.fromarray(noisy, "RGB").save(target, pnginfo=small_world.a1111(prompt, i))
+        else:
+            exif = Image.Exif()
+            parameters = small_world.a1111(prompt, i).chunks[0][1].split(b"\x00", 1)[1].decode()
+            exif.get_ifd(0x8769)[0x9286] = b"UNICODE\x00" + parameters.encode("utf-16-be")
+            Image.fromarray(noisy, "RGB").save(target, quality=90, exif=exif.tobytes())
 
 
 def build_vit_b32(directory: Path) -> Path:
@@ -80,20 +94,26 @@ def child(args) -> None:
     encoder = embed.load(ws.encoder_dir(), args.device)
     paths = ingest.discover(args.images)[: args.bare_images]
     limits = ingest.Limits()
+    decoding = decode_rates(
+        ingest.discover(args.images)[:128], limits, encoder.preprocess, ws.config.scan.loader_threads
+    )
     items = [ingest.load_item(p, limits, encoder.preprocess) for p in paths]
     pixels = torch.from_numpy(np.stack([item.pixels for item in items]))
     texts = [item.text for item in items]
     bs = args.batch_size
 
+    forward_cpu: list[float] = []  # process CPU-seconds per image of each bare run
+
     def bare_forward() -> float:
         encoder.features(pixels[:bs], texts[:bs])  # warm-up (and the text cache, as the scan has)
         if encoder.device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(0, len(items), bs):
             encoder.features(pixels[i : i + bs], texts[i : i + bs])
         if encoder.device.type == "cuda":
             torch.cuda.synchronize()
+        forward_cpu.append((time.process_time() - c0) / len(items))
         return len(items) / (time.perf_counter() - t0)
 
     # The machine is shared: bare is timed before and twice after the scan, and the median used.
@@ -116,6 +136,8 @@ def child(args) -> None:
                 "bare_images_per_s": bare,
                 "bare_runs": bare_runs,
                 "bare_images": len(items),
+                "forward_cpu_s_per_image": sorted(forward_cpu)[1],
+                **decoding,
                 "peak_rss_mib": peak_rss_mib,
                 "device": str(encoder.device),
                 "encoder": encoder.name,
@@ -123,6 +145,33 @@ def child(args) -> None:
             }
         )
     )
+
+
+def decode_rates(paths: list[str], limits, preprocess, threads: int) -> dict:
+    """Images per CPU-second of one thread, reduced and full-size decoding; wall images/s with N loader threads."""
+    import os
+
+    from auditor import ingest
+
+    def per_core(reduce_to) -> float:
+        for path in paths[:4]:  # warm the page cache and Pillow's plugins
+            ingest.load_item(path, limits, preprocess, reduce_to=reduce_to)
+        c0 = time.thread_time()
+        for path in paths:
+            ingest.load_item(path, limits, preprocess, reduce_to=reduce_to)
+        return len(paths) / (time.thread_time() - c0)
+
+    def pooled(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in ingest.load_all(paths, n, lambda path: ingest.load_item(path, limits, preprocess), ahead=64):
+            pass
+        return len(paths) / (time.perf_counter() - t0)
+
+    rates = {"decode_per_core": per_core(None), "decode_per_core_full": per_core(0)}
+    rates["decode_per_core_reduced_over_full"] = rates["decode_per_core"] / rates["decode_per_core_full"]
+    counts = sorted({1, os.cpu_count() or 1, threads})
+    rates["decode_threads"] = {n: pooled(n) for n in counts}
+    return rates
 
 
 def main() -> None:
@@ -136,6 +185,8 @@ def main() -> None:
         "--sizes", type=int, nargs="*", default=None, help="image counts (default 1000 10000; --quick 1000)"
     )
     parser.add_argument("--bare-images", type=int, default=2048, help="images timed in the bare forward")
+    parser.add_argument("--image-size", type=int, default=None, help="square images of this many pixels")
+    parser.add_argument("--format", choices=sorted(EXTENSIONS), default="png", help="image format")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ws", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--images", type=Path, help=argparse.SUPPRESS)
@@ -163,10 +214,11 @@ def main() -> None:
     training = WORLD / "training" if use_world else small_world.build_training(work / "training")
 
     t0 = time.perf_counter()
-    images = work / "images"
-    if len(list(images.rglob("*.png"))) < max(sizes):
+    size = args.image_size or size
+    images = work / ("images" if args.image_size is None and args.format == "png" else f"images_{args.format}{size}")
+    if len(list(images.rglob(f"*.{EXTENSIONS[args.format]}"))) < max(sizes):
         shutil.rmtree(images, ignore_errors=True)
-        build_images(images, max(sizes), size)
+        build_images(images, max(sizes), size, fmt=args.format)
     print(f"{max(sizes)} images built in {time.perf_counter() - t0:.0f} s")
     template = work / "indexed"
     if not template.exists():
@@ -201,17 +253,26 @@ def main() -> None:
         )
         run = json.loads(out.stdout.strip().splitlines()[-1])
         run["ratio"] = run["scan_images_per_s"] / run["bare_images_per_s"]
+        # The most scan/bare can reach when decoding shares the cores with the forward: forward CPU-seconds over
+        # forward + decode CPU-seconds per image (DuckDB and the search left out).
+        decode_cpu = 1 / run["decode_per_core"]
+        run["ceiling"] = run["forward_cpu_s_per_image"] / (run["forward_cpu_s_per_image"] + decode_cpu)
         runs.append(run)
 
     rows = [
         [
             r["images"],
+            f"{args.format} {size}²",
             r["device"],
             args.batch_size,
+            round(r["decode_per_core"], 1),
+            round(r["decode_per_core_reduced_over_full"], 2),
+            " / ".join(f"{n}: {v:.1f}" for n, v in r["decode_threads"].items()),
             round(r["scan_images_per_s"], 1),
             round(r["scan_wall_images_per_s"], 1),
             round(r["bare_images_per_s"], 1),
             round(r["ratio"], 3),
+            round(r["ceiling"], 3),
             round(r["peak_rss_mib"]),
         ]
         for r in runs
@@ -225,17 +286,25 @@ def main() -> None:
     }
     if len(runs) == 2:
         data["rss_growth_1k_to_10k"] = runs[1]["peak_rss_mib"] / runs[0]["peak_rss_mib"]
+    name = "bench_scan" if not args.arch else f"bench_scan_{args.arch}_{args.device}"
+    if args.image_size is not None or args.format != "png":
+        name += f"_{args.format}{size}"
     report(
-        "bench_scan" if not args.arch else f"bench_scan_{args.arch}_{args.device}",
+        name,
         f"scan vs bare encoder ({runs[0]['encoder']}, dim {runs[0]['dim']})",
         [
             "images",
+            "format",
             "device",
             "batch",
+            "decode img/s per core",
+            "reduced ÷ full decode",
+            "decode img/s by threads",
             "scan img/s",
             "scan img/s (wall, incl. load)",
             "bare img/s",
             "scan/bare",
+            "ceiling",
             "peak RSS MiB",
         ],
         rows,
