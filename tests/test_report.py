@@ -397,10 +397,10 @@ def test_payout_files_period_and_cli(seeded, tmp_path):
 
 def test_training_set_policy_pays_by_images_indexed(seeded, tmp_path):
     ws, _ = seeded
-    with Store(ws.db_path) as store:
-        store.con.execute(
-            "DELETE FROM training_images WHERE id IN (SELECT id FROM training_images WHERE contributor_id = 'dmitri' LIMIT 3)"
-        )
+    with Store(ws.db_path) as store:  # three of dmitri's images gone, with the rankings citing them
+        gone = [row[0] for row in store.rows("SELECT id FROM training_images WHERE contributor_id = 'dmitri' LIMIT 3")]
+        store.con.execute("DELETE FROM attributions WHERE list_contains(?, training_id)", [gone])
+        store.con.execute("DELETE FROM training_images WHERE list_contains(?, id)", [gone])
     result = build_report(ws, tmp_path / "report", pool=Decimal("100.00"), policy="training-set")
     amounts = dict(zip(result.payouts["contributor_id"], result.payouts["amount_minor"]))
     assert sum(amounts.values()) == 10000
