@@ -18,6 +18,9 @@ from . import memory
 from .diffusion import TrainingSet, read_image, trainable
 
 
+PROBE_ROWS = 4
+
+
 @dataclass(frozen=True)
 class Timings:
     """Seconds per operation on this device, at the batch sizes the run will use."""
@@ -69,11 +72,12 @@ def probe(training: TrainingSet, params: dict[str, torch.nn.Parameter]) -> Timin
     text = model.text_embeddings([caption]).cpu()
     text_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
-    rows = 2
+    # Rows per forward as the run batches them, up to a few: the image at several timesteps.
+    batch = model.batch("forward")
+    rows = max(2, min(PROBE_ROWS, batch.size))
     timesteps = torch.randint(0, model.num_train_timesteps, (rows,), generator=gen)
     noise = torch.randn((rows, *latent.shape[1:]), generator=gen)
     x, c = latent.expand(rows, -1, -1, -1).to(dev), text.expand(rows, -1, -1).to(dev)
-    batch = model.batch("forward")
     with memory.guard(batch, "measuring the cost (UNet rows)"):
         t0 = time.perf_counter()
         with torch.no_grad():
