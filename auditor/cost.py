@@ -17,7 +17,6 @@ import torch
 from . import memory
 from .diffusion import TrainingSet, read_image, trainable
 
-
 PROBE_ROWS = 4
 
 
