@@ -114,8 +114,8 @@ def customise(
                 t = torch.randint(0, model.num_train_timesteps, (len(x),), generator=gen)
                 noise = torch.randn(x.shape, generator=gen)
                 optimizer.zero_grad()
-                for start in range(0, len(x), micro.size):
-                    rows = slice(start, start + micro.size)
+                for first in range(0, len(x), micro.size):
+                    rows = slice(first, first + micro.size)
                     loss = model.denoising_loss(x[rows].to(dev), c[rows].to(dev), t[rows].to(dev), noise[rows].to(dev))
                     (loss.sum() / len(x)).backward()  # the batch mean, accumulated over its parts
                 optimizer.step()
