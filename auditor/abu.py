@@ -21,7 +21,6 @@ The uncorrected Δ is kept as `raw_influence`.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import cost, memory
 from .config import ConfirmSettings
 from .diffusion import (
     DiffusionModel,
@@ -63,9 +63,10 @@ class Unlearner:
         t = torch.randint(0, self.model.num_train_timesteps, (draws,), generator=gen)
         noise = torch.randn((draws, *latents.shape[1:]), generator=gen)
         total = {name: torch.zeros_like(p) for name, p in self.params.items()}
-        with trainable(self.params):
-            for start in range(0, draws, self.settings.batch_size):
-                sl = slice(start, start + self.settings.batch_size)
+        batch = self.batch("gradient")
+        with trainable(self.params), memory.guard(batch, "computing the unlearning gradient"):
+            for start in range(0, draws, batch.size):
+                sl = slice(start, start + batch.size)
                 dev = self.model.device
                 loss = self.model.denoising_loss(
                     latents[index[sl]].to(dev), text_emb[index[sl]].to(dev), t[sl].to(dev), noise[sl].to(dev)
@@ -74,6 +75,10 @@ class Unlearner:
                 for name, g in zip(self.params, grads):
                     total[name] += g
         return total
+
+    def batch(self, kind: str) -> memory.Batch:
+        """UNet rows per pass: [confirm] batch_size, or sized from the memory available."""
+        return self.model.batch(kind, self.settings.batch_size, "[confirm] batch_size")
 
     def natural_step(self, grad: Delta) -> Delta:
         return {name: self.settings.step_size * self.inverse[name] * g / self.n_train for name, g in grad.items()}
@@ -106,12 +111,14 @@ class Unlearner:
         step = torch.arange(rows) % n_t
         out = torch.empty(rows)
         dev = self.model.device
-        for start in range(0, rows, self.settings.batch_size):
-            sl = slice(start, start + self.settings.batch_size)
-            c, s = cand[sl], step[sl]
-            out[sl] = self.model.denoising_loss(
-                latents[c].to(dev), text_emb[c].to(dev), self.score_timesteps[s].to(dev), noise[c, s].to(dev)
-            ).cpu()
+        batch = self.batch("forward")
+        with memory.guard(batch, "scoring candidates"):
+            for start in range(0, rows, batch.size):
+                sl = slice(start, start + batch.size)
+                c, s = cand[sl], step[sl]
+                out[sl] = self.model.denoising_loss(
+                    latents[c].to(dev), text_emb[c].to(dev), self.score_timesteps[s].to(dev), noise[c, s].to(dev)
+                ).cpu()
         return out.view(len(ids), n_t).mean(dim=1).double().numpy()
 
     @staticmethod
@@ -128,7 +135,9 @@ def estimate_fisher(model: DiffusionModel, latents: torch.Tensor, text_emb: torc
     params = kv_parameters(model.unet)
     gen = torch.Generator().manual_seed(seed)
     fisher = {name: torch.zeros_like(p) for name, p in params.items()}
-    with trainable(params):
+    # One sample per backward pass (the Fisher squares per-sample gradients): only checkpointing lowers its memory.
+    batch = memory.Batch(1, "[memory] gradient_checkpointing", False, "UNet row per backward pass")
+    with trainable(params), memory.guard(batch, "estimating the Fisher"):
         for i in range(len(latents)):
             t = torch.randint(0, model.num_train_timesteps, (1,), generator=gen)
             noise = torch.randn((1, *latents.shape[1:]), generator=gen)
@@ -151,18 +160,29 @@ class AbuTeacher:
         self.model = training.model
         self.settings = settings
         self.cache_dir = cache_dir
-        self.unlearner = Unlearner(self.model, settings, self._fisher(), len(training.ids))
+        self._unlearner: Unlearner | None = None
+        self._fisher_path = (
+            cache_dir / f"fisher-{self.model.hash}-{settings.fisher_samples}-{settings.seed}.safetensors"
+        )
         self._reference_delta_path = cache_dir / f"abu-reference-{settings.reference_key(self.model.hash)}.safetensors"
         self._reference_delta = None
 
+    @property
+    def unlearner(self) -> Unlearner:
+        """Made on first use: the Fisher (computed once per model, cached) is the run's first heavy step, after the
+        estimate."""
+        if self._unlearner is None:
+            self._unlearner = Unlearner(self.model, self.settings, self._fisher(), len(self.training.ids))
+        return self._unlearner
+
     def _fisher(self) -> dict[str, torch.Tensor]:
         s = self.settings
-        path = self.cache_dir / f"fisher-{self.model.hash}-{s.fisher_samples}-{s.seed}.safetensors"
+        path = self._fisher_path
         if path.is_file():
             return load_file(str(path), device=str(self.model.device))
         rng = np.random.default_rng(s.seed)
         sample = rng.choice(self.training.ids, size=min(s.fisher_samples, len(self.training.ids)), replace=False)
-        latents, flipped, captions = self.training.inputs(sample)
+        latents, flipped, captions = self.training.encode(sample)
         if self.model.flip_augmentation:
             # Training saw flips half the time; so does the Fisher.
             use_flip = torch.from_numpy(rng.random(len(sample)) < 0.5)
@@ -173,6 +193,16 @@ class AbuTeacher:
         return fisher
 
     # ------------------------------------------------------------------ the teacher protocol
+    def prepare(self, progress=None, announce=lambda message: None) -> None:
+        """The once-per-model work, after the estimate: the Fisher and the reference update (both cached)."""
+        if self._unlearner is None and not self._fisher_path.is_file():
+            announce(
+                f"AbU: estimating the Fisher on {min(self.settings.fisher_samples, len(self.training.ids))} training images (once per model)"
+            )
+        _ = self.unlearner  # computes the Fisher
+        if self.settings.bias_correction:
+            self.reference_delta()
+
     def describe(self) -> str:
         return f"AbU, {self.settings.timesteps} timesteps{' × 2 (flip)' if self.model.flip_augmentation else ''}"
 
@@ -193,23 +223,36 @@ class AbuTeacher:
         candidate the same push up or down in every query, which payouts summed instead of averaging away (experiments/teacher_signal/TEACHER.md)."""
         return int(np.random.SeedSequence([self.settings.seed, query_seed, stream]).generate_state(1)[0])
 
-    def estimate(self, n_generations: int, n_candidates: int) -> float:
-        """Seconds for the run, from timing one scoring batch on this device."""
+    def estimate(self, n_generations: int, n_candidates: int) -> cost.Estimate:
+        """Seconds per phase of the run, from operations timed on one training image (cost.probe) before any heavy
+        work: the Fisher and the reference update when they are not cached yet, then per generation."""
+        self.timings = cost.probe(self.training, kv_parameters(self.model.unet))
+        return self.phases(self.timings, n_generations, n_candidates)
+
+    def phases(self, t: cost.Timings, n_generations: int, n_candidates: int) -> cost.Estimate:
         s = self.settings
-        probe = self.training.ids[: min(8, len(self.training.ids))]
-        latents, _, captions = self.training.inputs(probe)
-        t0 = time.perf_counter()
-        self.unlearner.losses(probe, latents, captions)
-        per_row = (time.perf_counter() - t0) / (len(probe) * s.timesteps)
+        flip = self.model.flip_augmentation
+        n_train = len(self.training.ids)
+        phases = {}
+        if not self._fisher_path.is_file() and self._unlearner is None:
+            n = min(s.fisher_samples, n_train)
+            phases["Fisher (once per model)"] = cost.encoding(t, n, flip) + n * t.gradient
+        if s.bias_correction and not self._reference_delta_path.is_file() and self._reference_delta is None:
+            n = min(s.reference_samples, n_train)
+            phases["reference update (once per model)"] = (
+                cost.encoding(t, n, flip) + s.draws * max(1, n // 8) * t.gradient
+            )
+        # Candidates are encoded once per session; queries share many of them.
+        phases["encoding candidates"] = cost.encoding(t, min(n_train, n_candidates * max(1, n_generations)), flip)
+        unlearning = t.vae + t.text + s.steps * s.draws * t.gradient
         # Losses before, after the query's update and after the reference update, all under the query's noise.
         passes = 3 if s.bias_correction else 2
-        scoring_rows = passes * n_candidates * s.timesteps * (2 if self.model.flip_augmentation else 1)
-        # A backward pass costs about two forwards; the first generation also measures the noise floor (a second
-        # unlearning and scoring), and the first run makes the reference update.
-        once = scoring_rows + 3 * s.draws * s.steps
-        if s.bias_correction and not self._reference_delta_path.is_file():
-            once += 3 * s.draws * max(1, s.reference_samples // 8)
-        return per_row * ((scoring_rows + 3 * s.draws * s.steps) * n_generations + once)
+        scoring = passes * n_candidates * s.timesteps * cost.views(flip) * t.forward
+        phases[f"unlearning ({n_generations} generation(s))"] = n_generations * unlearning
+        phases[f"scoring ({n_generations} generation(s))"] = n_generations * scoring
+        # The first generation also measures the noise floor: the unlearning again, scored under other noise.
+        phases["noise floor (first generation)"] = unlearning + scoring
+        return cost.rounded(phases)
 
     # ------------------------------------------------------------------ scoring
     def losses(self, ids, noise: int) -> np.ndarray:

@@ -197,7 +197,9 @@ class ConfirmSettings(Section):
     k: int = setting(10, "Top-k that decides agreement (mAP@k).")
     confirm_threshold: float = setting(0.3, "mAP@k at or above which a generation counts as confirmed.")
     batch_size: int = setting(
-        256, "Rows per forward; memory only: lowering it after running out of memory resumes the same run."
+        0,
+        "UNet rows (image × timestep) per AbU pass; 0: sized from the memory available ([memory]). Memory only: "
+        "lowering it after running out of memory resumes the same run.",
     )
     seed: int = setting(0, "Seed of the teacher's noise and samples.")
 
@@ -205,7 +207,9 @@ class ConfirmSettings(Section):
 
     def _teacher_values(self, selection: bool) -> dict:
         values = {k: v for k, v in asdict(self).items() if k not in ("method", "flip")}
-        values["batch_size"] = type(self).batch_size  # memory only: a smaller batch resumes the same run
+        # Memory only: a smaller batch resumes the same run. Fixed at the default it had before sizing (256), so runs
+        # and collections made then keep their hashes.
+        values["batch_size"] = 256
         if not selection:
             values.update(dict.fromkeys(self.SELECTION))
         return values
@@ -230,6 +234,32 @@ class ConfirmSettings(Section):
 
 
 @dataclass
+class MemorySettings(Section):
+    name: ClassVar[str] = "memory"
+    doc: ClassVar[str] = (
+        "Batch sizes of every stage that runs the diffusion model (`audit confirm`, `audit distill collect`, "
+        "`audit eval planted` / `counterfactual`); 0 sizes a batch from the memory available (free CUDA memory or "
+        "available RAM) and the model's resolution and widths (auditor/memory.py). Memory only: changing them resumes "
+        "the same run."
+    )
+    budget: float = setting(0.5, "Fraction of the memory available that an automatically sized batch may fill.")
+    vae_batch_size: int = setting(0, "Images per VAE encoding pass; 0: sized from the memory available.")
+    text_batch_size: int = setting(0, "Prompts per text-encoder pass; 0: sized from the memory available.")
+    unet_batch_size: int = setting(
+        0,
+        "UNet rows (image × timestep) per pass where the stage has no batch setting of its own ([confirm] batch_size, "
+        "[dtrak] batch_size); 0: sized from the memory available.",
+    )
+    gradient_checkpointing: str = setting(
+        "auto",
+        "Recompute UNet activations in the backward pass instead of keeping them (less memory, about a third more "
+        "time where gradients flow: Fisher, unlearning, D-TRAK, fine-tuning): on, off, or auto (on when fewer than "
+        "16 gradient rows would fit in the budget without it).",
+        ("auto", "on", "off"),
+    )
+
+
+@dataclass
 class DtrakSettings(Section):
     name: ClassVar[str] = "dtrak"
     doc: ClassVar[str] = "`audit confirm --method dtrak` (docs/methods.md §3)."
@@ -237,7 +267,11 @@ class DtrakSettings(Section):
     params: str = setting("kv", "Gradient parameters: kv (cross-attention keys/values, as AbU) or all.", ("kv", "all"))
     dim: int = setting(4096, "k of the random projection.")
     damping: float = setting(0.1, "λ = damping × trace(ΦᵀΦ)/k.")
-    batch_size: int = setting(16, "Samples whose per-sample gradients are held at once (memory only).")
+    batch_size: int = setting(
+        0,
+        "UNet rows (timestep × view of one sample) per backward pass of its per-sample gradient; 0: sized from the "
+        "memory available ([memory]). Memory only.",
+    )
     seed: int = setting(0, "Noise and projection seed.")
 
     def feature_key(self) -> str:
@@ -245,7 +279,8 @@ class DtrakSettings(Section):
         return hashlib.sha256(f"{self.timesteps}|{self.params}|{self.dim}|{self.seed}".encode()).hexdigest()[:12]
 
     def hash(self, *parts: str) -> str:
-        return settings_hash({**asdict(self), "batch_size": type(self).batch_size}, *parts)
+        # Memory only, fixed at its default before batches were sized (16) so earlier runs keep their hashes.
+        return settings_hash({**asdict(self), "batch_size": 16}, *parts)
 
 
 @dataclass
@@ -370,6 +405,7 @@ SECTIONS: tuple[type[Section], ...] = (
     IndexSettings,
     ConfirmSettings,
     DtrakSettings,
+    MemorySettings,
     DistillSettings,
     PlantedSettings,
     CounterfactualSettings,
@@ -392,6 +428,7 @@ class Config:
     index: IndexSettings = field(default_factory=IndexSettings)
     confirm: ConfirmSettings = field(default_factory=ConfirmSettings)
     dtrak: DtrakSettings = field(default_factory=DtrakSettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
     distill: DistillSettings = field(default_factory=DistillSettings)
     planted: PlantedSettings = field(default_factory=PlantedSettings)
     counterfactual: CounterfactualSettings = field(default_factory=CounterfactualSettings)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from . import diffusion, embed, ingest, metrics
+from . import cost, diffusion, embed, ingest, metrics
 from .abu import AbuTeacher
 from .config import ConfirmSettings
 from .dtrak import DtrakTeacher
@@ -49,6 +49,8 @@ class ConfirmResult:
     noise_floor: float | None = None
     signal_to_noise: float | None = None
     estimate_seconds: float = 0.0
+    estimate: cost.Estimate | None = None  # per phase, printed before any heavy work
+    generation_seconds: float = 0.0  # the sum of the generations' stored `seconds` (the run's setup is not in it)
     other_model: int = 0  # selected generations left out because they declare another model (see --any-model)
 
 
@@ -106,12 +108,14 @@ def confirm(
     progress: Progress | None = None,
     announce: Callable[[str], None] = lambda message: None,
     any_model: bool = False,
+    dry_run: bool = False,
     **overrides,
 ) -> ConfirmResult:
     """Confirm the fast attributions of the selected generations with a teacher (AbU or D-TRAK); returns what it did.
     Generations that declare another model than the workspace's (`generations.model_match = 'other'`) are left out
     and counted unless `any_model`. `overrides` are [confirm] settings; for D-TRAK, `timesteps` is its own
-    ([dtrak] timesteps)."""
+    ([dtrak] timesteps). The estimate per phase is announced before any heavy work (the Fisher, D-TRAK's features);
+    `dry_run` stops there, having written nothing to the store."""
     progress = progress or Silent()
     # Candidates, controls and agreement come from [confirm] whatever the teacher, so AbU and D-TRAK
     # verdicts on a generation are about the same candidates.
@@ -125,7 +129,8 @@ def confirm(
         training = training_set(ws, store, model_path, torch_device, selection.flip)
         encoder = embed.load(ws.encoder_dir(), torch_device)
         table = VectorTable.for_encoder(ws.lancedb_uri, encoder, ws.config.index)
-        reconcile(store, table)
+        if not dry_run:
+            reconcile(store, table)
         fast = _FastPath(encoder, table, table.searcher(), training.ids)
         flip = str(training.model.flip_augmentation)
         if method == "abu":
@@ -135,8 +140,9 @@ def confirm(
             settings_hash = dtrak_settings.hash(
                 training.model.hash, "dtrak", encoder.id, flip, json.dumps(selection.selection(), sort_keys=True)
             )
-        # A run killed after its last commit is over too, even when this call finds nothing left to do.
-        store.con.execute("UPDATE confirm_runs SET status = 'interrupted' WHERE status = 'running'")
+        if not dry_run:
+            # A run killed after its last commit is over too, even when this call finds nothing left to do.
+            store.con.execute("UPDATE confirm_runs SET status = 'interrupted' WHERE status = 'running'")
         selected, refused = _select(store, encoder.id, settings_hash, top, where, generation, any_model)
         result = ConfirmResult(None, other_model=refused)
         if refused:
@@ -154,14 +160,20 @@ def confirm(
         teacher: Teacher = (
             AbuTeacher(training, selection, ws.dir / "cache")
             if method == "abu"
-            else DtrakTeacher.for_workspace(ws, training, dtrak_settings, progress, announce)
+            else DtrakTeacher.for_workspace(ws, training, dtrak_settings, progress, announce, prepare=False)
         )
         n_candidates = selection.candidates + selection.controls
-        result.estimate_seconds = teacher.estimate(len(selected), n_candidates)
+        # Measured on one training image before anything heavy (Fisher, D-TRAK's features) runs.
+        result.estimate = teacher.estimate(len(selected), n_candidates)
+        result.estimate_seconds = result.estimate.total
         announce(
-            f"confirming {len(selected)} generation(s) with {teacher.describe()} on {torch_device}: "
-            f"{selection.candidates} candidates + {selection.controls} controls; estimated {result.estimate_seconds:.0f} s"
+            f"{'dry run: would confirm' if dry_run else 'confirming'} {len(selected)} generation(s) with "
+            f"{teacher.describe()} on {torch_device}: {selection.candidates} candidates + {selection.controls} "
+            f"controls; {result.estimate}"
         )
+        if dry_run:
+            return result
+        teacher.prepare(progress, announce)
         with store.transaction():
             run_id = store.next_id("confirm_runs")
             store.con.execute(
@@ -197,6 +209,7 @@ def confirm(
             verdict, rows = _agreement(selection, gen_id, scored, result.noise_floor)
             snr.append(verdict.pop("snr"))
             seconds = time.perf_counter() - t0
+            result.generation_seconds += seconds
             with store.transaction():
                 store.insert_arrow(
                     "teacher_scores", pa.table({"run_id": pa.array([run_id] * len(ids), pa.int64()), **rows})
@@ -231,7 +244,8 @@ def confirm(
                 utcnow(),
                 result.noise_floor,
                 float(np.median(snr)) if snr else None,
-                result.seconds / max(1, result.generations),
+                # The generations' own seconds, as stored with each: the run's setup (loading, Fisher) is not in it.
+                result.generation_seconds / max(1, result.generations),
                 run_id,
             ],
         )

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import diffusion, embed, retrain
+from . import diffusion, embed, memory, retrain
 from .config import CounterfactualSettings
 from .errors import AuditError
 from .features import embed_images, training_embeddings
@@ -156,7 +156,9 @@ class _Retrainer:
         pixels = torch.stack(
             [model.pixels(diffusion.read_image(training.meta[int(i)][0], training.limits)) for i in self.ids]
         )
-        self.mean, self.std = retrain.posterior(model.vae, pixels)
+        batch = model.batch("vae")
+        with memory.guard(batch, "encoding the training images for retraining"):
+            self.mean, self.std = retrain.posterior(model.vae, pixels, batch.size)
         self.tokens = diffusion.tokenize(model.tokenizer, [training.meta[int(i)][1] for i in self.ids])
         self.empty = diffusion.tokenize(model.tokenizer, [self.recipe.empty_caption])
         key = hashlib.sha256(
@@ -215,12 +217,23 @@ def generation_loss(
         s.loss_draws
     )
     noise = diffusion.fixed_noise([gen_id], len(timesteps), tuple(latent.shape), s.seed)[0]
-    text = model.text_embeddings([prompt]).expand(len(timesteps), -1, -1)
+    text = model.text_embeddings([prompt])
     dev = model.device
-    losses = model.denoising_loss(
-        latent.to(dev).expand(len(timesteps), -1, -1, -1), text, timesteps.to(dev), noise.to(dev)
-    )
-    return float(losses.double().mean())
+    batch = model.batch("forward")
+    losses = []
+    with memory.guard(batch, "measuring a generation's loss"):
+        for start in range(0, len(timesteps), batch.size):
+            rows = slice(start, start + batch.size)
+            n = len(timesteps[rows])
+            losses.append(
+                model.denoising_loss(
+                    latent.to(dev).expand(n, -1, -1, -1),
+                    text.expand(n, -1, -1),
+                    timesteps[rows].to(dev),
+                    noise[rows].to(dev),
+                ).cpu()
+            )
+    return float(torch.cat(losses).double().mean())
 
 
 def counterfactual(

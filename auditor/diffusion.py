@@ -12,17 +12,35 @@ import contextlib
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from . import ingest
+from . import ingest, memory
+from .config import MemorySettings
 from .errors import AuditError
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Per-item memory estimates, in activations of the size named: rough upper bounds that scale with the model
+# (auditor/memory.py sizes batches from them). VAE: its first stage's activation at full resolution; UNet: its first
+# stage's activation at latent resolution, per row (one image at one timestep).
+VAE_ACTIVATIONS = 6
+UNET_FORWARD_ACTIVATIONS = 12
+UNET_GRADIENT_ACTIVATIONS = 500  # every activation kept for the backward pass
+UNET_CHECKPOINTED_ACTIVATIONS = 48  # block inputs kept, one block recomputed at a time
+TEXT_ACTIVATIONS = 16
+# The batches the product used before they were sized: the most an automatic batch takes.
+BATCH_CAPS = {"vae": 64, "text": 256, "forward": 256, "gradient": 256}
+SETTINGS = {
+    "vae": ("vae_batch_size", "images per VAE pass"),
+    "text": ("text_batch_size", "prompts per text-encoder pass"),
+    "forward": ("unet_batch_size", "UNet rows per pass"),
+    "gradient": ("unet_batch_size", "UNet rows per backward pass"),
+}
+CHECKPOINT_BELOW_ROWS = 16  # gradient_checkpointing = "auto": on when fewer gradient rows than this fit without it
 TRAINING_FACTS = "auditor_training.json"  # optional: how the model was trained (e.g. flip augmentation)
 
 
@@ -117,6 +135,7 @@ class DiffusionModel:
     scheduler: object
     device: torch.device
     flip_augmentation: bool
+    memory: MemorySettings = field(default_factory=MemorySettings)
 
     @property
     def resolution(self) -> int:
@@ -138,19 +157,66 @@ class DiffusionModel:
         arr = np.asarray(image, np.float32) / 127.5 - 1.0
         return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
+    @property
+    def checkpointing(self) -> bool:
+        return bool(self.unet.is_gradient_checkpointing)
+
+    def item_bytes(self, kind: str, checkpointing: bool | None = None) -> float:
+        """Estimated peak memory of one item of a pass: an image through the VAE ('vae'), a prompt through the text
+        encoder ('text'), a UNet row without ('forward') or with gradients ('gradient')."""
+        if kind == "vae":
+            elt = next(self.vae.parameters()).element_size()
+            return VAE_ACTIVATIONS * self.vae.config.block_out_channels[0] * self.resolution**2 * elt
+        if kind == "text":
+            cfg = self.text_encoder.config
+            width = max(cfg.hidden_size, getattr(cfg, "intermediate_size", cfg.hidden_size))
+            elt = next(self.text_encoder.parameters()).element_size()
+            return TEXT_ACTIVATIONS * width * self.tokenizer.model_max_length * elt
+        elt = next(self.unet.parameters()).element_size()
+        tokens = int(self.unet.config.sample_size) ** 2
+        activation = self.unet.config.block_out_channels[0] * tokens * elt
+        # Plain attention materialises a (heads × tokens × tokens) matrix; scaled-dot-product attention does not.
+        plain = any(type(p).__name__ != "AttnProcessor2_0" for p in self.unet.attn_processors.values())
+        attention = 8 * tokens**2 * elt if plain else 0
+        if kind == "forward":
+            return UNET_FORWARD_ACTIVATIONS * activation + attention
+        checkpointing = self.checkpointing if checkpointing is None else checkpointing
+        kept = UNET_CHECKPOINTED_ACTIVATIONS if checkpointing else UNET_GRADIENT_ACTIVATIONS
+        return kept * activation + attention * (1 if checkpointing else 4)
+
+    def batch(self, kind: str, value: int = 0, setting: str | None = None) -> memory.Batch:
+        """The batch of a pass of this kind: `value` (named `setting`) when above 0, else the [memory] setting when
+        above 0, else sized from the memory available (auditor/memory.py)."""
+        key, what = SETTINGS[kind]
+        if value <= 0:
+            value, setting = getattr(self.memory, key), f"[memory] {key}"
+        return memory.sized(
+            value, setting, what, self.item_bytes(kind), self.device, self.memory.budget, BATCH_CAPS[kind]
+        )
+
     @torch.no_grad()
-    def latents(self, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    def latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """VAE posterior means × scaling factor (deterministic, so cached latents are reproducible)."""
+        batch = self.batch("vae")
         out = []
-        for start in range(0, len(pixels), batch_size):
-            chunk = pixels[start : start + batch_size].to(self.device)
-            out.append(self.vae.encode(chunk).latent_dist.mean * self.vae.config.scaling_factor)
+        with memory.guard(batch, "encoding images with the VAE"):
+            for start in range(0, len(pixels), batch.size):
+                chunk = pixels[start : start + batch.size].to(self.device)
+                out.append(self.vae.encode(chunk).latent_dist.mean * self.vae.config.scaling_factor)
         return torch.cat(out)
 
     @torch.no_grad()
     def text_embeddings(self, prompts: list[str | None]) -> torch.Tensor:
         """The pipeline's own conditioning: last hidden state of its text encoder; a missing prompt is the empty one."""
-        return self.text_encoder(tokenize(self.tokenizer, prompts).to(self.device))[0]
+        batch = self.batch("text")
+        tokens = tokenize(self.tokenizer, prompts)
+        with memory.guard(batch, "encoding prompts"):
+            return torch.cat(
+                [
+                    self.text_encoder(tokens[start : start + batch.size].to(self.device))[0]
+                    for start in range(0, len(tokens), batch.size)
+                ]
+            )
 
     def denoising_loss(self, latents, text_emb, timesteps, noise) -> torch.Tensor:
         """Per-sample training loss (mean squared error against the scheduler's target), shape (B,)."""
@@ -226,10 +292,19 @@ class TrainingSet:
         self._captions: dict[str, torch.Tensor] = {}
 
     def encode(self, ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(latents, flipped latents, caption embeddings), not kept: for passes over the whole training set."""
-        pixels = torch.stack([self.model.pixels(read_image(self.meta[int(i)][0], self.limits)) for i in ids])
-        both = self.model.latents(torch.cat([pixels, pixels.flip(-1)])).cpu()
-        return both[: len(ids)], both[len(ids) :], self.captions(ids)
+        """(latents, flipped latents, caption embeddings), not kept: for passes over the whole training set. Images are
+        read a VAE batch at a time; the flips are encoded only when the model was trained with flips (otherwise the
+        'flipped' latents are the latents themselves, which nothing reads)."""
+        step = self.model.batch("vae").size
+        plain, mirrored = [], []
+        for start in range(0, len(ids), step):
+            chunk = ids[start : start + step]
+            pixels = torch.stack([self.model.pixels(read_image(self.meta[int(i)][0], self.limits)) for i in chunk])
+            plain.append(self.model.latents(pixels).cpu())
+            if self.model.flip_augmentation:
+                mirrored.append(self.model.latents(pixels.flip(-1)).cpu())
+        latents = torch.cat(plain) if plain else torch.zeros(0)
+        return latents, torch.cat(mirrored) if mirrored else latents, self.captions(ids)
 
     def captions(self, ids) -> torch.Tensor:
         captions = [self.meta[int(i)][1] or "" for i in ids]
@@ -265,9 +340,14 @@ def checked_folder(folder: str | os.PathLike) -> Path:
 
 
 def load(
-    folder: str | os.PathLike, device: torch.device, cache_dir: Path | None = None, flip: str = "auto"
+    folder: str | os.PathLike,
+    device: torch.device,
+    cache_dir: Path | None = None,
+    flip: str = "auto",
+    memory_settings: MemorySettings | None = None,
 ) -> DiffusionModel:
-    """Load unet, vae, text encoder, tokenizer and scheduler from a local Stable Diffusion folder (no hub access)."""
+    """Load unet, vae, text encoder, tokenizer and scheduler from a local Stable Diffusion folder (no hub access), with
+    scaled-dot-product attention and gradient checkpointing as [memory] says."""
     folder = checked_folder(folder)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -296,6 +376,36 @@ def load(
         flip_aug = bool(facts.get("flip_augmentation", True))
     else:
         flip_aug = flip == "on"
-    return DiffusionModel(
-        folder, model_hash(folder, cache_dir), unet, vae, text_encoder, tokenizer, scheduler, device, flip_aug
+    model = DiffusionModel(
+        folder,
+        model_hash(folder, cache_dir),
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        device,
+        flip_aug,
+        memory_settings or MemorySettings(),
     )
+    memory_efficient(model)
+    return model
+
+
+def memory_efficient(model: DiffusionModel) -> None:
+    """Scaled-dot-product attention in the UNet and VAE (diffusers' default where torch has it; set explicitly so a
+    folder saved with another processor does not materialise attention matrices), and gradient checkpointing per
+    [memory] gradient_checkpointing. diffusers checkpoints whenever gradients are enabled, in eval mode too."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    for module in (model.unet, model.vae):
+        if any(type(p) is not AttnProcessor2_0 for p in module.attn_processors.values()):
+            module.set_attn_processor(AttnProcessor2_0())
+    mode = model.memory.gradient_checkpointing
+    if mode == "auto":
+        fits = model.memory.budget * memory.available_bytes(model.device) / model.item_bytes("gradient", False)
+        mode = "on" if fits < CHECKPOINT_BELOW_ROWS else "off"
+    if mode == "on":
+        model.unet.enable_gradient_checkpointing()
+    elif model.checkpointing:
+        model.unet.disable_gradient_checkpointing()

@@ -16,10 +16,16 @@ tensor name). It is unbiased for inner products with the same variance as a dens
 Gaussian projection, (‖a‖²‖b‖² + ⟨a,b⟩² − 2Σa_j²b_j²)/k, costs O(parameters) per
 sample and stores one bucket and sign per coordinate instead of a k × parameters
 matrix (which for SD's K/V alone would be 80 G entries). Per-sample gradients come
-block-wise (`batch_size` samples at once) from torch.func.vmap.
+one sample at a time, its (view × timestep) rows in chunks of `batch_size` whose
+gradients add up (f is their mean), through the UNet as it runs everywhere else:
+scaled-dot-product attention and, where memory asks for it, gradient checkpointing.
+(torch.func.vmap over samples needed plain attention — it has no batching rule for the
+fused kernels — which materialises a heads × tokens² matrix per row, 537 MB at 512 px,
+and held every sample of a block at once.)
 
 Φ (training features) is computed once per model and settings into the Lance table
-`dtrak_<model hash>_<settings key>` (id, vector), resumable block by block. The kernel
+`dtrak_<model hash>_<settings key>` (id, vector), saved as it is computed (at least
+every `SAVE_SECONDS`), so a run that fails or is killed resumes with what it had. The kernel
 K = (ΦᵀΦ + λI)⁻¹, λ = damping × trace(ΦᵀΦ)/k (a fraction of its mean eigenvalue, so
 the ranking does not depend on the gradients' scale and K stays well-conditioned when
 there are fewer training images than k), is cached in the workspace. The score of a
@@ -28,7 +34,6 @@ candidate i for a query x̂ is φ(x̂)ᵀ K φ_i.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -38,10 +43,10 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.func import functional_call, grad, vmap
 
+from . import cost, memory
 from .config import DtrakSettings
-from .diffusion import DiffusionModel, TrainingSet, evenly_spaced_timesteps, fixed_noise, parameter_set
+from .diffusion import DiffusionModel, TrainingSet, evenly_spaced_timesteps, fixed_noise, parameter_set, trainable
 from .errors import AuditError
 from .progress import Progress, Silent
 from .workspace import Workspace
@@ -70,22 +75,11 @@ class Projection:
         return out
 
 
-@contextlib.contextmanager
-def _plain_attention(unet: torch.nn.Module):
-    """vmap has no batching rule for the fused attention kernels and falls back to a slow per-sample loop (with a
-    warning); the plain attention processor computes the same attention with batched matmuls."""
-    from diffusers.models.attention_processor import AttnProcessor
-
-    saved = unet.attn_processors
-    unet.set_attn_processor(AttnProcessor())
-    try:
-        yield
-    finally:
-        unet.set_attn_processor(saved)
+SAVE_SECONDS = 60.0  # training features are written to their table at least this often
 
 
 class GradientFeatures:
-    """φ(x) for batches of samples, `batch_size` per-sample gradients at a time."""
+    """φ(x) for batches of samples, one sample's per-sample gradient at a time."""
 
     def __init__(self, model: DiffusionModel, settings: DtrakSettings):
         self.model = model
@@ -96,70 +90,82 @@ class GradientFeatures:
         )
         self.timesteps = evenly_spaced_timesteps(settings.timesteps, model.num_train_timesteps).to(model.device)
 
-    def _output(
-        self, params: dict, noisy: torch.Tensor, text_emb: torch.Tensor, timesteps: torch.Tensor
-    ) -> torch.Tensor:
-        """f of one sample: its noisy latents at every scoring timestep (T, C, H, W) and caption embedding (S, D)."""
-        pred = functional_call(
-            self.model.unet, params, (noisy, timesteps), {"encoder_hidden_states": text_emb.expand(len(noisy), -1, -1)}
-        ).sample
-        return pred.float().pow(2).flatten(1).sum(1).mean()
+    def batch(self) -> memory.Batch:
+        return self.model.batch("gradient", self.settings.batch_size, "[dtrak] batch_size")
 
     def __call__(
         self, latents: torch.Tensor, text_emb: torch.Tensor, ids, seed: int, flipped: torch.Tensor | None = None
     ) -> np.ndarray:
         """(n, dim) features; noise seeded by (seed, id); with `flipped`, f averages the image and its flip."""
-        dev, n_t = self.model.device, len(self.timesteps)
-        params = {name: p.detach() for name, p in self.params.items()}
-        per_sample = vmap(grad(self._output), in_dims=(None, 0, 0, None))
-        out = []
-        with _plain_attention(self.model.unet):
-            for start in range(0, len(latents), self.settings.batch_size):
-                sl = slice(start, start + self.settings.batch_size)
-                views = [latents[sl]] if flipped is None else [latents[sl], flipped[sl]]
-                noise = fixed_noise(ids[sl], n_t, tuple(latents.shape[1:]), seed).to(dev)
-                timesteps = self.timesteps.repeat(len(views))
-                noisy = torch.cat([self._noisy(v.to(dev), noise) for v in views], dim=1)  # (b, views × T, C, H, W)
-                grads = per_sample(params, noisy, text_emb[sl].to(dev), timesteps)
-                out.append(self.projection(grads).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.settings.dim), np.float32)
+        return np.concatenate(
+            list(self.each(latents, text_emb, ids, seed, flipped)) or [np.zeros((0, self.settings.dim), np.float32)]
+        )
 
-    def _noisy(self, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        b, n_t = noise.shape[:2]
-        x = latents[:, None].expand(b, n_t, *latents.shape[1:]).reshape(b * n_t, *latents.shape[1:])
-        noisy = self.model.scheduler.add_noise(x, noise.reshape(b * n_t, *noise.shape[2:]), self.timesteps.repeat(b))
-        return noisy.view(b, n_t, *latents.shape[1:])
+    def each(
+        self, latents: torch.Tensor, text_emb: torch.Tensor, ids, seed: int, flipped: torch.Tensor | None = None
+    ) -> Iterator[np.ndarray]:
+        """The (1, dim) feature of each sample in turn, as `__call__` computes them."""
+        dev, n_t = self.model.device, len(self.timesteps)
+        batch = self.batch()
+        params = list(self.params.values())
+        with trainable(self.params), memory.guard(batch, "computing D-TRAK's per-sample gradients"):
+            for i in range(len(latents)):
+                views = [latents[i]] if flipped is None else [latents[i], flipped[i]]
+                noise = fixed_noise(ids[i : i + 1], n_t, tuple(latents.shape[1:]), seed)[0].to(dev)
+                noisy = torch.cat([self._noisy(v.to(dev), noise) for v in views])  # (views × T, C, H, W)
+                timesteps = self.timesteps.repeat(len(views))
+                text = text_emb[i].to(dev)
+                total = [torch.zeros_like(p) for p in params]
+                for start in range(0, len(noisy), batch.size):
+                    rows = slice(start, start + batch.size)
+                    pred = self.model.unet(
+                        noisy[rows], timesteps[rows], encoder_hidden_states=text.expand(len(noisy[rows]), -1, -1)
+                    ).sample
+                    # f is the mean over all the sample's rows: each chunk adds its share of the gradient.
+                    part = pred.float().pow(2).flatten(1).sum(1).sum() / len(noisy)
+                    for acc, g in zip(total, torch.autograd.grad(part, params)):
+                        acc += g
+                grads = {name: g[None] for name, g in zip(self.params, total)}
+                yield self.projection(grads).cpu().numpy()
+
+    def _noisy(self, latent: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """One sample's latent (C, H, W) noised at every scoring timestep with its noise (T, C, H, W)."""
+        x = latent[None].expand(len(noise), *latent.shape)
+        return self.model.scheduler.add_noise(x, noise, self.timesteps)
 
 
 class FeatureTable:
-    """Training features Φ in a Lance table (id, vector)."""
+    """Training features Φ in a Lance table (id, vector), created with its first rows."""
 
     def __init__(self, uri: str, name: str, dim: int):
         self.name = name
         self.dim = dim
-        db = lancedb.connect(uri)
+        self.db = lancedb.connect(uri)
         try:
-            self.table = db.open_table(name)
+            self.table = self.db.open_table(name)
         except (ValueError, FileNotFoundError):
-            schema = pa.schema([("id", pa.int64()), ("vector", pa.list_(pa.float32(), dim))])
-            self.table = db.create_table(name, schema=schema)
+            self.table = None
 
     @property
     def version(self) -> int:
-        return int(self.table.version)
+        return int(self.table.version) if self.table is not None else 0
 
     def ids(self) -> np.ndarray:
+        if self.table is None:
+            return np.zeros(0, np.int64)
         return self.table.to_lance().to_table(columns=["id"])["id"].to_numpy()
 
     def add(self, ids, vectors: np.ndarray) -> None:
-        self.table.add(
-            pa.table(
-                {
-                    "id": pa.array(np.asarray(ids), pa.int64()),
-                    "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).ravel()), self.dim),
-                }
-            )
+        data = pa.table(
+            {
+                "id": pa.array(np.asarray(ids), pa.int64()),
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).ravel()), self.dim),
+            }
         )
+        if self.table is None:
+            self.table = self.db.create_table(self.name, data)
+        else:
+            self.table.add(data)
 
     def get(self, ids) -> np.ndarray:
         """The features of these ids, in that order."""
@@ -170,6 +176,8 @@ class FeatureTable:
         return np.stack([found[int(i)] for i in ids])
 
     def blocks(self, rows: int = 8192) -> Iterator[np.ndarray]:
+        if self.table is None:
+            return
         for batch in self.table.to_lance().to_batches(columns=["vector"], batch_size=rows):
             yield _matrix(batch["vector"], self.dim)
 
@@ -208,6 +216,7 @@ class DtrakTeacher:
         self.features = GradientFeatures(self.model, settings)
         self.kernel: np.ndarray | None = None
         self.lam: float | None = None
+        self.cache_dir = None
 
     @classmethod
     def for_workspace(
@@ -217,22 +226,31 @@ class DtrakTeacher:
         settings: DtrakSettings,
         progress: Progress | None = None,
         announce: Callable[[str], None] = lambda message: None,
+        prepare: bool = True,
     ) -> DtrakTeacher:
-        """Φ of every registered training image in the workspace's LanceDB (computed once), and the cached kernel."""
+        """The teacher over the workspace's LanceDB; `prepare` (or a later `prepare()`) computes Φ of every
+        registered training image (once, resumable) and the cached kernel."""
         name = f"dtrak_{training.model.hash}_{settings.feature_key()}"
         teacher = cls(training, settings, FeatureTable(ws.lancedb_uri, name, settings.dim))
-        teacher.fill(training.ids, progress, announce)
-        cache = ws.dir / "cache" / f"dtrak-kernel-{name}-v{teacher.table.version}-{settings.damping}.npz"
+        teacher.cache_dir = ws.dir / "cache"
+        if prepare:
+            teacher.prepare(progress, announce)
+        return teacher
+
+    def prepare(self, progress: Progress | None = None, announce: Callable[[str], None] = lambda message: None) -> None:
+        """Φ of every training image (what the table lacks) and the kernel, cached by the table's version."""
+        settings, name = self.settings, self.table.name
+        self.fill(self.training.ids, progress, announce)
+        cache = self.cache_dir / f"dtrak-kernel-{name}-v{self.table.version}-{settings.damping}.npz"
         if cache.is_file():
             saved = np.load(cache)
-            teacher.kernel, teacher.lam = saved["kernel"], float(saved["lam"])
+            self.kernel, self.lam = saved["kernel"], float(saved["lam"])
         else:
-            teacher.kernel, teacher.lam = kernel(teacher.table.blocks(), settings.dim, settings.damping)
+            self.kernel, self.lam = kernel(self.table.blocks(), settings.dim, settings.damping)
             cache.parent.mkdir(parents=True, exist_ok=True)
             for stale in cache.parent.glob(f"dtrak-kernel-{name}-*.npz"):
                 stale.unlink()  # kernels of earlier versions of this table (before images were added)
-            np.savez(cache, kernel=teacher.kernel, lam=teacher.lam)
-        return teacher
+            np.savez(cache, kernel=self.kernel, lam=self.lam)
 
     def training_features(self, ids, seed: int) -> np.ndarray:
         latents, flipped, captions = self.training.encode(ids)
@@ -243,27 +261,44 @@ class DtrakTeacher:
         ids,
         progress: Progress | None = None,
         announce: Callable[[str], None] = lambda message: None,
-        block: int = 256,
     ) -> None:
-        """Compute and append the features of the ids the table lacks, a block at a time (an interrupted run resumes)."""
+        """Compute and append the features of the ids the table lacks, a VAE batch of images at a time, each feature
+        saved with its block or after at most SAVE_SECONDS: a run that fails or is killed resumes with what it saved."""
         missing = np.setdiff1d(np.asarray(ids), self.table.ids())
         if not len(missing):
             return
         progress = progress or Silent()
-        t0 = time.perf_counter()
-        first = missing[: min(len(missing), self.settings.batch_size)]
-        self.table.add(first, self.training_features(first, self.settings.seed))
-        per_sample = (time.perf_counter() - t0) / len(first)
         announce(
-            f"D-TRAK: computing the gradient features of {len(missing)} training images (once per model and settings); "
-            f"estimated {per_sample * len(missing):.0f} s"
+            f"D-TRAK: computing the gradient features of {len(missing)} training images (once per model and settings; "
+            "saved as they are computed)"
         )
         progress.start("D-TRAK features", len(missing))
-        progress.advance(len(first))
-        for start in range(len(first), len(missing), block):
-            chunk = missing[start : start + block]
-            self.table.add(chunk, self.training_features(chunk, self.settings.seed))
-            progress.advance(len(chunk))
+        step = self.model.batch("vae").size
+        flip = self.model.flip_augmentation
+        done: list[int] = []
+        vectors: list[np.ndarray] = []
+        saved_at = time.perf_counter()
+
+        def save() -> None:
+            nonlocal saved_at
+            if done:
+                self.table.add(done, np.concatenate(vectors))
+                done.clear()
+                vectors.clear()
+            saved_at = time.perf_counter()
+
+        for start in range(0, len(missing), step):
+            chunk = missing[start : start + step]
+            latents, flipped, captions = self.training.encode(chunk)
+            for i, vector in zip(
+                chunk, self.features.each(latents, captions, chunk, self.settings.seed, flipped if flip else None)
+            ):
+                done.append(int(i))
+                vectors.append(vector)
+                progress.advance()
+                if time.perf_counter() - saved_at >= SAVE_SECONDS:
+                    save()
+            save()
 
     def query_feature(self, image, prompt: str | None, seed: int, stream: int) -> np.ndarray:
         """φ(x̂) of a generation; its noise is seeded by its id in a stream of its own (no training image shares it)."""
@@ -294,10 +329,23 @@ class DtrakTeacher:
         raw_b = self.training_features(candidate_ids, self.settings.seed + 3).astype(np.float64) @ query
         return float(np.std(raw - raw_b) / np.sqrt(2))
 
-    def estimate(self, n_generations: int, n_candidates: int) -> float:
-        """Seconds for the run: one feature per generation, plus the candidates again for the noise floor."""
-        probe = self.training.ids[: min(2, len(self.training.ids))]
-        t0 = time.perf_counter()
-        self.training_features(probe, self.settings.seed)
-        per_sample = (time.perf_counter() - t0) / len(probe)
-        return per_sample * (n_generations + n_candidates + 1)
+    def estimate(self, n_generations: int, n_candidates: int) -> cost.Estimate:
+        """Seconds per phase, from operations timed on one training image (cost.probe) before any heavy work: the
+        training features the table lacks, one feature per generation, and the candidates again for the noise floor."""
+        return self.phases(cost.probe(self.training, self.features.params), n_generations, n_candidates)
+
+    def phases(self, t: cost.Timings, n_generations: int, n_candidates: int) -> cost.Estimate:
+        flip = self.model.flip_augmentation
+        rows = self.settings.timesteps * cost.views(flip)
+        missing = len(np.setdiff1d(self.training.ids, self.table.ids()))
+        query = t.vae + t.text + self.settings.timesteps * t.gradient
+        return cost.rounded(
+            {
+                "training features (once per model and settings)": cost.encoding(t, missing, flip)
+                + missing * rows * t.gradient,
+                f"query features ({n_generations} generation(s))": n_generations * query,
+                "noise floor (first generation)": query
+                + cost.encoding(t, n_candidates, flip)
+                + n_candidates * rows * t.gradient,
+            }
+        )

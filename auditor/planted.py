@@ -48,7 +48,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from . import diffusion, dtrak, embed, exemplar_styles, ingest, metrics
+from . import diffusion, dtrak, embed, exemplar_styles, ingest, memory, metrics
 from .abu import AbuTeacher
 from .config import PlantedSettings
 from .diffusion import applied, trainable
@@ -99,8 +99,10 @@ def customise(
     empty = model.text_embeddings([""]).cpu()[0]
     dev = model.device
     half = max(1, s.batch_size // 2)
+    # The fine-tuning batch is a setting of the method; memory decides how many of its rows go through at once.
+    micro = model.batch("gradient")
     try:
-        with trainable(params):
+        with trainable(params), memory.guard(micro, "fine-tuning a customisation"):
             for _ in range(s.steps):
                 pick = torch.randint(0, len(latents), (half,), generator=gen)
                 other = torch.randint(0, len(prior_latents), (s.batch_size - half,), generator=gen)
@@ -111,9 +113,11 @@ def customise(
                 c = torch.cat([text_emb.expand(half, -1, -1), other_emb])
                 t = torch.randint(0, model.num_train_timesteps, (len(x),), generator=gen)
                 noise = torch.randn(x.shape, generator=gen)
-                loss = model.denoising_loss(x.to(dev), c.to(dev), t.to(dev), noise.to(dev)).mean()
                 optimizer.zero_grad()
-                loss.backward()
+                for first in range(0, len(x), micro.size):
+                    rows = slice(first, first + micro.size)
+                    loss = model.denoising_loss(x[rows].to(dev), c[rows].to(dev), t[rows].to(dev), noise[rows].to(dev))
+                    (loss.sum() / len(x)).backward()  # the batch mean, accumulated over its parts
                 optimizer.step()
         return {name: p.detach() - start[name] for name, p in params.items()}
     finally:
@@ -146,7 +150,7 @@ def planted(
     abu, gradients, limits = ws.config.confirm, ws.config.dtrak, ws.limits
     model_path = ws.model_dir(model)
     torch_device = ws.device(device)
-    base = diffusion.load(model_path, torch_device, ws.dir / "cache", abu.flip)
+    base = diffusion.load(model_path, torch_device, ws.dir / "cache", abu.flip, ws.config.memory)
     folder = Path(exemplars).expanduser().resolve()
     run_dir = ws.dir / "planted" / s.hash(base.hash, str(folder))
     sets, styles = exemplar_styles.exemplar_sets(folder, s, run_dir, limits)
@@ -299,8 +303,15 @@ def _tuned(
 def _reconstruction_error(model: diffusion.DiffusionModel, paths: list[str], limits: ingest.Limits) -> float:
     """Mean absolute error of the model's VAE round trip, in [-1, 1] pixel units."""
     pixels = torch.stack([model.pixels(diffusion.read_image(p, limits)) for p in paths])
-    with torch.no_grad():
-        decoded = model.vae.decode(model.latents(pixels) / model.vae.config.scaling_factor).sample.clamp(-1, 1).cpu()
+    latents = model.latents(pixels) / model.vae.config.scaling_factor
+    batch = model.batch("vae")
+    with torch.no_grad(), memory.guard(batch, "decoding with the VAE"):
+        decoded = torch.cat(
+            [
+                model.vae.decode(latents[start : start + batch.size]).sample.clamp(-1, 1).cpu()
+                for start in range(0, len(latents), batch.size)
+            ]
+        )
     return float((decoded - pixels).abs().mean())
 
 

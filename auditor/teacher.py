@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from . import diffusion
+from . import cost, diffusion
 from .store import Store
 from .workspace import Workspace
 
@@ -27,6 +27,12 @@ class Teacher(Protocol):
 
     def describe(self) -> str: ...  # its cost knobs, for the announcement
 
+    def estimate(self, n_generations: int, n_candidates: int) -> cost.Estimate:
+        """Seconds per phase of a run, from a probe on one training image; nothing heavy runs before it."""
+
+    def prepare(self, progress, announce) -> None:
+        """The once-per-model work (AbU's Fisher and reference update, D-TRAK's training features and kernel)."""
+
     def record(self) -> dict: ...  # its settings, stored in confirm_runs.settings
 
     def score(self, image, prompt: str | None, candidate_ids: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -35,14 +41,12 @@ class Teacher(Protocol):
     def noise_floor(self, image, prompt: str | None, candidate_ids: np.ndarray, seed: int, raw: np.ndarray) -> float:
         """The spread of `raw` that independent noise alone produces, in its units."""
 
-    def estimate(self, n_generations: int, n_candidates: int) -> float: ...
-
 
 def training_set(
     ws: Workspace, store: Store, model_path: Path, device: torch.device, flip: str
 ) -> diffusion.TrainingSet:
     """The workspace's diffusion model and its registered training images."""
-    model = diffusion.load(model_path, device, ws.dir / "cache", flip)
+    model = diffusion.load(model_path, device, ws.dir / "cache", flip, ws.config.memory)
     return diffusion.TrainingSet(
         model, store.rows("SELECT id, path, caption FROM training_images ORDER BY id"), ws.limits
     )

@@ -200,6 +200,12 @@ def confirm(
         help="Also confirm generations that declare another model than the workspace's (left out and counted "
         "otherwise; see `audit model`).",
     ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Print the estimate per phase (measured on one training image) and stop: nothing heavy runs and nothing "
+        "is stored.",
+    ),
 ):
     """Run a teacher (AbU unlearning or D-TRAK gradients) on flagged generations; store its verdict beside the fast one."""
     from ..confirm import confirm as confirm_api
@@ -223,13 +229,16 @@ def confirm(
             draws=draws,
             timesteps=timesteps,
             any_model=any_model,
+            dry_run=dry_run,
         )
     if result.run_id is None:
         return
-    per = result.seconds / max(1, result.generations)
+    # The mean of the generations' stored seconds; loading the model and the Fisher are the setup.
+    per = result.generation_seconds / max(1, result.generations)
+    setup = result.seconds - result.generation_seconds
     out.print(
         f"confirm run {result.run_id}: {result.generations} generation(s), {result.confirmed} confirmed, "
-        f"{len(result.failed)} failed; {per:.1f} s each; noise floor {result.noise_floor:.3g}, "
+        f"{len(result.failed)} failed; {per:.1f} s each (+ {setup:.1f} s setup); noise floor {result.noise_floor:.3g}, "
         f"signal/noise {result.signal_to_noise:.1f} (see confirmations)"
         + (f"; {result.other_model} left out: declared by another model" if result.other_model else "")
     )

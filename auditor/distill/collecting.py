@@ -190,10 +190,19 @@ def collect(
         ids, img, txt = training_embeddings(ws, store, encoder)
         backbone = joint(img, txt)
         n_cand = min(s.candidates, len(ids))
-        result.estimate_seconds = session.estimate(len(todo), n_cand)
-        announce(
-            f"{len(todo)} of {result.planned} queries to rank, {n_cand} candidates each; estimated {result.estimate_seconds:.0f} s"
-        )
+        estimate = session.estimate(len(todo), n_cand)
+        to_generate = sum(1 for r in todo if r[4] == "generated" and not os.path.isfile(r[1]))
+        if to_generate and estimate.phases:
+            # Sampling: two UNet rows (guidance) per step, then a VAE decode (about an encode).
+            t = session.timings
+            estimate.phases = {
+                f"generating {to_generate} query image(s)": to_generate * (2 * s.sample_steps * t.forward + t.vae),
+                **estimate.phases,
+            }
+        result.estimate_seconds = estimate.total
+        announce(f"{len(todo)} of {result.planned} queries to rank, {n_cand} candidates each; {estimate}")
+        if todo:
+            session.prepare(progress, announce)
         pipe = None
         progress.start("collecting", len(todo))
         for qid, path, prompt, seed, source in todo:
@@ -290,8 +299,9 @@ def replicate(
             session = AbuTeacher(training, settings, ws.dir / "cache")
             announce(
                 f"replicating the teacher on {len(todo)} of {len(rows)} {split} queries with independent noise; "
-                f"estimated {session.estimate(len(todo), len(todo[0][0][3])):.0f} s"
+                f"{session.estimate(len(todo), len(todo[0][0][3]))}"
             )
+            session.prepare(progress, announce)
             progress.start("replicating", len(todo))
             for (qid, _path, prompt, candidates), image in todo:
                 _, influence = session.score(image, prompt, np.array(candidates, np.int64), qid)
