@@ -228,8 +228,9 @@ def confirm(
         return
     per = result.seconds / max(1, result.generations)
     out.print(
-        f"confirm run {result.run_id}: {result.generations} generation(s), {result.confirmed} confirmed, "
-        f"{len(result.failed)} failed; {per:.1f} s each; noise floor {result.noise_floor:.3g}, "
+        f"confirm run {result.run_id}: {result.generations} generation(s), "
+        + "".join(f"{result.verdicts.get(v, 0)} {v}, " for v in ("confirmed", "disputed", "inconclusive"))
+        + f"{len(result.failed)} failed; {per:.1f} s each; noise floor {result.noise_floor:.3g}, "
         f"signal/noise {result.signal_to_noise:.1f} (see confirmations)"
         + (f"; {result.other_model} left out: declared by another model" if result.other_model else "")
     )
