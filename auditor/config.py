@@ -368,8 +368,9 @@ class ReportSettings(Section):
     currency: str = setting("EUR", "ISO 4217 code; amounts are exact to its minor unit.")
     policy: str = setting(
         "per-output",
-        "per-output (by attributed credit) or training-set (by images indexed).",
-        ("per-output", "training-set"),
+        "per-output (by attributed credit), training-set (by images indexed) or teacher (per output, on the "
+        "teacher's scores where its verdict decided: confirmed or disputed).",
+        ("per-output", "training-set", "teacher"),
     )
     confirmed_weight: float = setting(2.0, "Weight of a teacher-confirmed attribution within its generation.")
     model: str = setting(

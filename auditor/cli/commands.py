@@ -296,6 +296,7 @@ class ModelFilter(StrEnum):
 class Policy(StrEnum):
     per_output = "per-output"
     training_set = "training-set"
+    teacher = "teacher"
 
 
 @app.command()
@@ -313,7 +314,8 @@ def report(
     ),
     policy: Policy | None = typer.Option(
         None,
-        help="per-output (by attributed credit) or training-set (by images indexed) "
+        help="per-output (by attributed credit), training-set (by images indexed) or teacher (per output, on the "
+        "teacher's scores where its verdict decided: confirmed or disputed) "
         f"({default(ReportSettings, 'policy')}).",
     ),
     confirmed_weight: float | None = typer.Option(
