@@ -197,12 +197,12 @@ class ConfirmSettings(Section):
         "nonsense fast top-k passes it at most this often; docs/methods.md §1).",
     )
     verdict_min_self_agreement: float = setting(
-        0.5,
+        0.6,
         "Below this mAP@k of the teacher against itself (its ranking rescored under its measured noise floor) "
         "the verdict is inconclusive: the teacher is too noisy at these settings.",
     )
     verdict_confirm_ratio: float = setting(
-        0.25,
+        0.2,
         "Confirm only when the fast ranking's agreement with the teacher, as a fraction of the teacher's agreement "
         "with itself above chance, is at least this.",
     )
@@ -256,7 +256,7 @@ class ConfirmSettings(Section):
         """The verdict's thresholds (auditor/verdict.py)."""
         from .verdict import Thresholds
 
-        return Thresholds(
+        return Thresholds(  # measured on the example world: docs/research/verdicts.md
             self.verdict_alpha, self.verdict_min_self_agreement, self.verdict_confirm_ratio, self.verdict_dispute_ratio
         )
 

@@ -35,8 +35,8 @@ MAX_MULTIPLIER = 16  # the most timesteps a hint asks for, as a multiple of the 
 @dataclass(frozen=True)
 class Thresholds:
     alpha: float = 0.01  # a p-value at or below it rejects "the fast top-k are like random images"
-    min_self_agreement: float = 0.5  # below it the teacher cannot say, at these settings
-    confirm_ratio: float = 0.25  # relative agreement at or above it (and p ≤ alpha) confirms
+    min_self_agreement: float = 0.6  # below it the teacher cannot say, at these settings
+    confirm_ratio: float = 0.2  # relative agreement at or above it (and p ≤ alpha) confirms
     dispute_ratio: float = 0.1  # relative agreement at or below it disputes: the teacher clearly prefers others
 
 

@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--scores", type=Path, default=HERE / "scores")
     parser.add_argument("--shuffles", type=int, default=20)
     parser.add_argument("--out", type=Path, default=HERE / "verdicts.json")
+    parser.add_argument("--collection-shuffles", type=int, default=5)
     args = parser.parse_args()
     gens = load(args.scores)
     run_floor = floor(gens[0]["raw_a"], gens[0]["raw_b"])
@@ -90,10 +91,12 @@ def main() -> None:
             }
             for name, s in cases.items()
         },
+        "floor_ratio": float(np.median([floor(g["raw_a"], g["raw_b"]) / np.std(g["inf_a"]) for g in gens])),
         "sweep": [],
     }
+    out["collection"] = collection(out["floor_ratio"], args.collection_shuffles)
     for alpha in (0.001, 0.01, 0.05):
-        for confirm_ratio in (0.15, 0.25, 0.35, 0.5):
+        for confirm_ratio in (0.15, 0.2, 0.25, 0.3):
             for dispute_ratio in (0.05, 0.1, 0.15):
                 if dispute_ratio >= confirm_ratio:
                     continue
@@ -117,6 +120,55 @@ def main() -> None:
             f"{row['false_dispute']:.3f} {row['replicate_confirmed']:.3f} | "
             f"{f['confirmed']:.2f}/{f['disputed']:.2f}/{f['inconclusive']:.2f}"
         )
+
+
+def collection(ratio: float, shuffles: int = 5, limit: int | None = None) -> dict:
+    """The agreement half of the verdict on the example world's distillation collection (120 held-out queries with
+    an independent teacher replicate, 100 candidates each, no random controls, so no rank test): the replicate as
+    the "fast" ranking (false dispute: R ≤ dispute_ratio) and shuffled rankings (an upper bound on false confirm:
+    R ≥ confirm_ratio, the rank test left out). The collection stores no noise floor; σ per query is `ratio` × the
+    std of its influence, the ratio measured by collect.py at 10 timesteps."""
+    import pyarrow.parquet as pq
+
+    from experiments.world import WORLD
+
+    folder = WORLD / "distill-collection"
+    run = pq.read_table(folder / "rankings.parquet").to_pandas()
+    rep = pq.read_table(folder / "replicates.parquet").to_pandas()
+    merged = rep.merge(run, on=["query_id", "training_sha256"], suffixes=("_rep", ""))
+    rng = np.random.default_rng(1)
+    replicate_r, shuffled_r, self_agreement, measured = [], [], [], []
+    for i, (_, q) in enumerate(merged.groupby("query_id")):
+        if limit and i >= limit:
+            break
+        influence, other = q["influence"].to_numpy(), q["influence_rep"].to_numpy()
+        none = np.zeros(len(q), bool)
+        floor_q = ratio * float(np.std(influence))
+        s = verdict.measure(other, influence, none, K, floor_q, TIMESTEPS, i)
+        replicate_r.append(s.relative)
+        self_agreement.append(s.self_agreement)
+        measured.append(s.agreement)
+        for _ in range(shuffles):
+            shuffled_r.append(
+                verdict.measure(rng.permutation(other), influence, none, K, floor_q, TIMESTEPS, i).relative
+            )
+    t = Thresholds()
+    replicate_r, shuffled_r = np.array(replicate_r), np.array(shuffled_r)
+    return {
+        "queries": len(replicate_r),
+        "shuffles": len(shuffled_r),
+        "floor_ratio": ratio,
+        "replicate_map": metrics.mean_se(measured),
+        "bootstrap_self_agreement": metrics.mean_se(self_agreement),
+        "replicate_relative": metrics.mean_se(replicate_r),
+        "false_dispute": float(np.mean(replicate_r <= t.dispute_ratio)),
+        "false_confirm_upper_bound": float(np.mean(shuffled_r >= t.confirm_ratio)),
+        "false_confirm_upper_bound_by_ratio": {r: float(np.mean(shuffled_r >= r)) for r in (0.15, 0.2, 0.25, 0.3)},
+        "false_dispute_by_ratio": {r: float(np.mean(replicate_r <= r)) for r in (0.05, 0.1, 0.15, 0.2)},
+        "shuffled_disputed": float(np.mean(shuffled_r <= t.dispute_ratio)),
+        "replicate_r_quantiles": np.quantile(replicate_r, [0.01, 0.05, 0.5]).tolist(),
+        "shuffled_r_quantiles": np.quantile(shuffled_r, [0.5, 0.95, 0.99]).tolist(),
+    }
 
 
 if __name__ == "__main__":
