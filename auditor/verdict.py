@@ -153,7 +153,8 @@ def decide(s: Stats, t: Thresholds, knob: str = "[confirm] timesteps") -> Verdic
             f"teacher too noisy: it agrees with itself at mAP@k {s.self_agreement:.2f} < {t.min_self_agreement:g}",
             hint,
         )
-    if not s.auc > 0.5:
+    controlled = math.isfinite(s.auc)  # without controls there is no rank test
+    if controlled and not s.auc > 0.5:
         return Verdict(
             DISPUTED, f"the teacher ranks the fast top-k no higher than random images (AUC {s.auc:.2f})", None
         )
@@ -163,6 +164,8 @@ def decide(s: Stats, t: Thresholds, knob: str = "[confirm] timesteps") -> Verdic
             f"the teacher prefers other images: agreement {s.relative:.2f} of its own (≤ {t.dispute_ratio:g})",
             None,
         )
+    if not controlled:
+        return Verdict(INCONCLUSIVE, "no random controls to test the fast top-k against", "[confirm] controls = 50")
     if s.p_value <= t.alpha and s.relative >= t.confirm_ratio:
         return Verdict(
             CONFIRMED,

