@@ -195,7 +195,31 @@ class ConfirmSettings(Section):
     bias_correction: bool = setting(True, "Remove the generic-influence direction (docs/methods.md §1).")
     reference_samples: int = setting(64, "Random training images unlearned for the generic-influence reference.")
     k: int = setting(10, "Top-k that decides agreement (mAP@k).")
-    confirm_threshold: float = setting(0.3, "mAP@k at or above which a generation counts as confirmed.")
+    confirm_threshold: float = setting(
+        0.3,
+        "Retired (the verdict_* settings decide since migration 009); still accepted so that audit.toml files "
+        "written before load.",
+    )
+    verdict_alpha: float = setting(
+        0.01,
+        "Confirm only when the rank test of the fast top-k against the controls gives p at or below this (a "
+        "nonsense fast top-k passes it at most this often; docs/methods.md §1).",
+    )
+    verdict_min_self_agreement: float = setting(
+        0.6,
+        "Below this mAP@k of the teacher against itself (its ranking rescored under its measured noise floor) "
+        "the verdict is inconclusive: the teacher is too noisy at these settings.",
+    )
+    verdict_confirm_ratio: float = setting(
+        0.2,
+        "Confirm only when the fast ranking's agreement with the teacher, as a fraction of the teacher's agreement "
+        "with itself above chance, is at least this.",
+    )
+    verdict_dispute_ratio: float = setting(
+        0.1,
+        "Dispute when that fraction is at or below this (the teacher clearly prefers other images), or when the "
+        "teacher ranks the fast top-k no higher than the controls.",
+    )
     batch_size: int = setting(
         0,
         "UNet rows (image × timestep) per AbU pass; 0: sized from the memory available ([memory]). Memory only: "
@@ -203,15 +227,28 @@ class ConfirmSettings(Section):
     )
     seed: int = setting(0, "Seed of the teacher's noise and samples.")
 
-    SELECTION: ClassVar[tuple[str, ...]] = ("candidates", "controls", "k", "confirm_threshold")
+    SELECTION: ClassVar[tuple[str, ...]] = (
+        "candidates",
+        "controls",
+        "k",
+        "verdict_alpha",
+        "verdict_min_self_agreement",
+        "verdict_confirm_ratio",
+        "verdict_dispute_ratio",
+    )
 
     def _teacher_values(self, selection: bool) -> dict:
-        values = {k: v for k, v in asdict(self).items() if k not in ("method", "flip")}
+        verdict = [k for k in self.SELECTION if k.startswith("verdict_")]
+        values = {k: v for k, v in asdict(self).items() if k not in ("method", "flip", *verdict)}
         # Memory only: a smaller batch resumes the same run. Fixed at the default it had before sizing (256), so runs
         # and collections made then keep their hashes.
         values["batch_size"] = 256
-        if not selection:
-            values.update(dict.fromkeys(self.SELECTION))
+        values["confirm_threshold"] = None  # retired: judges nothing
+        if selection:
+            values.update({k: getattr(self, k) for k in verdict})
+        else:
+            # Without the verdict's keys, so that collections keyed by scoring_hash before they existed still match.
+            values.update(dict.fromkeys(k for k in self.SELECTION if k not in verdict))
         return values
 
     def hash(self, *parts: str) -> str:
@@ -227,6 +264,14 @@ class ConfirmSettings(Section):
         values = (self.steps, self.step_size, self.draws, self.timesteps, self.fisher_samples, self.damping)
         values += (self.reference_samples, self.seed)
         return hashlib.sha256(f"{model_hash}|{values}".encode()).hexdigest()[:16]
+
+    def thresholds(self):
+        """The verdict's thresholds (auditor/verdict.py)."""
+        from .verdict import Thresholds
+
+        return Thresholds(  # measured on the example world: docs/research/verdicts.md
+            self.verdict_alpha, self.verdict_min_self_agreement, self.verdict_confirm_ratio, self.verdict_dispute_ratio
+        )
 
     def selection(self) -> dict:
         """The settings that pick and judge the candidates, shared by every teacher so their verdicts compare."""
@@ -367,8 +412,9 @@ class ReportSettings(Section):
     currency: str = setting("EUR", "ISO 4217 code; amounts are exact to its minor unit.")
     policy: str = setting(
         "per-output",
-        "per-output (by attributed credit) or training-set (by images indexed).",
-        ("per-output", "training-set"),
+        "per-output (by attributed credit), training-set (by images indexed) or teacher (per output, on the "
+        "teacher's scores where its verdict decided: confirmed or disputed).",
+        ("per-output", "training-set", "teacher"),
     )
     confirmed_weight: float = setting(2.0, "Weight of a teacher-confirmed attribution within its generation.")
     model: str = setting(

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from . import cost, diffusion, embed, ingest, metrics
+from . import cost, diffusion, embed, ingest, metrics, verdict
 from .abu import AbuTeacher
 from .config import ConfirmSettings
 from .dtrak import DtrakTeacher
@@ -44,6 +44,7 @@ class ConfirmResult:
     run_id: int | None
     generations: int = 0
     confirmed: int = 0
+    verdicts: dict[str, int] = field(default_factory=dict)  # confirmed / disputed / inconclusive: how many of each
     failed: list[tuple[int, str]] = field(default_factory=list)
     seconds: float = 0.0
     noise_floor: float | None = None
@@ -206,35 +207,34 @@ def confirm(
             scored = _Scored(ids, fast_scores, fast_ranks, is_control, raw, scores)
             if result.noise_floor is None:
                 result.noise_floor = teacher.noise_floor(image, prompt, ids, gen_id, raw)
-            verdict, rows = _agreement(selection, gen_id, scored, result.noise_floor)
-            snr.append(verdict.pop("snr"))
+            knob = "[confirm] timesteps" if method == "abu" else "[dtrak] timesteps"
+            timesteps = selection.timesteps if method == "abu" else dtrak_settings.timesteps
+            judged, rows = _agreement(selection, gen_id, scored, result.noise_floor, timesteps, knob)
+            snr.append(judged.pop("snr"))
             seconds = time.perf_counter() - t0
             result.generation_seconds += seconds
             with store.transaction():
                 store.insert_arrow(
                     "teacher_scores", pa.table({"run_id": pa.array([run_id] * len(ids), pa.int64()), **rows})
                 )
+                row = {
+                    "generation_id": gen_id,
+                    "run_id": run_id,
+                    "method": method,
+                    "encoder_id": encoder.id,
+                    "k": selection.k,
+                    **judged,
+                    "seconds": seconds,
+                    "confirmed_at": utcnow(),
+                }
                 store.con.execute(
-                    "INSERT INTO confirmations (generation_id, run_id, method, encoder_id, k, map_at_k, top1_agree, spearman,"
-                    " control_margin, confirmed, seconds, confirmed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        gen_id,
-                        run_id,
-                        method,
-                        encoder.id,
-                        selection.k,
-                        verdict["map_at_k"],
-                        verdict["top1_agree"],
-                        verdict["spearman"],
-                        verdict["control_margin"],
-                        verdict["confirmed"],
-                        seconds,
-                        utcnow(),
-                    ],
+                    f"INSERT INTO confirmations ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                    list(row.values()),
                 )
                 store.con.execute("UPDATE confirm_runs SET n_generations = n_generations + 1 WHERE id = ?", [run_id])
             result.generations += 1
-            result.confirmed += int(verdict["confirmed"])
+            result.confirmed += int(judged["confirmed"])
+            result.verdicts[judged["verdict"]] = result.verdicts.get(judged["verdict"], 0) + 1
             progress.advance()
         result.seconds = time.perf_counter() - started
         store.con.execute(
@@ -288,21 +288,31 @@ class _Scored:
     influence: np.ndarray
 
 
-def _agreement(s: ConfirmSettings, gen_id: int, scored: _Scored, noise_floor: float) -> tuple[dict, dict]:
+def _agreement(
+    s: ConfirmSettings, gen_id: int, scored: _Scored, noise_floor: float, timesteps: int, knob: str
+) -> tuple[dict, dict]:
+    """The confirmations row of one generation (agreement measures, the verdict and the numbers behind it:
+    auditor/verdict.py) and its teacher_scores rows."""
     ids, fast, influence, is_control = scored.ids, scored.fast, scored.influence, scored.is_control
     teacher_rank = metrics.ranks(influence)
     k = min(s.k, len(ids))
     top_fast = ~is_control & (scored.fast_rank <= k)
     margin = float(np.median(influence[top_fast]) - np.median(influence[is_control])) if is_control.any() else 0.0
     floor = noise_floor if noise_floor > 0 else float("nan")
-    verdict = {
+    verdict_row = {
         "map_at_k": metrics.map_at_k(ids, fast, influence, k),
         "top1_agree": bool(teacher_rank[0] <= k),
         "spearman": metrics.spearman(fast[~is_control], influence[~is_control]),
         "control_margin": margin / floor if noise_floor > 0 else margin,
         "snr": float(np.std(scored.raw) / floor) if noise_floor > 0 else float("inf"),
     }
-    verdict["confirmed"] = bool(verdict["map_at_k"] >= s.confirm_threshold and verdict["control_margin"] > 0)
+    thresholds = s.thresholds()
+    stats = verdict.measure(
+        fast, influence, is_control, k, noise_floor, timesteps, s.seed * 7919 + gen_id, thresholds.min_self_agreement
+    )
+    judged = verdict.decide(stats, thresholds, knob)
+    verdict_row.update(verdict.record(stats, judged))
+    verdict_row["confirmed"] = judged.verdict == verdict.CONFIRMED
     scores = {
         "generation_id": pa.array([gen_id] * len(ids), pa.int64()),
         "training_id": pa.array(ids),
@@ -312,4 +322,4 @@ def _agreement(s: ConfirmSettings, gen_id: int, scored: _Scored, noise_floor: fl
         "fast_rank": pa.array([int(r) if r > 0 else None for r in scored.fast_rank], pa.int32()),
         "is_control": pa.array(is_control),
     }
-    return verdict, scores
+    return verdict_row, scores

@@ -54,13 +54,18 @@ class Period:
         return " AND ".join(clauses), params
 
 
-def _check(confirmed: pl.Expr, verdict: pl.Expr) -> pl.Expr:
-    """The badge of an attribution (or, given the generation's verdict twice, of a generation)."""
+def _check(confirmed: pl.Expr, generation_confirmed: pl.Expr, verdict: pl.Expr) -> pl.Expr:
+    """The badge of an attribution (or, given the generation's confirmed flag twice, of a generation): `confirmed`;
+    the generation's verdict when the teacher disputed it or could not decide (`disputed`, `inconclusive`);
+    `not confirmed` for an image outside the teacher's top-k of a confirmed generation, or for a confirmation made
+    before verdicts (migration 009) that did not confirm; `unchecked` when no teacher looked."""
     return (
         pl.when(confirmed)
         .then(pl.lit("confirmed"))
-        .when(verdict.is_null())
+        .when(generation_confirmed.is_null())
         .then(pl.lit("unchecked"))
+        .when(verdict.is_in(["disputed", "inconclusive"]))
+        .then(verdict)
         .otherwise(pl.lit("not confirmed"))
     )
 
@@ -76,6 +81,14 @@ class Audit:
     encoder_id: str | None
     encoder_name: str | None
     teacher_runs: list[dict]
+    # The teacher's own top-k of each generation whose latest verdict decided (confirmed or disputed), for
+    # `--policy teacher`: generation_id, rank (the teacher's), training_id, influence, contributor_id, training_path,
+    # caption, confirm_run_id, teacher_method, verdict.
+    teacher_top: pl.DataFrame | None = None
+    # Per teacher method, its results on the workspace's ground-truth checks (leave-K-out, planted); None where
+    # none is stored. `audit eval counterfactual` and `planted` do not store their results yet (issue #29, bullet 3),
+    # so this is None for every method for now.
+    ground_truth: dict | None = None
 
 
 # Which generations a report pays for, by the model they declare (generations.model_match, auditor/model_identity.py).
@@ -113,6 +126,7 @@ def read(store: Store, period: Period, encoder_id: str | None, model: str = "any
     method, encoder_id = ranking[0] if ranking else (None, None)
     attributions = store.con.sql(
         "SELECT c.generation_id, c.rank, c.training_id, c.share, c.confirmed, c.generation_confirmed, c.confirm_run_id,"
+        "  c.verdict, c.teacher_method, c.teacher_rank, c.teacher_influence,"
         "  t.contributor_id, t.path AS training_path, t.caption"
         " FROM attribution_checks c JOIN generations g ON g.id = c.generation_id"
         " LEFT JOIN training_images t ON t.id = c.training_id"
@@ -145,7 +159,30 @@ def read(store: Store, period: Period, encoder_id: str | None, model: str = "any
         .to_dicts()
     )
     encoder_name = store.value("SELECT name FROM encoders WHERE id = ?", [encoder_id])
-    return Audit(generations, attributions, contributors, method, encoder_id, encoder_name, teacher_runs)
+    # The latest confirmation of each generation, as attribution_checks picks it, where its verdict decided.
+    teacher_top = store.con.sql(
+        "WITH latest AS (SELECT * FROM confirmations WHERE encoder_id = ?"
+        "  QUALIFY row_number() OVER (PARTITION BY generation_id ORDER BY confirmed_at DESC, run_id DESC) = 1)"
+        " SELECT s.generation_id, s.teacher_rank AS rank, s.training_id, s.influence, t.contributor_id,"
+        "  t.path AS training_path, t.caption, l.run_id AS confirm_run_id, l.method AS teacher_method, l.verdict"
+        " FROM latest l JOIN generations g ON g.id = l.generation_id"
+        " JOIN teacher_scores s ON s.run_id = l.run_id AND s.generation_id = l.generation_id AND s.teacher_rank <= l.k"
+        " LEFT JOIN training_images t ON t.id = s.training_id"
+        f" WHERE l.verdict IN ('confirmed', 'disputed') AND {in_period} ORDER BY s.generation_id, s.teacher_rank",
+        params=[encoder_id] + params,
+    ).pl()
+    ground_truth = {run["method"]: {"leave_k_out": None, "planted": None} for run in teacher_runs}
+    return Audit(
+        generations,
+        attributions,
+        contributors,
+        method,
+        encoder_id,
+        encoder_name,
+        teacher_runs,
+        teacher_top,
+        ground_truth,
+    )
 
 
 def credit(attributions: pl.DataFrame, confirmed_weight: float) -> pl.DataFrame:
@@ -158,15 +195,65 @@ def credit(attributions: pl.DataFrame, confirmed_weight: float) -> pl.DataFrame:
     """
     weighted = pl.col("share") * pl.when(pl.col("confirmed")).then(confirmed_weight).otherwise(1.0)
     return (
-        attributions.filter(pl.col("contributor_id").is_not_null())
+        _with_teacher_columns(attributions)
+        .filter(pl.col("contributor_id").is_not_null())
         .with_columns(weighted.alias("weighted"))
         .with_columns((pl.col("weighted") / pl.col("weighted").sum().over("generation_id")).alias("credit"))
         .filter(pl.col("credit").is_finite())  # a generation whose owned shares all underflowed to 0
-        .with_columns(
-            _check(pl.col("confirmed"), pl.col("generation_confirmed")).alias("check"),
-            _check(pl.col("generation_confirmed"), pl.col("generation_confirmed")).alias("generation_check"),
-        )
+        .with_columns(_checks())
     )
+
+
+def _checks() -> list[pl.Expr]:
+    verdict = pl.col("verdict")
+    return [
+        _check(pl.col("confirmed"), pl.col("generation_confirmed"), verdict).alias("check"),
+        _check(pl.col("generation_confirmed"), pl.col("generation_confirmed"), verdict).alias("generation_check"),
+    ]
+
+
+def _with_teacher_columns(attributions: pl.DataFrame) -> pl.DataFrame:
+    """Frames made before verdicts (and tests' hand-made ones) lack the teacher's columns: they are NULL there."""
+    missing = {"verdict": pl.String, "teacher_method": pl.String, "source": pl.String}
+    return attributions.with_columns(
+        pl.lit(None if name != "source" else "fast", dtype).alias(name)
+        for name, dtype in missing.items()
+        if name not in attributions.columns
+    )
+
+
+def teacher_credit(audit: Audit, confirmed_weight: float) -> pl.DataFrame:
+    """Credit under `--policy teacher`: where the teacher's latest verdict on a generation decided (confirmed or
+    disputed), its unit is shared by the teacher's own scores over the teacher's top-k,
+
+        credit_g(c) = Σ_{i in teacher top-k of g, owned by c} max(influence_i, 0) ÷ Σ_{i in teacher top-k of g} max(influence_i, 0);
+
+    elsewhere (never checked, inconclusive, or every top-k influence ≤ 0) by the per-output formula (credit()).
+    Rows paid on the teacher carry source = 'teacher', rank = the teacher's rank, share = the normalised influence."""
+    top = audit.teacher_top if audit.teacher_top is not None else pl.DataFrame()
+    positive = pl.col("influence").clip(lower_bound=0.0)
+    if top.height:
+        top = top.with_columns(
+            (positive / positive.sum().over("generation_id")).alias("share"),
+            (pl.col("verdict") == "confirmed").alias("generation_confirmed"),
+        ).filter(pl.col("share").is_finite())
+    decided = set(top["generation_id"].to_list()) if top.height else set()
+    fast = credit(audit.attributions.filter(~pl.col("generation_id").is_in(list(decided))), confirmed_weight)
+    if not top.height:
+        return fast
+    teacher = (
+        top.filter(pl.col("contributor_id").is_not_null())
+        .with_columns(
+            pl.col("generation_confirmed").alias("confirmed"),
+            pl.lit("teacher").alias("source"),
+            pl.col("rank").alias("teacher_rank"),
+            pl.col("influence").alias("teacher_influence"),
+        )
+        .with_columns((pl.col("share") / pl.col("share").sum().over("generation_id")).alias("credit"))
+        .filter(pl.col("credit").is_finite())
+        .with_columns(pl.col("share").alias("weighted"), *_checks())
+    )
+    return pl.concat([fast, teacher.select(fast.columns)], how="vertical_relaxed")
 
 
 def summary(contributors: pl.DataFrame, credited: pl.DataFrame) -> pl.DataFrame:
@@ -187,7 +274,7 @@ def payouts(
     summary: pl.DataFrame, policy: str, pool: int, min_payout: int, currency: str
 ) -> tuple[pl.DataFrame, payout.Split]:
     """The summary with each contributor's basis C, quota, adjusted quota and amount (the rows of payouts.csv)."""
-    basis = summary["credit" if policy == "per-output" else "images_indexed"].cast(pl.Float64).alias("basis")
+    basis = summary["images_indexed" if policy == "training-set" else "credit"].cast(pl.Float64).alias("basis")
     ids = summary["contributor_id"].to_list()
     split = payout.split(pool, dict(zip(ids, basis)), min_payout)
     fine = pl.Decimal(38, payout.minor_digits(currency) + 2)

@@ -43,7 +43,7 @@ from .errors import AuditError
 from .store import utcnow
 from .workspace import Workspace
 
-POLICIES = ("per-output", "training-set")
+POLICIES = ("per-output", "training-set", "teacher")
 THUMBNAIL_PIXELS = 64  # longest side; thumbnails are shown at most this big
 
 
@@ -232,6 +232,24 @@ class _Pages:
             right_on="generation_id",
             how="left",
         ).join(largest_credit, left_on="id", right_on="generation_id", how="left")
+        verdicts = (
+            credited.filter(pl.col("teacher_method").is_not_null())
+            .group_by("generation_id")
+            .agg(pl.first("teacher_method"), pl.first("generation_check"))
+            .group_by("teacher_method", "generation_check")
+            .len()
+        )
+        teachers = [
+            {
+                "method": method,
+                "verdicts": {
+                    row["generation_check"]: row["len"]
+                    for row in verdicts.filter(pl.col("teacher_method") == method).to_dicts()
+                },
+                **(audit.ground_truth or {}).get(method, {"leave_k_out": None, "planted": None}),
+            }
+            for method in sorted({run["method"] for run in audit.teacher_runs})
+        ]
         totals = {
             "generations": audit.generations.height,
             "credited_generations": credited["generation_id"].n_unique(),
@@ -246,7 +264,11 @@ class _Pages:
             "paid_contributors": len(split.paid),
         }
         return self.env.get_template("index.html").render(
-            self.context, totals=totals, contributors=self.contributors, generations=self._generations(generations)
+            self.context,
+            totals=totals,
+            contributors=self.contributors,
+            generations=self._generations(generations),
+            teachers=teachers,
         )
 
     def statement(self, row: dict, mine: pl.DataFrame) -> str:
@@ -268,7 +290,9 @@ class _Pages:
             .agg(
                 pl.col("credit").sum(),
                 pl.first("generation_check"),
-                pl.struct("rank", "training_id", "share", "check").alias("hits"),
+                pl.first("teacher_method"),
+                pl.first("confirm_run_id"),
+                pl.struct("rank", "training_id", "share", "check", "teacher_method", "source").alias("hits"),
             )
             .join(self.audit.generations, left_on="generation_id", right_on="id")
             .sort(["credit", "generation_id"], descending=[True, False])
@@ -299,7 +323,7 @@ def build_report(
     """Divide `pool` among the contributors for one period and write the report folder (see the module doc).
     `model` picks the generations paid for by the model they declare (credit.MODEL_FILTERS)."""
     if policy not in POLICIES:
-        raise AuditError(f"unknown policy {policy!r}; choose {' or '.join(POLICIES)}")
+        raise AuditError(f"unknown policy {policy!r}; choose {', '.join(POLICIES)}")
     if not confirmed_weight > 0:
         raise AuditError("--confirmed-weight must be above 0")
     span = credit.Period.parse(period, date_from, date_to)
@@ -314,8 +338,12 @@ def build_report(
             f"{span.where('g.created_at')[0]} AND NOT ({credit.MODEL_FILTERS[model]})",
             span.where("g.created_at")[1],
         )
-    credited = credit.credit(audit.attributions, confirmed_weight)
-    if policy == "per-output" and credited.is_empty():
+    credited = (
+        credit.teacher_credit(audit, confirmed_weight)
+        if policy == "teacher"
+        else credit.credit(audit.attributions, confirmed_weight)
+    )
+    if policy != "training-set" and credited.is_empty():
         also = f" ({left_out} left out by --model {model})" if left_out else ""
         raise AuditError(
             f"no generation registered in {span.label} is attributed to a contributor{also}; nothing to pay per output"

@@ -135,7 +135,8 @@ def seeded(indexed_ws, outputs_dir):
     In the small world every generation's top 5 belong to one contributor, so: one of ana's generations
     ('mixed') has ranks 4-5 moved to ben's images and a hostile prompt; three of dmitri's generations are
     moved to chloe's images (so dmitri falls below a minimum payout); ben's name carries markup; a teacher
-    run confirms 'mixed' (its rank-1 and rank-4 images in its top 2) and rejects another of ana's ('checked').
+    run confirms 'mixed' (its rank-1 and rank-4 images in its top 2), disputes another of ana's ('checked') and
+    is inconclusive on a third ('unsure').
     """
     result = scan(indexed_ws, outputs_dir, top_k=5)
     with Store(indexed_ws.db_path) as store:
@@ -151,7 +152,7 @@ def seeded(indexed_ws, outputs_dir):
             for c in set(owner.values())
         }
         generations = {c: sorted(g for g, o in owner.items() if o == c) for c in images}
-        mixed, checked = generations["ana"][:2]
+        mixed, checked, unsure = generations["ana"][:3]
         moves = [(images["ben"][rank], mixed, rank) for rank in (4, 5)]
         moves += [(images["chloe"][rank], g, rank) for g in generations["dmitri"][:3] for rank in range(1, 6)]
         store.con.executemany("UPDATE attributions SET training_id = ? WHERE generation_id = ? AND rank = ?", moves)
@@ -160,20 +161,30 @@ def seeded(indexed_ws, outputs_dir):
         now = utcnow()
         store.con.execute(
             "INSERT INTO confirm_runs (id, method, model_hash, model_path, encoder_id, settings, settings_hash,"
-            " started_at, finished_at, n_generations, status) VALUES (1, 'abu', 'model-hash-1', '/models/digits', ?, '{}', 'h', ?, ?, 2, 'finished')",
+            " started_at, finished_at, n_generations, status) VALUES (1, 'abu', 'model-hash-1', '/models/digits', ?, '{}', 'h', ?, ?, 3, 'finished')",
             [result.encoder_id, now, now],
         )
-        teacher_rank = {mixed: {1: 2, 2: 3, 3: 4, 4: 1, 5: 5}, checked: {r: r for r in range(1, 6)}}
+        teacher_rank = {
+            mixed: {1: 2, 2: 3, 3: 4, 4: 1, 5: 5},
+            checked: {r: r for r in range(1, 6)},
+            unsure: {r: 6 - r for r in range(1, 6)},
+        }
         store.con.executemany(
             "INSERT INTO teacher_scores SELECT 1, generation_id, training_id, 1.0 / ?, 0.0, ?, rank, false"
             " FROM attributions WHERE generation_id = ? AND rank = ?",
             [[t, t, g, r] for g, ranks in teacher_rank.items() for r, t in ranks.items()],
         )
         store.con.executemany(
-            "INSERT INTO confirmations VALUES (?, 1, 'abu', ?, 2, ?, ?, 0.5, 3.0, ?, 1.0, ?)",
-            [[mixed, result.encoder_id, 0.9, True, True, now], [checked, result.encoder_id, 0.1, False, False, now]],
+            "INSERT INTO confirmations (generation_id, run_id, method, encoder_id, k, map_at_k, top1_agree, spearman,"
+            " control_margin, confirmed, seconds, confirmed_at, verdict, p_value)"
+            " VALUES (?, 1, 'abu', ?, 2, ?, ?, 0.5, 3.0, ?, 1.0, ?, ?, ?)",
+            [
+                [mixed, result.encoder_id, 0.9, True, True, now, "confirmed", 1e-4],
+                [checked, result.encoder_id, 0.1, False, False, now, "disputed", 0.6],
+                [unsure, result.encoder_id, 0.2, False, False, now, "inconclusive", 0.2],
+            ],
         )
-    return indexed_ws, {"mixed": mixed, "checked": checked, "images": images}
+    return indexed_ws, {"mixed": mixed, "checked": checked, "unsure": unsure, "images": images}
 
 
 def expected(ws, confirmed_weight: float) -> dict[str, dict]:
@@ -362,6 +373,37 @@ def test_report_in_chromium_matches_duckdb_sums_to_the_pool_and_runs_no_user_tex
     assert len([span for span in mixed_row.find("span") if span.has_class("confirmed")]) == 2  # the generation, rank 4
     assert "Ana Studio" not in ben.text()
 
+    # Every attribution on ana's statement shows its verdict and the teacher that gave it, as DuckDB has them.
+    with Store(ws.db_path, read_only=True) as store:
+        want = {
+            (g, t): (check, teacher or "")
+            for g, t, check, teacher in store.rows(
+                "SELECT c.generation_id, c.training_id, CASE WHEN c.confirmed THEN 'confirmed'"
+                " WHEN c.generation_confirmed IS NULL THEN 'unchecked'"
+                " WHEN c.verdict IN ('disputed', 'inconclusive') THEN c.verdict ELSE 'not confirmed' END,"
+                " c.teacher_method FROM attribution_checks c JOIN training_images t ON t.id = c.training_id"
+                " WHERE t.contributor_id = 'ana'"
+            )
+        }
+    shown = {}
+    for tr in statement.find("tr"):
+        if "data-generation" not in tr.attrs:
+            continue
+        for hit in (span for span in tr.find("span") if span.has_class("hit")):
+            key = (int(tr.attrs["data-generation"]), int(hit.attrs["data-training"]))
+            shown[key] = (hit.attrs["data-verdict"], hit.attrs["data-teacher"])
+            badge = [b.text() for b in hit.find("span") if b.has_class("badge")]
+            assert badge == [hit.attrs["data-verdict"]]
+            assert ("by AbU" in hit.text()) == (hit.attrs["data-teacher"] == "abu")
+    assert shown == want
+    assert {v for v, _ in shown.values()} == {"confirmed", "not confirmed", "disputed", "inconclusive", "unchecked"}
+
+    # The index says, per teacher, how its verdicts came out and that its ground-truth checks have not been run.
+    evidence = dom.find("tr", data_teacher="abu")[0]
+    cells = {td.attrs["data-field"]: td.text() for td in evidence.find("td") if "data-field" in td.attrs}
+    assert (cells["confirmed"], cells["disputed"], cells["inconclusive"]) == ("1", "1", "1")
+    assert "not run" in cells["leave-k-out"] and "not run" in cells["planted"]
+
 
 def test_payout_files_period_and_cli(seeded, tmp_path):
     ws, seed = seeded
@@ -406,6 +448,35 @@ def test_training_set_policy_pays_by_images_indexed(seeded, tmp_path):
     assert sum(amounts.values()) == 10000
     assert amounts == payout.split(10000, {"ana": 30, "ben": 30, "chloe": 30, "dmitri": 27}).amount
     assert "share of the training set" in result.index.read_text()
+
+
+def test_teacher_policy_pays_on_teacher_scores_where_the_verdict_decided(seeded, tmp_path):
+    ws, seed = seeded
+    result = build_report(ws, tmp_path / "report", pool=Decimal("1000.00"), policy="teacher")
+    with Store(ws.db_path, read_only=True) as store:
+        # Decided generations ('mixed' confirmed, 'checked' disputed): the teacher's top-k (k = 2) by influence;
+        # the rest ('unsure' inconclusive, and the unchecked): the per-output formula.
+        rows = store.rows(
+            "WITH decided AS (SELECT generation_id, run_id, k FROM confirmations WHERE verdict IN ('confirmed', 'disputed')),"
+            " teacher AS (SELECT s.generation_id, t.contributor_id, greatest(s.influence, 0) AS w"
+            "   FROM teacher_scores s JOIN decided d USING (generation_id, run_id) JOIN training_images t ON t.id = s.training_id"
+            "   WHERE s.teacher_rank <= d.k),"
+            " fast AS (SELECT c.generation_id, t.contributor_id, c.share * CASE WHEN c.confirmed THEN 2 ELSE 1 END AS w"
+            "   FROM attribution_checks c JOIN training_images t ON t.id = c.training_id"
+            "   WHERE c.generation_id NOT IN (SELECT generation_id FROM decided)),"
+            " w AS (SELECT * FROM teacher UNION ALL SELECT * FROM fast)"
+            " SELECT contributor_id, sum(w / total) FROM (SELECT *, sum(w) OVER (PARTITION BY generation_id) AS total FROM w)"
+            " GROUP BY 1"
+        )
+    credits = dict(rows)
+    assert dict(zip(result.payouts["contributor_id"], result.payouts["basis"])) == pytest.approx(
+        {c: credits.get(c, 0.0) for c in result.payouts["contributor_id"]}
+    )
+    amounts = dict(zip(result.payouts["contributor_id"], result.payouts["amount_minor"]))
+    assert amounts == payout.split(100000, credits).amount | {c: 0 for c in amounts if c not in credits}
+    # ben's images are in the teacher's top 2 of 'mixed' (rank 4 is its top 1): paid on the teacher there.
+    ben = result.statements["ben"].read_text()
+    assert 'data-source="teacher"' in ben and "paid on the teacher where it decided" in ben
 
 
 def test_report_refuses_to_overwrite_a_folder_that_is_not_a_report(seeded, tmp_path):

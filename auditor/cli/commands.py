@@ -237,8 +237,9 @@ def confirm(
     per = result.generation_seconds / max(1, result.generations)
     setup = result.seconds - result.generation_seconds
     out.print(
-        f"confirm run {result.run_id}: {result.generations} generation(s), {result.confirmed} confirmed, "
-        f"{len(result.failed)} failed; {per:.1f} s each (+ {setup:.1f} s setup); noise floor {result.noise_floor:.3g}, "
+        f"confirm run {result.run_id}: {result.generations} generation(s), "
+        + "".join(f"{result.verdicts.get(v, 0)} {v}, " for v in ("confirmed", "disputed", "inconclusive"))
+        + f"{len(result.failed)} failed; {per:.1f} s each (+ {setup:.1f} s setup); noise floor {result.noise_floor:.3g}, "
         f"signal/noise {result.signal_to_noise:.1f} (see confirmations)"
         + (f"; {result.other_model} left out: declared by another model" if result.other_model else "")
     )
@@ -304,6 +305,7 @@ class ModelFilter(StrEnum):
 class Policy(StrEnum):
     per_output = "per-output"
     training_set = "training-set"
+    teacher = "teacher"
 
 
 @app.command()
@@ -321,7 +323,8 @@ def report(
     ),
     policy: Policy | None = typer.Option(
         None,
-        help="per-output (by attributed credit) or training-set (by images indexed) "
+        help="per-output (by attributed credit), training-set (by images indexed) or teacher (per output, on the "
+        "teacher's scores where its verdict decided: confirmed or disputed) "
         f"({default(ReportSettings, 'policy')}).",
     ),
     confirmed_weight: float | None = typer.Option(
