@@ -25,6 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts name settings as [section] key: not markup
 )
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False)

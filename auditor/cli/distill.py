@@ -23,7 +23,9 @@ from .app import (
 from .commands import use_encoder
 
 distill_app = typer.Typer(
-    help="Distil the teacher into the encoder (FastGDA): collect rankings, train the head.", no_args_is_help=True
+    rich_markup_mode=None,  # help texts name settings as [section] key: not markup
+    help="Distil the teacher into the encoder (FastGDA): collect rankings, train the head.",
+    no_args_is_help=True,
 )
 app.add_typer(distill_app, name="distill")
 

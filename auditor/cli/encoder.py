@@ -12,6 +12,7 @@ from .app import DeviceOption, announce, app, out
 from .commands import use_encoder
 
 encoder_app = typer.Typer(
+    rich_markup_mode=None,  # help texts name settings as [section] key: not markup
     help="Encoder bundles: build one from pretrained open_clip, timm or transformers models (auditor/bundle.py), "
     "or switch the workspace to one.",
     no_args_is_help=True,

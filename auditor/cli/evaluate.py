@@ -15,6 +15,7 @@ from ..errors import AuditError
 from .app import DeviceOption, ModelOption, RichProgress, announce, app, current_workspace, default, out, progress_bar
 
 eval_app = typer.Typer(
+    rich_markup_mode=None,  # help texts name settings as [section] key: not markup
     help="Measure attribution: against the teacher, against planted ground truth, or by leave-K-out retraining.",
     no_args_is_help=True,
 )

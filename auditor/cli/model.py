@@ -11,6 +11,7 @@ from rich.text import Text
 from .app import announce, app, current_workspace, out
 
 model_app = typer.Typer(
+    rich_markup_mode=None,  # help texts name settings as [section] key: not markup
     help="The model the audited outputs must come from: its checkpoint hashes and names (auditor/model_identity.py).",
     no_args_is_help=True,
 )
