@@ -68,6 +68,9 @@ def main() -> None:
     ws = workdir / "workspace"
 
     run("init", ws, "--encoder", encoder_bundle(), "--model", WORLD / "model")
+    # The world's outputs name their model as a generator UI would; a real checkpoint file would be hashed instead
+    # (`audit model add-checkpoint`).
+    run("model", "alias", "--name", "digits-world", workspace=ws)
     run("index", WORLD / "training", workspace=ws)
     run("scan", outputs, "--top-k", 20, workspace=ws)
     if args.confirm:
