@@ -35,8 +35,8 @@ def training_embeddings(
         saved = np.load(cache)
         if np.array_equal(saved["ids"], ids):
             return ids, saved["image"], saved["text"]
-    limits = ws.limits
-    images = [ingest.decode(ingest.read_bytes(r[1], limits), limits)[0] for r in rows]
+    limits, reduce_to = ws.limits, encoder.preprocess.min_decode_size  # decoded as `audit index` decodes them
+    images = [ingest.decode(ingest.read_bytes(r[1], limits), limits, reduce_to)[0] for r in rows]
     img, txt = embed_images(encoder, images, [r[2] for r in rows])
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, ids=ids, image=img, text=txt)
