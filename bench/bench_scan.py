@@ -1,6 +1,6 @@
 """End-to-end `audit scan` throughput vs the bare encoder forward, and peak memory at 1k vs 10k images.
 
-    python bench/bench_scan.py [--quick] [--device cpu|cuda] [--arch ViT-B-32] [--batch-size 64]
+    python bench/bench_scan.py [--quick] [--device cpu|cuda] [--arch ViT-B-32|dino-clip] [--batch-size 64]
                                [--image-size 512] [--format png|jpeg|webp]
 
 Images: synthetic digit images (tests/small_world.py palettes, scikit-learn's digits, a little seeded noise so
@@ -11,7 +11,9 @@ decode, prompt, preprocess) on one thread, as images per CPU-second of that thre
 machine), with reduced decoding (JPEG DCT scaling, what the scan does) and at full size (before it), then in
 `ingest.load_all` with N threads (wall clock). Encoder: the example
 world's (examples/digits_world/encoder) when present, else the tiny test encoder; `--arch ViT-B-32` builds a
-random-weight full-size open_clip ViT-B/32 bundle from open_clip's bundled config (no download).
+random-weight full-size open_clip ViT-B/32 bundle from open_clip's bundled config (no download); `--arch dino-clip`
+FastGDA's recipe at full size (random-weight timm DINO ViT-B/16 image tower, open_clip ViT-B/32 text tower), made by
+`audit encoder create dino-clip` from weight files written first.
 Each size runs in its own subprocess: the bare forward (`Encoder.features` on pre-decoded, pre-processed
 tensors, same batch size and device, over up to 2,048 images), the scan (timed), peak RSS (ru_maxrss: the
 bare forward's decoded tensors are in it at both sizes), then the bare forward twice more; bare = the
@@ -79,6 +81,35 @@ def build_vit_b32(directory: Path) -> Path:
         "ViT-B-32-random", config, image_size=224, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD
     )
     embed.save(directory, bundle, {"backbone.safetensors": model.state_dict()})
+    return directory
+
+
+def build_dino_clip(directory: Path) -> Path:
+    """FastGDA's recipe at full size through `audit encoder create dino-clip`: a random-weight timm DINO ViT-B/16
+    image tower and a random-weight open_clip ViT-B/32 text tower, from weight files written here."""
+    import open_clip
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from auditor import bundle
+
+    if (directory / "encoder.json").exists():
+        return directory
+    files = directory.with_name(directory.name + "-weights")
+    files.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    dino = timm.create_model("vit_base_patch16_224.dino", pretrained=False, num_classes=0)
+    save_file(dino.state_dict(), files / "dino.safetensors")
+    clip = open_clip.model.CLIP(**open_clip.get_model_config("ViT-B-32"))
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, files / "clip.safetensors")
+    bundle.create(
+        directory,
+        "dino-clip",
+        clip=bundle.Source("open_clip", "ViT-B-32", files / "clip.safetensors"),
+        dino=bundle.Source("timm", "vit_base_patch16_224.dino", files / "dino.safetensors"),
+        name="dino-vit-b-16+ViT-B-32-random",
+    )
     return directory
 
 
@@ -178,7 +209,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1k images only")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--arch", default=None, help="ViT-B-32: a random-weight full-size open_clip bundle")
+    parser.add_argument(
+        "--arch",
+        default=None,
+        help="ViT-B-32: a random-weight full-size open_clip bundle; dino-clip: DINO ViT-B/16 image + ViT-B/32 text",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument(
@@ -203,8 +238,10 @@ def main() -> None:
     sizes = args.sizes or ([1000] if args.quick else [1000, 10_000])
     if args.arch == "ViT-B-32":
         encoder_dir, size = build_vit_b32(work / "vit-b-32"), 224
+    elif args.arch == "dino-clip":
+        encoder_dir, size = build_dino_clip(work / "dino-clip"), 224
     elif args.arch:
-        raise SystemExit(f"unknown --arch {args.arch}; ViT-B-32 or none")
+        raise SystemExit(f"unknown --arch {args.arch}; ViT-B-32, dino-clip or none")
     elif (WORLD / "encoder" / "encoder.json").is_file():
         encoder_dir, size = WORLD / "encoder", 32
     else:
