@@ -103,7 +103,19 @@ class PathsSettings(Section):
     name: ClassVar[str] = "paths"
     lancedb: str = setting("lancedb", "Any LanceDB URI (s3://..., gs://...); a relative path is inside .audit/.")
     model: str = setting(
-        "", "Diffusers pipeline folder the teachers load (`audit confirm`, `audit distill`, `audit eval`)."
+        "",
+        "The diffusion model the teachers load (`audit confirm`, `audit distill`, `audit eval`): a diffusers folder of "
+        "Stable Diffusion 1.x/2.x or SDXL, or one .safetensors/.ckpt checkpoint of them (with model_config).",
+    )
+    model_config: str = setting(
+        "",
+        "For a single-file model: a local diffusers folder of the same family whose configs, tokenizers and scheduler "
+        "it is read with (weights not needed; nothing is downloaded).",
+    )
+    model_variant: str = setting(
+        "",
+        "Weights variant of a diffusers folder (e.g. fp16: *.fp16.safetensors); empty: the plain weights, or the one "
+        "variant there is. Weights are upcast to fp32 either way.",
     )
 
 

@@ -122,7 +122,7 @@ def confirm(
     # verdicts on a generation are about the same candidates.
     selection = ws.config.confirm.override(method=method, **overrides)
     method = selection.method
-    model_path = ws.model_dir(model)
+    model_path = ws.model_source(model)
     torch_device = ws.device(device)
     started = time.perf_counter()
 

@@ -253,7 +253,7 @@ def counterfactual(
     unknown = set(s.methods) - {"fast", *TEACHERS}
     if unknown:
         raise AuditError(f"counterfactual method(s) {', '.join(sorted(unknown))} are not known; use fast, abu, dtrak")
-    model_path = ws.model_dir(model)
+    model_path = ws.model_source(model)
     torch_device = ws.device(device)
     encoder = embed.load(ws.encoder_dir(), torch_device)
     with ws.reader() as store:

@@ -1,8 +1,12 @@
-"""The diffusion model as the teachers see it: a Stable-Diffusion-layout diffusers folder, in its own space.
+"""The diffusion model as the teachers see it: a Stable Diffusion 1.x / 2.x or SDXL model, in its own space.
 
-Latents come from the pipeline's VAE (× its scaling factor), prompt embeddings from its
-own text encoder, the noise schedule and objective (epsilon / v / sample prediction)
-from its scheduler config. Everything runs in fp32: the teachers' signals are
+Latents come from the pipeline's VAE (× its scaling factor), a prompt's conditioning from
+its own text encoder(s) (`DiffusionModel.text_embeddings`), the noise schedule and
+objective (epsilon / v / sample prediction) from its scheduler config, and every UNet
+forward of every teacher goes through `DiffusionModel.predict`, which adds what the
+family needs (SDXL: pooled text embeddings and size conditioning). Which files a model
+is read from (folders, variants, single files) is auditor/families.py. Everything runs
+in fp32 whatever the files hold (fp16 variants are upcast): the teachers' signals are
 differences of losses, and bf16 loses them (docs/methods.md §7).
 """
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +24,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import ingest, memory
+from . import families, ingest, memory
 from .config import MemorySettings
 from .errors import AuditError
 
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+DTYPE = torch.float32  # the teachers' precision, whatever the weights files hold
 # Per-item memory estimates, in activations of the size named: rough upper bounds that scale with the model
 # (auditor/memory.py sizes batches from them). VAE: its first stage's activation at full resolution; UNet: its first
 # stage's activation at latent resolution, per row (one image at one timestep).
 VAE_ACTIVATIONS = 6
+# UNet: its activation per row is counted over resolution levels, channels × tokens × (1 + transformer layers), in
+# units of an SD 1.x-layout UNet's first stage (whose levels sum to 3.5625 of it): the constants below were set there,
+# and SDXL's 10-layer transformers at low resolution count as they should.
+SD1_LEVEL_WEIGHT = 3.5625
 UNET_FORWARD_ACTIVATIONS = 12
 UNET_GRADIENT_ACTIVATIONS = 500  # every activation kept for the backward pass
 UNET_CHECKPOINTED_ACTIVATIONS = 48  # block inputs kept, one block recomputed at a time
@@ -44,18 +53,27 @@ CHECKPOINT_BELOW_ROWS = 16  # gradient_checkpointing = "auto": on when fewer gra
 TRAINING_FACTS = "auditor_training.json"  # optional: how the model was trained (e.g. flip augmentation)
 
 
-def model_hash(folder: Path, cache_dir: Path | None = None) -> str:
-    """Content hash of every file of the pipeline's components; cached by (path, size, mtime) since SD weights are GBs."""
-    files = sorted(p for c in COMPONENTS for p in (folder / c).rglob("*") if p.is_file())
-    stamp = json.dumps([(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+def model_hash(model: families.Source | str | os.PathLike, cache_dir: Path | None = None) -> str:
+    """Content hash of every file of the model (families.Source.files); cached by (path, size, mtime) since SD
+    weights are GBs."""
+    source = model if isinstance(model, families.Source) else families.resolve(model)
+    files = source.files()
+
+    def label(path: Path) -> str:
+        for base in (source.path, source.config):
+            if path.is_relative_to(base) and path != base:
+                return str(path.relative_to(base))
+        return path.name
+
+    stamp = json.dumps([(label(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
     cache_file = cache_dir / "model_hashes.json" if cache_dir else None
     known = json.loads(cache_file.read_text()) if cache_file and cache_file.is_file() else {}
-    key = hashlib.sha256(f"{folder.resolve()}|{stamp}".encode()).hexdigest()
+    key = hashlib.sha256(f"{source.path}|{stamp}".encode()).hexdigest()
     if key in known:
         return known[key]
     digest = hashlib.sha256()
     for path in files:
-        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(label(path).encode())
         with open(path, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
@@ -126,16 +144,38 @@ def applied(params: dict[str, torch.nn.Parameter], delta: dict[str, torch.Tensor
 
 @dataclass
 class DiffusionModel:
-    folder: Path
+    folder: Path  # the diffusers folder, or the single checkpoint file
     hash: str
     unet: torch.nn.Module
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
-    scheduler: object
+    scheduler: object  # the training noise schedule (DDPM over the model's betas)
     device: torch.device
     flip_augmentation: bool
     memory: MemorySettings = field(default_factory=MemorySettings)
+    # SDXL's second text encoder (with projection: its pooled embedding conditions the UNet) and its tokenizer.
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object = None
+    sampler: object = None  # the model's own inference scheduler, for generating
+    pipeline_options: dict = field(default_factory=dict)  # the pipeline's own settings (SDXL: zeroed negative prompt)
+
+    @property
+    def is_xl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def pooled_rows(self) -> int:
+        """SDXL: rows of the conditioning that carry the pooled text embedding (see `text_embeddings`)."""
+        width = int(self.unet.config.cross_attention_dim)
+        return math.ceil(int(self.text_encoder_2.config.projection_dim) / width)
+
+    @property
+    def time_ids(self) -> torch.Tensor:
+        """SDXL's size conditioning, as its pipeline generates by default: original size = target size = the
+        model's resolution, crop at (0, 0). Training images are resized and centre-cropped to that resolution."""
+        size = self.resolution
+        return torch.tensor([size, size, 0, 0, size, size], dtype=DTYPE, device=self.device)
 
     @property
     def resolution(self) -> int:
@@ -168,13 +208,18 @@ class DiffusionModel:
             elt = next(self.vae.parameters()).element_size()
             return VAE_ACTIVATIONS * self.vae.config.block_out_channels[0] * self.resolution**2 * elt
         if kind == "text":
-            cfg = self.text_encoder.config
-            width = max(cfg.hidden_size, getattr(cfg, "intermediate_size", cfg.hidden_size))
-            elt = next(self.text_encoder.parameters()).element_size()
-            return TEXT_ACTIVATIONS * width * self.tokenizer.model_max_length * elt
+            # SDXL's two encoders run one after the other: the wider one bounds the batch.
+            return max(
+                TEXT_ACTIVATIONS
+                * max(e.config.hidden_size, getattr(e.config, "intermediate_size", e.config.hidden_size))
+                * t.model_max_length
+                * next(e.parameters()).element_size()
+                for e, t in ((self.text_encoder, self.tokenizer), (self.text_encoder_2, self.tokenizer_2))
+                if e is not None
+            )
         elt = next(self.unet.parameters()).element_size()
         tokens = int(self.unet.config.sample_size) ** 2
-        activation = self.unet.config.block_out_channels[0] * tokens * elt
+        activation = unet_levels(self.unet.config) / SD1_LEVEL_WEIGHT * elt
         # Plain attention materialises a (heads × tokens × tokens) matrix; scaled-dot-product attention does not.
         plain = any(type(p).__name__ != "AttnProcessor2_0" for p in self.unet.attn_processors.values())
         attention = 8 * tokens**2 * elt if plain else 0
@@ -207,23 +252,62 @@ class DiffusionModel:
 
     @torch.no_grad()
     def text_embeddings(self, prompts: list[str | None]) -> torch.Tensor:
-        """The pipeline's own conditioning: last hidden state of its text encoder; a missing prompt is the empty one."""
+        """Each prompt's conditioning as its pipeline computes it, one (tokens, width) tensor per prompt whatever the
+        family, so every teacher caches, batches and stacks it alike; a missing prompt is the empty one. SD 1.x / 2.x:
+        the last hidden state of the text encoder. SDXL: both encoders' penultimate hidden states side by side, then
+        the second encoder's pooled (projected) embedding packed into `pooled_rows` extra rows; `predict` unpacks it."""
         batch = self.batch("text")
-        tokens = tokenize(self.tokenizer, prompts)
         with memory.guard(batch, "encoding prompts"):
             return torch.cat(
                 [
-                    self.text_encoder(tokens[start : start + batch.size].to(self.device))[0]
-                    for start in range(0, len(tokens), batch.size)
+                    self._conditioning(prompts[start : start + batch.size])
+                    for start in range(0, len(prompts), batch.size)
                 ]
             )
+
+    def _conditioning(self, prompts: list[str | None]) -> torch.Tensor:
+        tokens = tokenize(self.tokenizer, prompts).to(self.device)
+        if not self.is_xl:
+            return self.text_encoder(tokens)[0]
+        first = self.text_encoder(tokens, output_hidden_states=True)
+        second = self.text_encoder_2(tokenize(self.tokenizer_2, prompts).to(self.device), output_hidden_states=True)
+        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        pooled = second.text_embeds
+        width, rows = hidden.shape[-1], self.pooled_rows
+        packed = torch.nn.functional.pad(pooled, (0, rows * width - pooled.shape[-1])).view(len(pooled), rows, width)
+        return torch.cat([hidden, packed], dim=1)
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+        """The UNet's output for noisy latents under prompt conditionings (`text_embeddings`, one per row): the one
+        forward every teacher, its training loss and its scoring use, with the extras the family needs."""
+        if not self.is_xl:
+            return self.unet(noisy, timesteps, encoder_hidden_states=conditioning).sample
+        rows = self.pooled_rows
+        pooled = conditioning[:, -rows:].flatten(1)[:, : int(self.text_encoder_2.config.projection_dim)]
+        extras = {"text_embeds": pooled, "time_ids": self.time_ids.to(noisy.dtype).expand(len(noisy), -1)}
+        return self.unet(
+            noisy, timesteps, encoder_hidden_states=conditioning[:, :-rows], added_cond_kwargs=extras
+        ).sample
 
     def denoising_loss(self, latents, text_emb, timesteps, noise) -> torch.Tensor:
         """Per-sample training loss (mean squared error against the scheduler's target), shape (B,)."""
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        pred = self.unet(noisy, timesteps, encoder_hidden_states=text_emb).sample
+        pred = self.predict(noisy, timesteps, text_emb)
         target = prediction_target(self.scheduler, latents, noise, timesteps)
         return ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.ndim)))
+
+
+def unet_levels(config) -> float:
+    """Σ over the UNet's resolution levels of channels × latent tokens × (1 + transformer layers): how its
+    activations per row scale with its layout (the memory estimate's unit is SD 1.x's share of it)."""
+    side = int(config.sample_size)
+    depth = config.transformer_layers_per_block
+    total = 0.0
+    for level, (channels, kind) in enumerate(zip(config.block_out_channels, config.down_block_types)):
+        layers = depth[level] if isinstance(depth, list | tuple) else depth
+        attention = int(layers) if "CrossAttn" in kind else 0
+        total += channels * (side / 2**level) ** 2 * (1 + attention)
+    return total
 
 
 def tokenize(tokenizer, prompts: list[str | None]) -> torch.Tensor:
@@ -250,20 +334,24 @@ def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, tim
 
 
 def pipeline(model: DiffusionModel):
-    """A StableDiffusionPipeline over the model's own modules, so weights changed in memory are the ones that generate,
-    with the folder's inference scheduler."""
-    from diffusers import StableDiffusionPipeline
+    """The family's diffusers pipeline over the model's own modules, so weights changed in memory are the ones that
+    generate, with the model's own inference scheduler."""
+    import diffusers
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model.folder,
-        unet=model.unet,
-        vae=model.vae,
-        text_encoder=model.text_encoder,
-        tokenizer=model.tokenizer,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    parts = dict(unet=model.unet, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer)
+    parts["scheduler"] = model.sampler
+    if model.is_xl:
+        pipe = diffusers.StableDiffusionXLPipeline(
+            **parts,
+            text_encoder_2=model.text_encoder_2,
+            tokenizer_2=model.tokenizer_2,
+            add_watermarker=False,
+            **model.pipeline_options,
+        )
+    else:
+        pipe = diffusers.StableDiffusionPipeline(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -326,70 +414,107 @@ class TrainingSet:
         )
 
 
-def checked_folder(folder: str | os.PathLike) -> Path:
-    """The model folder, resolved, once it is known to hold every pipeline component."""
-    folder = Path(folder).expanduser().resolve()
-    if not folder.is_dir():
-        raise AuditError(f"model folder {folder} does not exist; set [paths] model in audit.toml or pass --model")
-    missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
-    if missing:
-        raise AuditError(
-            f"model folder {folder} lacks {', '.join(missing)}; expected a diffusers Stable Diffusion folder (unet, vae, text_encoder, tokenizer, scheduler)"
-        )
-    return folder
-
-
 def load(
-    folder: str | os.PathLike,
+    model: families.Source | str | os.PathLike,
     device: torch.device,
     cache_dir: Path | None = None,
     flip: str = "auto",
     memory_settings: MemorySettings | None = None,
 ) -> DiffusionModel:
-    """Load unet, vae, text encoder, tokenizer and scheduler from a local Stable Diffusion folder (no hub access), with
-    scaled-dot-product attention and gradient checkpointing as [memory] says."""
-    folder = checked_folder(folder)
+    """Load the model's unet, vae, text encoder(s), tokenizer(s) and schedulers from local files only (a path is
+    checked with families.resolve), in the teachers' precision, with scaled-dot-product attention and gradient
+    checkpointing as [memory] says."""
+    source = model if isinstance(model, families.Source) else families.resolve(model)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     try:
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=torch.float32)
-        vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32)
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32)
-        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        # The training noise schedule: DDPM's add_noise / get_velocity over the folder's betas.
-        scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
-    except (OSError, ValueError) as exc:
-        raise AuditError(f"cannot load the diffusers pipeline in {folder}: {str(exc).splitlines()[0]}") from None
-    for module in (unet, vae, text_encoder):
-        module.to(device).eval().requires_grad_(False)
-    if not kv_parameters(unet):
+        parts = _single_file_parts(source) if source.single_file else _folder_parts(source)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise AuditError(
-            f"the UNet in {folder} has no cross-attention (attn2.to_k / attn2.to_v); AbU needs a text-conditioned UNet"
+            f"cannot load the {source.describe()} at {source.path}: {str(exc).strip().splitlines()[0]}"
+        ) from None
+    from diffusers import DDPMScheduler
+
+    # The training noise schedule: DDPM's add_noise / get_velocity over the model's betas and objective.
+    scheduler = DDPMScheduler.from_config(parts["sampler"].config)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if parts.get(name) is not None:
+            parts[name].to(device).eval().requires_grad_(False)
+    if not kv_parameters(parts["unet"]):
+        raise AuditError(
+            f"the UNet in {source.path} has no cross-attention (attn2.to_k / attn2.to_v); AbU needs a text-conditioned UNet"
         )
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    facts_path = folder / TRAINING_FACTS
+    facts_path = source.path / TRAINING_FACTS
     facts = json.loads(facts_path.read_text()) if facts_path.is_file() else {}
     if flip == "auto":
         # Without a record of how the model was trained, assume SD's usual random flips (docs/methods.md §1).
         flip_aug = bool(facts.get("flip_augmentation", True))
     else:
         flip_aug = flip == "on"
-    model = DiffusionModel(
-        folder,
-        model_hash(folder, cache_dir),
-        unet,
-        vae,
-        text_encoder,
-        tokenizer,
+    loaded = DiffusionModel(
+        source.path,
+        model_hash(source, cache_dir),
+        parts["unet"],
+        parts["vae"],
+        parts["text_encoder"],
+        parts["tokenizer"],
         scheduler,
         device,
         flip_aug,
         memory_settings or MemorySettings(),
+        text_encoder_2=parts.get("text_encoder_2"),
+        tokenizer_2=parts.get("tokenizer_2"),
+        sampler=parts["sampler"],
+        pipeline_options=parts.get("options", {}),
     )
-    memory_efficient(model)
-    return model
+    memory_efficient(loaded)
+    return loaded
+
+
+def _folder_parts(source: families.Source) -> dict:
+    """The components of a diffusers folder, each from its plain or variant weights, upcast to DTYPE."""
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = source.path
+
+    def weights(cls, name):
+        return cls.from_pretrained(folder / name, variant=source.variant_of(name), dtype=DTYPE)
+
+    parts = {
+        "unet": weights(UNet2DConditionModel, "unet"),
+        "vae": weights(AutoencoderKL, "vae"),
+        "text_encoder": weights(CLIPTextModel, "text_encoder"),
+        "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+    }
+    if source.is_xl:
+        parts["text_encoder_2"] = weights(CLIPTextModelWithProjection, "text_encoder_2")
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
+        index = json.loads((folder / "model_index.json").read_text())
+        parts["options"] = {"force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))}
+    sampler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    parts["sampler"] = getattr(diffusers, sampler).from_pretrained(folder / "scheduler")
+    return parts
+
+
+def _single_file_parts(source: families.Source) -> dict:
+    """The components of a single checkpoint, converted by diffusers' single-file loader with the local config folder
+    (local_files_only: no network), upcast to DTYPE."""
+    import diffusers
+
+    cls = getattr(diffusers, source.pipeline)
+    extra = (
+        {} if source.is_xl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    )
+    pipe = cls.from_single_file(
+        str(source.path), config=str(source.config), local_files_only=True, torch_dtype=DTYPE, **extra
+    )
+    parts = {name: getattr(pipe, name) for name in source.components if name != "scheduler"}
+    parts["sampler"] = pipe.scheduler
+    if source.is_xl:
+        parts["options"] = {"force_zeros_for_empty_prompt": bool(pipe.config.force_zeros_for_empty_prompt)}
+    return parts
 
 
 def memory_efficient(model: DiffusionModel) -> None:

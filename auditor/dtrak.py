@@ -118,9 +118,7 @@ class GradientFeatures:
                 total = [torch.zeros_like(p) for p in params]
                 for start in range(0, len(noisy), batch.size):
                     rows = slice(start, start + batch.size)
-                    pred = self.model.unet(
-                        noisy[rows], timesteps[rows], encoder_hidden_states=text.expand(len(noisy[rows]), -1, -1)
-                    ).sample
+                    pred = self.model.predict(noisy[rows], timesteps[rows], text.expand(len(noisy[rows]), -1, -1))
                     # f is the mean over all the sample's rows: each chunk adds its share of the gradient.
                     part = pred.float().pow(2).flatten(1).sum(1).sum() / len(noisy)
                     for acc, g in zip(total, torch.autograd.grad(part, params)):

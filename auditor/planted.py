@@ -148,7 +148,7 @@ def planted(
     started = time.perf_counter()
     s = ws.config.planted.override(**overrides)
     abu, gradients, limits = ws.config.confirm, ws.config.dtrak, ws.limits
-    model_path = ws.model_dir(model)
+    model_path = ws.model_source(model)
     torch_device = ws.device(device)
     base = diffusion.load(model_path, torch_device, ws.dir / "cache", abu.flip, ws.config.memory)
     folder = Path(exemplars).expanduser().resolve()

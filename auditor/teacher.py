@@ -9,13 +9,12 @@ the same way.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from . import cost, diffusion
+from . import cost, diffusion, families
 from .store import Store
 from .workspace import Workspace
 
@@ -43,10 +42,10 @@ class Teacher(Protocol):
 
 
 def training_set(
-    ws: Workspace, store: Store, model_path: Path, device: torch.device, flip: str
+    ws: Workspace, store: Store, model: families.Source, device: torch.device, flip: str
 ) -> diffusion.TrainingSet:
     """The workspace's diffusion model and its registered training images."""
-    model = diffusion.load(model_path, device, ws.dir / "cache", flip, ws.config.memory)
+    loaded = diffusion.load(model, device, ws.dir / "cache", flip, ws.config.memory)
     return diffusion.TrainingSet(
-        model, store.rows("SELECT id, path, caption FROM training_images ORDER BY id"), ws.limits
+        loaded, store.rows("SELECT id, path, caption FROM training_images ORDER BY id"), ws.limits
     )

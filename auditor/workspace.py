@@ -79,6 +79,14 @@ class Workspace:
             )
         return path
 
+    def model_source(self, override: str | os.PathLike | None = None):
+        """The diffusion model checked on the spot (auditor/families.py): `override` (a --model option) or [paths]
+        model, with [paths] model_config and model_variant."""
+        from .families import resolve
+
+        paths = self.config.paths
+        return resolve(self.model_dir(override), self.resolve(paths.model_config), paths.model_variant)
+
     def encoder_dir(self) -> Path:
         path = self.resolve(self.config.encoder.path)
         if path is None:
@@ -130,28 +138,50 @@ def init(
     encoder: str | os.PathLike | None = None,
     model: str | os.PathLike | None = None,
     lancedb: str | None = None,
+    model_config: str | os.PathLike | None = None,
+    variant: str | None = None,
 ) -> Workspace:
-    """Create `DIRECTORY/.audit/` with audit.toml, the DuckDB store and the LanceDB folder."""
+    """Create `DIRECTORY/.audit/` with audit.toml, the DuckDB store and the LanceDB folder. The encoder bundle and
+    the diffusion model, when given, are checked first (a missing path or an unsupported model family is refused)."""
+    from .families import resolve
     from .store import Store
 
     root = Path(directory).expanduser().resolve()
     audit_dir = root / AUDIT_DIR
     if (audit_dir / CONFIG_NAME).exists():
         raise AuditError(f"{audit_dir} already exists; use that workspace or choose another directory")
-    audit_dir.mkdir(parents=True, exist_ok=True)
     config = Config()
     if encoder:
-        config.encoder.path = str(Path(encoder).expanduser().resolve())
+        config.encoder.path = str(_checked_bundle(encoder))
+    if model_config:
+        config.paths.model_config = str(Path(model_config).expanduser().resolve())
+    if variant:
+        config.paths.model_variant = variant
     if model:
-        config.paths.model = str(Path(model).expanduser().resolve())
+        source = resolve(model, config.paths.model_config or None, config.paths.model_variant)
+        config.paths.model = str(source.path)
+    elif model_config or variant:
+        raise AuditError("--model-config and --variant describe a model; pass --model PATH with them")
     if lancedb:
         config.paths.lancedb = lancedb
+    audit_dir.mkdir(parents=True, exist_ok=True)
     ws = Workspace(root, config)
     ws.save()
     if "://" not in ws.lancedb_uri:
         Path(ws.lancedb_uri).mkdir(parents=True, exist_ok=True)
     Store(ws.db_path).close()
     return ws
+
+
+def _checked_bundle(path: str | os.PathLike) -> Path:
+    """An encoder bundle path that exists and has its encoder.json (docs/encoders.md)."""
+    bundle = Path(path).expanduser().resolve()
+    if not (bundle / "encoder.json").is_file():
+        what = "has no encoder.json" if bundle.is_dir() else "does not exist"
+        raise AuditError(
+            f"encoder bundle {bundle} {what}; pass a bundle folder (make one with `audit encoder create`, docs/encoders.md)"
+        )
+    return bundle
 
 
 def load(root: str | os.PathLike) -> Workspace:

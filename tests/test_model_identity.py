@@ -103,7 +103,8 @@ def test_declared_hashes_and_names_match_by_prefix_and_file_stem(tmp_path):
 
 
 def test_checkpoint_files_include_a_single_file_model_path(tmp_path):
-    ws = workspace.init(tmp_path / "ws", model=tmp_path / "served.safetensors")
+    ws = workspace.init(tmp_path / "ws")
+    ws.config.paths.model = str(tmp_path / "served.safetensors")
     assert model_identity.checkpoint_files(ws) == [tmp_path / "served.safetensors"]
     ws.config.paths.model = str(tmp_path)  # a diffusers folder: no single file
     assert model_identity.checkpoint_files(ws) == []

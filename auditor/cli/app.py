@@ -73,7 +73,11 @@ DeviceOption = Annotated[
     str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (default: [encoder] device).")
 ]
 ModelOption = Annotated[
-    Path | None, typer.Option("--model", help="Diffusers pipeline folder (default: [paths] model).")
+    Path | None,
+    typer.Option(
+        "--model",
+        help="The diffusion model: a diffusers folder or a single checkpoint file (default: [paths] model; [paths] model_config and model_variant apply).",
+    ),
 ]
 BatchSizeOption = Annotated[
     int | None, typer.Option("--batch-size", help="Images per encoder batch (default: [encoder] batch_size).")

@@ -42,12 +42,32 @@ def _summary(title: str, rows: list[tuple[str, object]]) -> None:
 def init(
     directory: Path = typer.Argument(Path("."), help="Where to create .audit/."),
     encoder: Path | None = typer.Option(None, help="Encoder bundle directory (encoder.json + safetensors)."),
-    model: Path | None = typer.Option(None, help="Diffusers pipeline folder the teachers load."),
+    model: Path | None = typer.Option(
+        None,
+        help="The diffusion model the teachers load: a diffusers folder of Stable Diffusion 1.x/2.x or SDXL, or one "
+        ".safetensors/.ckpt checkpoint of them (with --model-config). Checked now; other families are refused.",
+    ),
+    model_config: Path | None = typer.Option(
+        None,
+        "--model-config",
+        help="For a single-file --model: a local diffusers folder of the same family to read it with ([paths] "
+        "model_config; configs, tokenizers and scheduler, no weights needed).",
+    ),
+    variant: str | None = typer.Option(
+        None,
+        "--variant",
+        help="Weights variant of a diffusers --model folder, e.g. fp16 ([paths] model_variant); by default the plain "
+        "weights, or the only variant there is.",
+    ),
     lancedb: str | None = typer.Option(None, help="LanceDB URI (default: .audit/lancedb)."),
 ):
     """Create a workspace: .audit/ with audit.toml, audit.duckdb and the LanceDB folder."""
-    ws = workspace_api.init(directory, encoder=encoder, model=model, lancedb=lancedb)
+    ws = workspace_api.init(
+        directory, encoder=encoder, model=model, lancedb=lancedb, model_config=model_config, variant=variant
+    )
     out.print(Text(f"created workspace {ws.dir}"))
+    if model:
+        out.print(Text(f"model: {ws.model_source().describe()}"))
 
 
 @app.command()

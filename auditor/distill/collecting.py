@@ -151,7 +151,7 @@ def collect(
         )
     s = ws.config.distill.override(seed=seed, **overrides)
     teacher = ws.config.confirm
-    model_path = ws.model_dir(model)
+    model_path = ws.model_source(model)
     prompts = None
     if prompts_file:
         prompts = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
@@ -277,7 +277,7 @@ def replicate(
     progress = progress or Silent()
     base = ws.config.confirm
     settings = replace(base, seed=base.seed + REPLICATE_SEED)
-    model_path = diffusion.checked_folder(ws.model_dir(model))
+    model_path = ws.model_source(model)
     # Keyed by what the scores depend on, like a collection: another candidate count or k for `audit confirm` keeps it.
     key = settings.scoring_hash("replicate", diffusion.model_hash(model_path, ws.dir / "cache"))
     with ws.reader() as store:

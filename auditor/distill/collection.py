@@ -167,7 +167,7 @@ def import_collection(
     queries, rankings, replicates = (
         pq.read_table(folder / name) for name in (QUERIES_FILE, RANKINGS_FILE, REPLICATES_FILE)
     )
-    ours = diffusion.model_hash(diffusion.checked_folder(ws.model_dir(model)), ws.dir / "cache")
+    ours = diffusion.model_hash(ws.model_source(model), ws.dir / "cache")
     theirs = sorted(set(queries.column("model_hash").to_pylist()))
     if theirs != [ours]:
         raise AuditError(
