@@ -28,6 +28,10 @@ import pyarrow as pa
 from .config import IndexSettings
 from .errors import AuditError
 
+# Lance dataset config keys naming the workspace that owns a table (schemas/README.md, `workspace`).
+OWNER_ID = "auditor.workspace_id"
+OWNER_DIR = "auditor.workspace_dir"
+
 
 def table_name(encoder_id: str) -> str:
     return f"training_{encoder_id}"
@@ -114,6 +118,16 @@ class VectorTable:
         ids = sorted({int(i) for i in ids})
         for start in range(0, len(ids), 10_000):
             self.table.delete(f"id IN ({','.join(map(str, ids[start : start + 10_000]))})")
+
+    def owner(self) -> tuple[str | None, str | None]:
+        """(workspace id, its .audit folder) recorded in the table by the workspace that writes it (index.reconcile)."""
+        config = self.table.to_lance().config()
+        return config.get(OWNER_ID), config.get(OWNER_DIR)
+
+    def claim(self, workspace_id: str, workspace_dir: str) -> None:
+        """Record the workspace that writes this table (a Lance dataset config entry, kept by every later commit)."""
+        self.table.to_lance().update_config({OWNER_ID: workspace_id, OWNER_DIR: workspace_dir})
+        self.table.checkout_latest()
 
     def ann_index(self) -> str | None:
         for index in self.table.list_indices():
