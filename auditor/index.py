@@ -184,7 +184,7 @@ def index_training(
 
     with ws.writing(), Store(ws.db_path) as store:
         encoder = embed.load(ws.encoder_dir(), ws.device(device), ws.config.encoder.precision)
-        table = VectorTable.for_encoder(ws.lancedb_uri, encoder, ws.config.index)
+        table = ws.vector_table(encoder)
         ledger = IndexLedger(store, encoder, table, entries, ws.lancedb_uri)
         by_path = ledger.by_path
 

@@ -48,7 +48,15 @@ def _divisor_near(dim: int, target: int) -> int:
 class VectorTable:
     """The training vectors of one encoder."""
 
-    def __init__(self, uri: str, encoder_id: str, dim: int, settings: IndexSettings, metric: str = "cosine"):
+    def __init__(
+        self,
+        uri: str,
+        encoder_id: str,
+        dim: int,
+        settings: IndexSettings,
+        metric: str = "cosine",
+        storage_options: dict[str, str] | None = None,
+    ):
         if metric not in ("cosine", "dot"):
             raise AuditError(f"unknown vector metric {metric!r}; use cosine or dot")
         self.uri = uri
@@ -56,8 +64,9 @@ class VectorTable:
         self.dim = dim
         self.settings = settings
         self.metric = metric
+        self.storage_options = storage_options or {}
         try:
-            self.db = lancedb.connect(uri)
+            self.db = lancedb.connect(uri, storage_options=self.storage_options or None)
         except Exception as exc:
             raise AuditError(f"cannot open LanceDB at {uri}: {exc}") from None
         try:
@@ -71,9 +80,11 @@ class VectorTable:
             )
 
     @classmethod
-    def for_encoder(cls, uri: str, encoder, settings: IndexSettings) -> VectorTable:
+    def for_encoder(
+        cls, uri: str, encoder, settings: IndexSettings, storage_options: dict[str, str] | None = None
+    ) -> VectorTable:
         """The table of an encoder (embed.Encoder): its id, width and metric."""
-        return cls(uri, encoder.id, encoder.dim, settings, encoder.metric)
+        return cls(uri, encoder.id, encoder.dim, settings, encoder.metric, storage_options)
 
     def count(self) -> int:
         return self.table.count_rows()
