@@ -184,11 +184,11 @@ class _Embedder:
 
         import ray
 
-        node = ray.util.get_node_ip_address()
+        node = ray.get_runtime_context().get_node_id()
         unseen = _unseen(list(paths))
         if unseen:
             raise InputsNotVisible(
-                f"Ray node {node} cannot see {ingest.display_path(unseen)} (no such file or folder there); every"
+                f"Ray node {ray.util.get_node_ip_address()} (id {node[:12]}) cannot see {ingest.display_path(unseen)} (no such file or folder there); every"
                 " node needs the inputs at the same path (a shared file system)"
             )
         items = list(ingest.load_all(list(paths), self.loader_threads, load))
@@ -446,14 +446,14 @@ def scan(
             except ray.exceptions.RayError as exc:
                 ledger.interrupt("failed")
                 raise AuditError(f"the Ray job failed: {_first_line(exc)}") from None
-            log.info("ray: scanned on %d node(s): %s", len(nodes), ", ".join(sorted(nodes)))
+            log.info("ray: scanned on %d node(s): %s", len(nodes), ", ".join(node[:12] for node in sorted(nodes)))
             flush()
             return ledger.finish()
 
 
 def _note_nodes(meta: pa.Table) -> None:
     nodes = sorted(set(meta["node"].to_pylist()))
-    log.info("ray: embedded on %d node(s): %s", len(nodes), ", ".join(nodes))
+    log.info("ray: embedded on %d node(s): %s", len(nodes), ", ".join(node[:12] for node in nodes))
 
 
 def _first_line(exc: Exception) -> str:
