@@ -120,6 +120,26 @@ class PathsSettings(Section):
 
 
 @dataclass
+class StorageSettings(Section):
+    name: ClassVar[str] = "storage"
+    doc: ClassVar[str] = (
+        "Object storage for an `s3://` [paths] lancedb (AWS S3 or an S3-compatible server), given to LanceDB, "
+        "lance-ray and every Ray worker, so workers need no settings of their own. Secrets stay out of this file: "
+        "the keys come from the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN of the `audit` "
+        "process, else from `profile` in the AWS credentials file, else from what each process finds itself "
+        "(instance role, its own environment)."
+    )
+    endpoint: str = setting("", "Endpoint URL of an S3-compatible server (http://host:9000); empty: AWS S3.")
+    region: str = setting("", "Bucket region; empty: the environment's (AWS_REGION) or the store's default.")
+    allow_http: bool = setting(False, "Allow a plain-HTTP endpoint (a local or test server).")
+    profile: str = setting(
+        "",
+        "Profile of the AWS credentials file (~/.aws/credentials, or AWS_SHARED_CREDENTIALS_FILE) whose keys are "
+        "used when the environment has none.",
+    )
+
+
+@dataclass
 class ModelSettings(Section):
     name: ClassVar[str] = "model"
     doc: ClassVar[str] = (
@@ -457,6 +477,7 @@ class StoreSettings(Section):
 
 SECTIONS: tuple[type[Section], ...] = (
     PathsSettings,
+    StorageSettings,
     ModelSettings,
     EncoderSettings,
     ScanSettings,
@@ -480,6 +501,7 @@ class Config:
     """The whole audit.toml."""
 
     paths: PathsSettings = field(default_factory=PathsSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     encoder: EncoderSettings = field(default_factory=EncoderSettings)
     scan: ScanSettings = field(default_factory=ScanSettings)

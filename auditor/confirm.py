@@ -129,7 +129,7 @@ def confirm(
     with ws.writing(), Store(ws.db_path) as store:
         training = training_set(ws, store, model_path, torch_device, selection.flip)
         encoder = embed.load(ws.encoder_dir(), torch_device)
-        table = VectorTable.for_encoder(ws.lancedb_uri, encoder, ws.config.index)
+        table = ws.vector_table(encoder)
         if not dry_run:
             reconcile(store, table)
         fast = _FastPath(encoder, table, table.searcher(), training.ids)

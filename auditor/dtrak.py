@@ -135,10 +135,10 @@ class GradientFeatures:
 class FeatureTable:
     """Training features Φ in a Lance table (id, vector), created with its first rows."""
 
-    def __init__(self, uri: str, name: str, dim: int):
+    def __init__(self, uri: str, name: str, dim: int, storage_options: dict[str, str] | None = None):
         self.name = name
         self.dim = dim
-        self.db = lancedb.connect(uri)
+        self.db = lancedb.connect(uri, storage_options=storage_options or None)
         try:
             self.table = self.db.open_table(name)
         except (ValueError, FileNotFoundError):
@@ -229,7 +229,7 @@ class DtrakTeacher:
         """The teacher over the workspace's LanceDB; `prepare` (or a later `prepare()`) computes Φ of every
         registered training image (once, resumable) and the cached kernel."""
         name = f"dtrak_{training.model.hash}_{settings.feature_key()}"
-        teacher = cls(training, settings, FeatureTable(ws.lancedb_uri, name, settings.dim))
+        teacher = cls(training, settings, FeatureTable(ws.lancedb_uri, name, settings.dim, ws.storage_options))
         teacher.cache_dir = ws.dir / "cache"
         if prepare:
             teacher.prepare(progress, announce)

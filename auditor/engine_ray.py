@@ -14,11 +14,14 @@ guarantees and idempotency are the local engine's, because both engines go throu
 ledgers. A chunk's vectors are committed to Lance before its DuckDB rows, and the next run drops
 vectors whose rows never committed, exactly as the local path does.
 
-Ray is joined at RAY_ADDRESS when set (`ray start --head` / a cluster), else a local instance is
-started; a caller that already ran `ray.init(...)` keeps its instance. Workers need the `auditor`
-package and the encoder bundle at the same path (a shared file system or a baked image), and
-the LanceDB URI must be reachable from them (object storage: s3://, gs://, az://, credentials
-from the environment).
+Ray is joined at RAY_ADDRESS when set (`ray start --head` / a cluster; README, Beyond one machine),
+else a local instance is started; a caller that already ran `ray.init(...)` keeps its instance. A
+failure to join is one line with its fix (token authentication, nothing listening), not Ray's
+retry log. Workers need the `auditor` package, the encoder bundle and the inputs at the same path
+(a shared file system or a baked image): a worker that cannot see the inputs fails the run naming
+its node and the path, rather than recording every image as unreadable. The LanceDB URI must be
+reachable from them; the workspace's storage options ([storage]: endpoint, region, keys) travel
+with the work, so workers need no object-storage settings of their own.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import dataclasses
 import json
 import logging
 import os
+import socket
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -50,12 +55,12 @@ def _ray():
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS") or None,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
+        options = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            _join(ray, address, options)
+        else:
+            ray.init(**options)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -63,6 +68,56 @@ def _ray():
     ctx.execution_options.preserve_order = True  # generations are registered in the order the local engine uses
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     return ray
+
+
+def _join(ray, address: str, options: dict) -> None:
+    """Join the cluster at RAY_ADDRESS. Ray retries a refused or missing head for 20 s to minutes, writing a
+    line to stderr per try from its C++ client; those lines are kept (to name the cause) instead of shown."""
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit() and "://" not in address:
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as exc:
+            raise AuditError(
+                f"nothing answers at RAY_ADDRESS={address} ({exc.strerror or exc}); start the head node there"
+                " (`ray start --head`, README: Beyond one machine) or correct RAY_ADDRESS"
+            ) from None
+    with tempfile.TemporaryFile() as said:
+        stderr = os.dup(2)
+        os.dup2(said.fileno(), 2)
+        try:
+            ray.init(address=address, **options)
+            return
+        except Exception as exc:
+            failure = exc
+        finally:
+            os.dup2(stderr, 2)
+            os.close(stderr)
+        said.seek(0)
+        text = said.read().decode(errors="replace")
+    if "InvalidAuthToken" in text or isinstance(failure, ray.exceptions.AuthenticationError):
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            fix = (
+                "it uses token authentication: set RAY_AUTH_MODE=token here, with the head node's token in"
+                " ~/.ray/auth_token or RAY_AUTH_TOKEN (README: Beyond one machine)"
+            )
+        else:
+            fix = "this process's token (RAY_AUTH_TOKEN, else ~/.ray/auth_token) is not the cluster's; use the head node's"
+        raise AuditError(f"the Ray cluster at RAY_ADDRESS={address} refused this process: {fix}")
+    raise AuditError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {_first_line(failure)}")
+
+
+class InputsNotVisible(RuntimeError):
+    """A worker node cannot see the files the driver found (not on a shared file system)."""
+
+
+def _unseen(paths: list[str]) -> str | None:
+    """A path of the batch that this node cannot see, when that means the inputs are not here: every file of
+    the batch is missing, or a missing file's folder is (one deleted file is only an unreadable image)."""
+    missing = [path for path in paths if not os.path.lexists(path)]
+    if missing and (len(missing) == len(paths) or not os.path.isdir(os.path.dirname(missing[0]))):
+        return missing[0]
+    return None
 
 
 def _pool(ray, device: str) -> tuple[str, dict, int]:
@@ -102,7 +157,9 @@ class _Embedder:
         self.recorded = recorded
         self.searcher = None
         if search is not None:
-            table = VectorTable.for_encoder(search["uri"], self.encoder, IndexSettings(**search["settings"]))
+            table = VectorTable.for_encoder(
+                search["uri"], self.encoder, IndexSettings(**search["settings"]), search["storage_options"]
+            )
             self.searcher = table.searcher(device=self.encoder.device)
             self.k = search["k"]
 
@@ -125,6 +182,15 @@ class _Embedder:
                 path, self.limits, self.encoder.preprocess, lambda sha: sha in self.skip, text_of, is_recorded
             )
 
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        unseen = _unseen(list(paths))
+        if unseen:
+            raise InputsNotVisible(
+                f"Ray node {ray.util.get_node_ip_address()} (id {node[:12]}) cannot see {ingest.display_path(unseen)} (no such file or folder there); every"
+                " node needs the inputs at the same path (a shared file system)"
+            )
         items = list(ingest.load_all(list(paths), self.loader_threads, load))
         good = [n for n, item in enumerate(items) if not item.error and not item.skipped]
         meta = pa.table(
@@ -144,6 +210,7 @@ class _Embedder:
                     pa.string(),
                 ),
                 "text_read": pa.array([item.text_read for item in items], pa.bool_()),
+                "node": pa.array([node] * len(items), pa.string()),
             }
         )
         features = np.zeros((len(items), self.encoder.dim), np.float32)
@@ -205,19 +272,28 @@ def _embedded(ray, rows: list[dict], batch_size: int, **actor) -> ray.data.Datas
         fn_constructor_kwargs={"device": device, **actor},
         batch_size=batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size),
+        compute=ray.data.ActorPoolStrategy(min_size=size, max_size=size),
         **resources,
     )
 
 
-def _write_vectors(ds, table: VectorTable) -> None:
+def _write_vectors(ds, table: VectorTable, rows: int, workers: int) -> None:
     """Append the vector rows to the LanceDB table: lance_ray writes fragments on the workers and commits once.
-    A LanceDB Cloud table (db://) is not a Lance dataset URI; its rows are added from the driver instead."""
+    lance_ray's default minimum of 1,048,576 rows per file would make one write task of a whole chunk; files of
+    rows / workers spread the writes over the workers. A LanceDB Cloud table (db://) is not a Lance dataset URI;
+    its rows are added from the driver instead."""
     uri = getattr(table.table, "uri", None)
     if uri and not uri.startswith("db://"):
         import lance_ray
 
-        lance_ray.write_lance(ds, uri, mode="append", schema=vector_schema(table.dim))
+        lance_ray.write_lance(
+            ds,
+            uri,
+            mode="append",
+            schema=vector_schema(table.dim),
+            min_rows_per_file=max(1, -(-rows // workers)),
+            storage_options=table.storage_options or None,
+        )
     else:
         for part in ds.iter_batches(batch_size=65_536, batch_format="pyarrow"):
             table.table.add(part.cast(vector_schema(table.dim)))
@@ -243,7 +319,7 @@ def index_training(
     device = device or ws.config.encoder.device
     with ws.writing(), Store(ws.db_path) as store:
         encoder = embed.load(ws.encoder_dir(), "cpu")  # id, dim and the store's records; the actors embed
-        table = VectorTable.for_encoder(ws.lancedb_uri, encoder, ws.config.index)
+        table = ws.vector_table(encoder)
         ledger = IndexLedger(store, encoder, table, entries, ws.lancedb_uri)
         skip = frozenset(sha for sha, i in ledger.registered.items() if i in ledger.embedded)
         entries = list(ledger.by_path.values())
@@ -266,6 +342,7 @@ def index_training(
                 meta = pa.concat_tables(ray.get(embedded.drop_columns(["vector"]).to_arrow_refs())).sort_by("i")
             except ray.exceptions.RayError as exc:
                 raise AuditError(f"the Ray job failed: {_first_line(exc)}") from None
+            _note_nodes(meta)
             batch, positions = [], []
             for row in meta.to_pylist():
                 progress.advance()
@@ -284,7 +361,7 @@ def index_training(
                 batch_format="pyarrow",
                 batch_size=None,
             )
-            _write_vectors(vectors, table)
+            _write_vectors(vectors, table, len(batch), _pool(ray, device)[2])
             ledger.commit(ids, new_rows, len(batch))
         ledger.finish()
     ledger.result.seconds = time.perf_counter() - started
@@ -312,7 +389,7 @@ def scan(
     with ws.writing(), ScanLedger.store_for(ws) as store:
         encoder = embed.load(ws.encoder_dir(), "cpu")
         settings = ws.config.index
-        table = VectorTable.for_encoder(ws.lancedb_uri, encoder, settings)
+        table = ws.vector_table(encoder)
         reconcile(store, table)
         table.searcher()  # fails here, with the local engine's message, when the table is empty
         actor_device, _, _ = _pool(ray, device)
@@ -336,22 +413,25 @@ def scan(
             found_scores.clear()
 
         search = {"uri": ws.lancedb_uri, "settings": settings.__dict__.copy(), "k": k}
-        results = _embedded(
-            ray,
-            rows,
-            batch_size,
-            device=device,
-            encoder_dir=str(encoder.directory),
-            limits=limits,
-            loader_threads=ws.config.scan.loader_threads,
-            skip=frozenset(ledger.done),
-            search=search,
-            recorded=frozenset(ledger.recorded),
-            precision=ws.config.encoder.precision,
-        )
+        search["storage_options"] = ws.storage_options
+        nodes: set[str] = set()
         with ledger.running():
             try:
+                results = _embedded(
+                    ray,
+                    rows,
+                    batch_size,
+                    device=device,
+                    encoder_dir=str(encoder.directory),
+                    limits=limits,
+                    loader_threads=ws.config.scan.loader_threads,
+                    skip=frozenset(ledger.done),
+                    search=search,
+                    recorded=frozenset(ledger.recorded),
+                    precision=ws.config.encoder.precision,
+                )
                 for part in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    nodes.update(part["node"].to_pylist())
                     ids = part["ids"].combine_chunks().flatten().to_numpy().reshape(-1, k)
                     scores = part["scores"].combine_chunks().flatten().to_numpy().reshape(-1, k)
                     for n, row in enumerate(part.drop_columns(["ids", "scores"]).to_pylist()):
@@ -364,12 +444,22 @@ def scan(
                         if len(batch) >= batch_size:
                             flush()
             except ray.exceptions.RayError as exc:
+                ledger.interrupt("failed")
                 raise AuditError(f"the Ray job failed: {_first_line(exc)}") from None
+            log.info("ray: scanned on %d node(s): %s", len(nodes), ", ".join(node[:12] for node in sorted(nodes)))
             flush()
             return ledger.finish()
 
 
+def _note_nodes(meta: pa.Table) -> None:
+    nodes = sorted(set(meta["node"].to_pylist()))
+    log.info("ray: embedded on %d node(s): %s", len(nodes), ", ".join(node[:12] for node in nodes))
+
+
 def _first_line(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    ours = [line for line in lines if f"{InputsNotVisible.__name__}: " in line]
+    if ours:
+        return ours[-1].split(f"{InputsNotVisible.__name__}: ", 1)[1][:300]
     errors = [line for line in lines if "Error" in line]
     return (errors[-1] if errors else lines[0] if lines else type(exc).__name__)[:300]

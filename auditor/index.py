@@ -184,7 +184,7 @@ def index_training(
 
     with ws.writing(), Store(ws.db_path) as store:
         encoder = embed.load(ws.encoder_dir(), ws.device(device), ws.config.encoder.precision)
-        table = VectorTable.for_encoder(ws.lancedb_uri, encoder, ws.config.index)
+        table = ws.vector_table(encoder)
         ledger = IndexLedger(store, encoder, table, entries, ws.lancedb_uri)
         by_path = ledger.by_path
 
@@ -249,14 +249,46 @@ def read_entries(
     return entries
 
 
+def own(store: Store, table: VectorTable) -> None:
+    """Make sure `table` is this workspace's, recording it there when no workspace has yet; refuse another's.
+
+    A table with no owner recorded is claimed when it is empty, when this store's vector_tables lists it (written
+    before owners were recorded), or when every vector in it is one of this store's training images; otherwise it holds
+    vectors of an unknown workspace and is refused, as another's is. Everything reconcile deletes is then this
+    workspace's own: vectors its interrupted runs appended."""
+    mine = store.value("SELECT id FROM workspace")
+    here = str(store.path.parent)
+    owner, owner_dir = table.owner()
+    if owner is None:
+        ids = table.ids()
+        listed = store.value("SELECT count(*) FROM vector_tables WHERE table_name = ?", [table.name])
+        committed = np.asarray([r[0] for r in store.rows("SELECT id FROM training_images")], np.int64)
+        if len(ids) and not listed and len(np.setdiff1d(ids, committed)):
+            raise AuditError(
+                f"LanceDB table {table.name} at {table.uri} holds {len(ids)} vectors that no workspace recorded as its"
+                f" own, not all of them training images of this workspace ({here}); point [paths] lancedb in"
+                f" {store.path.parent / 'audit.toml'} at a location of its own"
+            )
+        table.claim(mine, here)
+        owner, owner_dir = table.owner()  # another workspace claiming at the same moment: the last commit wins
+    if owner != mine:
+        raise AuditError(
+            f"LanceDB table {table.name} at {table.uri} belongs to workspace {owner} ({owner_dir}), not to this"
+            f" workspace {mine} ({here}); two workspaces cannot share a vector table: point [paths] lancedb in"
+            f" {store.path.parent / 'audit.toml'} at a location of its own"
+        )
+
+
 def reconcile(store: Store, table: VectorTable) -> tuple[int, int]:
     """Make the stores agree before anything reads them; call under `ws.writing()`. Returns (vectors, attributions) dropped.
 
+    The table must be this workspace's (own): another workspace's vectors are never deleted or searched.
     Vectors are appended to LanceDB before their training_images rows commit, so a killed `audit index` can leave
     vectors whose rows never committed: they are dropped (the next index embeds those images again, under the same
     ids). Attribution rows citing a training id the store does not have (made by a scan that searched such vectors,
     before this check existed) are dropped with the rest of their generation's ranking, so the next scan attributes the
     generation again; kept, they would be credited to whichever image is later registered under that id."""
+    own(store, table)
     committed = np.asarray([r[0] for r in store.rows("SELECT id FROM training_images")], np.int64)
     dangling = np.setdiff1d(table.ids(), committed)
     if len(dangling):

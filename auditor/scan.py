@@ -105,7 +105,7 @@ def scan(
     # model and the decoders need (docs/benchmarks.md: scan/bare 0.69 -> 0.89-0.98 in an A/B run on 2 cores).
     with ws.writing(), ScanLedger.store_for(ws) as store, threadpool_limits(1, user_api="blas"):
         encoder = embed.load(ws.encoder_dir(), ws.device(device), ws.config.encoder.precision)
-        table = VectorTable.for_encoder(ws.lancedb_uri, encoder, ws.config.index)
+        table = ws.vector_table(encoder)
         reconcile(store, table)  # vectors of an interrupted `audit index` must not be attributed
         searcher = table.searcher(device=encoder.device)
         identity = model_identity.prepare(ws, store, announce)
@@ -228,13 +228,14 @@ class ScanLedger:
             self.interrupt()
             raise
 
-    def interrupt(self) -> None:
+    def interrupt(self, status: str = "interrupted") -> None:
+        """Mark the scan stopped: `interrupted`, or `failed` (a Ray job failed: engine_ray)."""
         try:
             with contextlib.suppress(Exception):  # a batch's transaction the interrupt cut short
                 self.store.con.execute("ROLLBACK")
             self.store.con.execute(
-                "UPDATE scans SET status = 'interrupted', finished_at = ? WHERE id = ? AND status = 'running'",
-                [utcnow(), self.scan_id],
+                "UPDATE scans SET status = ?, finished_at = ? WHERE id = ? AND status = 'running'",
+                [status, utcnow(), self.scan_id],
             )
         except Exception as exc:  # the disk may be full: the next scan marks it instead
             log.warning("scan %d: could not mark it interrupted: %s", self.scan_id, exc)

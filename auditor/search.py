@@ -28,6 +28,10 @@ import pyarrow as pa
 from .config import IndexSettings
 from .errors import AuditError
 
+# Lance dataset config keys naming the workspace that owns a table (schemas/README.md, `workspace`).
+OWNER_ID = "auditor.workspace_id"
+OWNER_DIR = "auditor.workspace_dir"
+
 
 def table_name(encoder_id: str) -> str:
     return f"training_{encoder_id}"
@@ -44,7 +48,15 @@ def _divisor_near(dim: int, target: int) -> int:
 class VectorTable:
     """The training vectors of one encoder."""
 
-    def __init__(self, uri: str, encoder_id: str, dim: int, settings: IndexSettings, metric: str = "cosine"):
+    def __init__(
+        self,
+        uri: str,
+        encoder_id: str,
+        dim: int,
+        settings: IndexSettings,
+        metric: str = "cosine",
+        storage_options: dict[str, str] | None = None,
+    ):
         if metric not in ("cosine", "dot"):
             raise AuditError(f"unknown vector metric {metric!r}; use cosine or dot")
         self.uri = uri
@@ -52,8 +64,9 @@ class VectorTable:
         self.dim = dim
         self.settings = settings
         self.metric = metric
+        self.storage_options = storage_options or {}
         try:
-            self.db = lancedb.connect(uri)
+            self.db = lancedb.connect(uri, storage_options=self.storage_options or None)
         except Exception as exc:
             raise AuditError(f"cannot open LanceDB at {uri}: {exc}") from None
         try:
@@ -67,9 +80,11 @@ class VectorTable:
             )
 
     @classmethod
-    def for_encoder(cls, uri: str, encoder, settings: IndexSettings) -> VectorTable:
+    def for_encoder(
+        cls, uri: str, encoder, settings: IndexSettings, storage_options: dict[str, str] | None = None
+    ) -> VectorTable:
         """The table of an encoder (embed.Encoder): its id, width and metric."""
-        return cls(uri, encoder.id, encoder.dim, settings, encoder.metric)
+        return cls(uri, encoder.id, encoder.dim, settings, encoder.metric, storage_options)
 
     def count(self) -> int:
         return self.table.count_rows()
@@ -114,6 +129,16 @@ class VectorTable:
         ids = sorted({int(i) for i in ids})
         for start in range(0, len(ids), 10_000):
             self.table.delete(f"id IN ({','.join(map(str, ids[start : start + 10_000]))})")
+
+    def owner(self) -> tuple[str | None, str | None]:
+        """(workspace id, its .audit folder) recorded in the table by the workspace that writes it (index.reconcile)."""
+        config = self.table.to_lance().config()
+        return config.get(OWNER_ID), config.get(OWNER_DIR)
+
+    def claim(self, workspace_id: str, workspace_dir: str) -> None:
+        """Record the workspace that writes this table (a Lance dataset config entry, kept by every later commit)."""
+        self.table.to_lance().update_config({OWNER_ID: workspace_id, OWNER_DIR: workspace_dir})
+        self.table.checkout_latest()
 
     def ann_index(self) -> str | None:
         for index in self.table.list_indices():

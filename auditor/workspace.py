@@ -6,6 +6,7 @@ else the nearest parent of the current directory that has a `.audit/` folder.
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import fcntl
 import os
@@ -48,6 +49,27 @@ class Workspace:
         if "://" in uri:
             return uri
         return str((self.dir / uri).resolve())
+
+    @property
+    def storage_options(self) -> dict[str, str]:
+        """LanceDB / Lance storage options of [paths] lancedb: the [storage] settings and the keys (see its doc)."""
+        if not self.lancedb_uri.startswith("s3://"):
+            return {}
+        storage = self.config.storage
+        options = {"aws_endpoint": storage.endpoint, "aws_region": storage.region}
+        options["allow_http"] = "true" if storage.allow_http else ""
+        keys = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+        found = {key: os.environ.get(key.upper(), "") for key in keys}
+        if not found["aws_access_key_id"] and storage.profile:
+            found = _profile_keys(storage.profile, keys)
+        options.update(found)
+        return {key: value for key, value in options.items() if value}
+
+    def vector_table(self, encoder):
+        """The training vectors of an encoder (embed.Encoder) in this workspace's LanceDB."""
+        from .search import VectorTable
+
+        return VectorTable.for_encoder(self.lancedb_uri, encoder, self.config.index, self.storage_options)
 
     def resolve(self, value: str) -> Path | None:
         """A path setting of audit.toml; relative paths are relative to the workspace root."""
@@ -130,6 +152,15 @@ class Workspace:
                 fh.seek(0)
                 fh.truncate()
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _profile_keys(profile: str, keys: tuple[str, ...]) -> dict[str, str]:
+    path = Path(os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or Path.home() / ".aws" / "credentials").expanduser()
+    parser = configparser.ConfigParser()
+    parser.read(path)
+    if not parser.has_section(profile):
+        raise AuditError(f"[storage] profile {profile!r} is not in {path}; add it there or change the setting")
+    return {key: parser.get(profile, key, fallback="") for key in keys}
 
 
 def init(

@@ -283,3 +283,71 @@ def test_rankings_citing_unregistered_ids_are_refused_by_report_and_redone_by_sc
     assert ours.drop("share").equals(theirs.drop("share"))
     assert np.abs(ours["share"].to_numpy() - theirs["share"].to_numpy()).max() < 1e-5
     assert _payouts(ws, tmp_path / "r1") == _payouts(ref, tmp_path / "r2")
+
+
+# --------------------------------------------------------------------------- a workspace owns its vector table
+
+
+def test_second_workspace_on_the_same_lancedb_location_is_refused_and_the_first_keeps_its_vectors(
+    tmp_path, training_dir, outputs_dir, tiny_encoder
+):
+    from auditor import workspace
+
+    shared = str(tmp_path / "shared-lancedb")
+    first = workspace.init(tmp_path / "first", encoder=tiny_encoder, lancedb=shared)
+    index_training(first, training_dir)
+    scan(first, outputs_dir, top_k=5)
+    encoder_id = sql_value(first, "select id from encoders")
+    table = VectorTable(first.lancedb_uri, encoder_id, 64, first.config.index)
+    ids = np.sort(table.ids())
+    vectors, attributions, payouts = (
+        table.vectors(ids),
+        sql.query(first, ATTRIBUTIONS),
+        _payouts(first, tmp_path / "r1"),
+    )
+
+    second = workspace.init(tmp_path / "second", encoder=tiny_encoder, lancedb=shared)
+    first_id, second_id = (sql_value(w, "select id from workspace") for w in (first, second))
+    assert first_id != second_id
+    one = tmp_path / "one"
+    shutil.copytree(training_dir / "ana", one / "ana")
+    for attempt in (lambda: index_training(second, one), lambda: scan(second, outputs_dir, top_k=5)):
+        with pytest.raises(AuditError) as refused:
+            attempt()
+        message = str(refused.value)
+        assert "\n" not in message
+        assert f"belongs to workspace {first_id} ({first.dir})" in message
+        assert f"not to this workspace {second_id} ({second.dir})" in message
+    assert sql_value(second, "select count(*) from training_images") == 0
+
+    # The first workspace's vectors, rankings and payouts are untouched; its re-index finds nothing to do.
+    table.table.checkout_latest()
+    assert np.array_equal(np.sort(table.ids()), ids)
+    assert np.array_equal(table.vectors(ids), vectors)
+    again = index_training(first, training_dir)
+    assert (again.added, again.re_embedded, again.unchanged) == (0, 0, len(ids))
+    scan(first, outputs_dir, top_k=5)
+    assert sql.query(first, ATTRIBUTIONS).equals(attributions)
+    assert _payouts(first, tmp_path / "r2") == payouts
+
+
+def test_table_written_before_owners_were_recorded_is_claimed_only_by_its_workspace(
+    indexed_ws, tmp_path, tiny_encoder, training_dir
+):
+    from auditor import workspace
+    from auditor.search import OWNER_DIR, OWNER_ID
+
+    encoder_id = sql_value(indexed_ws, "select id from encoders")
+    table = VectorTable(indexed_ws.lancedb_uri, encoder_id, 64, indexed_ws.config.index)
+    table.table.to_lance().update_config({OWNER_ID: None, OWNER_DIR: None})  # as an older version left it
+    table.table.checkout_latest()
+    assert table.owner() == (None, None)
+
+    other = workspace.init(
+        tmp_path / "other", encoder=tiny_encoder, lancedb=str(tmp_path / "ws" / ".audit" / "lancedb")
+    )
+    with pytest.raises(AuditError, match=r"holds 120 vectors that no workspace recorded as its own"):
+        index_training(other, training_dir)
+    assert index_training(indexed_ws, training_dir).unchanged == 120  # listed in its vector_tables: claimed
+    table.table.checkout_latest()
+    assert table.owner() == (sql_value(indexed_ws, "select id from workspace"), str(indexed_ws.dir))

@@ -25,7 +25,6 @@ from ..features import embed_images, joint, training_embeddings
 from ..index import reconcile
 from ..progress import Progress, Silent
 from ..prompts import read_prompt
-from ..search import VectorTable
 from ..store import Store, utcnow
 from ..teacher import training_set
 from ..workspace import Workspace
@@ -162,7 +161,7 @@ def collect(
         training = training_set(ws, store, model_path, torch_device, flip)
         session = AbuTeacher(training, teacher, ws.dir / "cache")
         encoder = embed.load(ws.encoder_dir(), torch_device)
-        reconcile(store, VectorTable.for_encoder(ws.lancedb_uri, encoder, ws.config.index))
+        reconcile(store, ws.vector_table(encoder))
         # Not the query count: a later run with a larger one extends this collection instead of starting another.
         settings_hash = teacher.scoring_hash(
             session.model.hash,
