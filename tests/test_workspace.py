@@ -101,7 +101,7 @@ def test_busy_workspace_from_another_process_is_a_clear_error(tmp_path, outputs_
             sys.executable,
             "-c",
             "import sys,time; from auditor import workspace; "
-            "w=workspace.load(sys.argv[1]);\nwith w.writing():\n print('held', flush=True); time.sleep(30)",
+            "w=workspace.load(sys.argv[1]);\nwith w.writing():\n print('held', flush=True); time.sleep(600)",
             str(tmp_path),
         ],
         stdout=subprocess.PIPE,
