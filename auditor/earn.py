@@ -61,8 +61,7 @@ def judge(
         return Judgement(True, "no distilled head: the bundle is its own untuned baseline", None)
     with ws.reader() as store:
         stored = {kind: _latest(store, kind) for kind in ("planted", "lds")}
-    figures: list[checks.Result] = []
-    lost, said = [], []
+    compared: list[Comparison] = []
     if stored["planted"]:
         settings = stored["planted"][0]
         announce(f"judging the bundle on the stored planted check ({settings['exemplars']}), re-ranked with it")
@@ -75,7 +74,7 @@ def judge(
             **{k: settings[k] for k in PLANTED_KEYS if k in settings},
         )
         by = {m.method: m.map for m in report.methods}
-        _compare("planted mAP", by["fast"], by["untuned"], "map", figures, lost, said, bundle.id)
+        compared.append(Comparison("planted mAP", "map", by["fast"], by["untuned"]))
     if stored["lds"]:
         settings = stored["lds"][0]
         announce(f"judging the bundle on the stored LDS check ({settings['subsets']} cached subset models)")
@@ -90,21 +89,18 @@ def judge(
             seed=settings["seed"],
         )
         by = {m.name: m.lds for m in report.methods}
-        _compare("LDS", by["fast"], by["untuned"], "lds", figures, lost, said, bundle.id)
+        compared.append(Comparison("LDS", "lds", by["fast"], by["untuned"]))
+    use, reason = decide(bundle.id, compared)
+    figures = [
+        checks.Result(method, c.metric, *figure, label, bundle.id)
+        for c in compared
+        for method, figure, label in (
+            ("fast", c.bundle, "distilled bundle"),
+            ("untuned", c.baseline, "untuned image ⊕ text"),
+        )
+    ]
     if teacher_map is not None:
         figures.append(checks.Result("fast", "teacher_map", teacher_map, float("nan"), "held-out mAP@k", bundle.id))
-    if not said:
-        reason = (
-            "no ground-truth check on this workspace to judge it by (audit eval planted, audit eval lds); switching "
-            "on its agreement with the teacher alone"
-        )
-        use = True
-    elif lost:
-        reason = f"encoder {bundle.id} loses to its untuned baseline on ground truth: " + "; ".join(lost)
-        use = False
-    else:
-        reason = f"encoder {bundle.id} holds up against its untuned baseline: " + "; ".join(said)
-        use = True
     with ws.writing(), Store(ws.db_path) as store:
         run_id = checks.record(
             store,
@@ -112,19 +108,40 @@ def judge(
             model_hash=next(iter(v[1] for v in stored.values() if v), ""),
             encoder_id=bundle.id,
             settings={"bundle": str(Path(bundle_dir).resolve()), "use": use, "reason": reason},
-            n=len(said),
+            n=len(compared),
             seconds=0.0,
             results=figures,
         )
     return Judgement(use, reason, run_id)
 
 
-def _compare(name, bundle, baseline, metric, figures, lost, said, encoder_id) -> None:
-    figures += [
-        checks.Result("fast", metric, *bundle, "distilled bundle", encoder_id),
-        checks.Result("untuned", metric, *baseline, "untuned image ⊕ text", encoder_id),
-    ]
-    text = f"{name} {bundle[0]:.3f} ± {bundle[1]:.3f} vs untuned {baseline[0]:.3f} ± {baseline[1]:.3f}"
-    said.append(text)
-    if baseline[0] - bundle[0] > math.hypot(bundle[1], baseline[1]):
-        lost.append(text)
+@dataclass(frozen=True)
+class Comparison:
+    check: str  # as said to the user
+    metric: str  # eval_results.metric
+    bundle: tuple[float, float]  # (mean, standard error), higher is better
+    baseline: tuple[float, float]
+
+    @property
+    def lost(self) -> bool:
+        """The baseline leads by more than the combined standard error."""
+        return self.baseline[0] - self.bundle[0] > math.hypot(self.bundle[1], self.baseline[1])
+
+    def __str__(self) -> str:
+        return (
+            f"{self.check} {self.bundle[0]:.3f} ± {self.bundle[1]:.3f} vs untuned "
+            f"{self.baseline[0]:.3f} ± {self.baseline[1]:.3f}"
+        )
+
+
+def decide(encoder_id: str, compared: list[Comparison]) -> tuple[bool, str]:
+    """(use, why): refused when the bundle loses any ground-truth check; allowed, saying so, when none exists."""
+    if not compared:
+        return True, (
+            "no ground-truth check on this workspace to judge it by (audit eval planted, audit eval lds); switching "
+            "on its agreement with the teacher alone"
+        )
+    lost = [str(c) for c in compared if c.lost]
+    if lost:
+        return False, f"encoder {encoder_id} loses to its untuned baseline on ground truth: " + "; ".join(lost)
+    return True, f"encoder {encoder_id} holds up against its untuned baseline: " + "; ".join(map(str, compared))
