@@ -72,7 +72,9 @@ def test_lds_end_to_end_cached_stored_and_judging_a_bundle(scanned_ws, tmp_path)
 
     # A bundle with a head is judged on the stored LDS check against its untuned baseline, and the comparison stored.
     with Store(scanned_ws.db_path, read_only=True) as store:
-        _, img, txt = training_embeddings(scanned_ws, store, embed.load(scanned_ws.encoder_dir(), scanned_ws.device(None)))
+        _, img, txt = training_embeddings(
+            scanned_ws, store, embed.load(scanned_ws.encoder_dir(), scanned_ws.device(None))
+        )
     bundle = _headed_bundle(scanned_ws.encoder_dir(), tmp_path / "headed", img.shape[1] + txt.shape[1])
     judgement = earn.judge(scanned_ws, bundle, teacher_map=0.5)
     assert judgement.use and "LDS" in judgement.reason, judgement.reason
