@@ -69,6 +69,11 @@ def test_lds_end_to_end_cached_stored_and_judging_a_bundle(scanned_ws, tmp_path)
     assert [p.stat().st_mtime_ns for p in files] == stamps
     assert [m.lds for m in again.methods] == [m.lds for m in report.methods]
     assert "LDS" in lds.to_markdown(report)
+    # Only AbU has been measured: `--method auto` has no comparison to go by and says it keeps the default.
+    said = []
+    again_confirmed = confirm.confirm(scanned_ws, generation=report.generations[0], method="auto", announce=said.append)
+    assert again_confirmed.generations == 0  # already confirmed with the same teacher and settings
+    assert said[0].startswith("--method auto: no ground-truth check has measured both teachers") and "abu" in said[0]
 
     # A bundle with a head is judged on the stored LDS check against its untuned baseline, and the comparison stored.
     with Store(scanned_ws.db_path, read_only=True) as store:
