@@ -207,7 +207,7 @@ class ConfirmSettings(Section):
     )
     verdict_min_self_agreement: float = setting(
         0.6,
-        "Below this mAP@k of the teacher against itself (its ranking rescored under its measured noise floor) "
+        "Below this mAP@k of the teacher against itself (two simulated runs under its measured noise floor) "
         "the verdict is inconclusive: the teacher is too noisy at these settings.",
     )
     verdict_confirm_ratio: float = setting(

@@ -51,7 +51,7 @@ class Stats:
     agreement: float  # mAP@k of the fast ranking against the teacher's top-k
     chance: float  # mean mAP@k of random rankings of the same candidates
     self_agreement: float  # mean mAP@k of the teacher rescored under its own noise against its top-k
-    noise_floor: float  # σ the self-agreement was drawn with (the run's, in influence units)
+    noise_floor: float  # σ the self-agreement was drawn with (the generation's, in influence units)
     timesteps: int  # the teacher's setting that sets σ (AbU: [confirm] timesteps; D-TRAK: [dtrak] timesteps)
     self_agreement_by_multiplier: tuple[tuple[int, float], ...] = ()  # (m, self-agreement at σ/√m): for the hint
 
