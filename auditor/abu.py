@@ -166,6 +166,7 @@ class AbuTeacher:
         )
         self._reference_delta_path = cache_dir / f"abu-reference-{settings.reference_key(self.model.hash)}.safetensors"
         self._reference_delta = None
+        self._last_update: tuple[int, Delta] | None = None  # (seed, update) of the last query scored
 
     @property
     def unlearner(self) -> Unlearner:
@@ -210,13 +211,16 @@ class AbuTeacher:
         return {**asdict(self.settings), "scheme": self.settings.scheme, "flip": self.model.flip_augmentation}
 
     def score(self, image, prompt, candidate_ids, seed):
-        return self.influence(candidate_ids, self.unlearn(image, prompt, seed), self.noise_seed(seed))
+        self._last_update = (seed, self.unlearn(image, prompt, seed))  # the noise floor rescores it
+        return self.influence(candidate_ids, self._last_update[1], self.noise_seed(seed))
 
-    def noise_floor(self, image, prompt, candidate_ids, seed, raw) -> float:
+    def noise_floor(self, image, prompt, candidate_ids, seed, influence) -> float:
         """The same unlearning (deterministic in its seed) scored again with independent noise:
-        floor = std(Δ_a − Δ_b)/√2 over the candidates."""
-        raw_b, _ = self.influence(candidate_ids, self.unlearn(image, prompt, seed), self.noise_seed(seed, stream=1))
-        return float(np.std(raw - raw_b) / np.sqrt(2))
+        floor = std(a − b)/√2 over the candidates, on the corrected influence the verdict ranks by."""
+        last = self._last_update
+        delta = last[1] if last and last[0] == seed else self.unlearn(image, prompt, seed)
+        _, b = self.influence(candidate_ids, delta, self.noise_seed(seed, stream=1))
+        return float(np.std(influence - b) / np.sqrt(2))
 
     def noise_seed(self, query_seed: int, stream: int = 0) -> int:
         """The scoring noise of one query. Each query draws its own: noise fixed per candidate across queries gave every
@@ -250,8 +254,8 @@ class AbuTeacher:
         scoring = passes * n_candidates * s.timesteps * cost.views(flip) * t.forward
         phases[f"unlearning ({n_generations} generation(s))"] = n_generations * unlearning
         phases[f"scoring ({n_generations} generation(s))"] = n_generations * scoring
-        # The first generation also measures the noise floor: the unlearning again, scored under other noise.
-        phases["noise floor (first generation)"] = unlearning + scoring
+        # Every generation also measures its noise floor: its update scored again under other noise.
+        phases[f"noise floor ({n_generations} generation(s))"] = n_generations * scoring
         return cost.rounded(phases)
 
     # ------------------------------------------------------------------ scoring

@@ -239,7 +239,7 @@ class ConfirmSettings(Section):
     )
     verdict_min_self_agreement: float = setting(
         0.6,
-        "Below this mAP@k of the teacher against itself (its ranking rescored under its measured noise floor) "
+        "Below this mAP@k of the teacher against itself (two simulated runs under its measured noise floor) "
         "the verdict is inconclusive: the teacher is too noisy at these settings.",
     )
     verdict_confirm_ratio: float = setting(
@@ -438,6 +438,20 @@ class CounterfactualSettings(Section):
 
 
 @dataclass
+class LdsSettings(Section):
+    name: ClassVar[str] = "lds"
+    doc: ClassVar[str] = (
+        "`audit eval lds` (linear datamodeling score, docs/methods.md §1); the generation's loss is measured as "
+        "[counterfactual] measures it."
+    )
+    subsets: int = setting(32, "Models retrained on random subsets of the training set (also --subsets).")
+    fraction: float = setting(0.5, "Share of the training set each subset keeps.")
+    generations: int = setting(8, "Teacher-scored generations checked, distinct prompts first.")
+    retrain_steps: int = setting(0, "Steps of every retraining; 0: the recipe's own (also --retrain-steps).")
+    seed: int = setting(0, "Seed of the subsets.")
+
+
+@dataclass
 class ReportSettings(Section):
     name: ClassVar[str] = "report"
     doc: ClassVar[str] = "Defaults of `audit report`'s options."
@@ -488,6 +502,7 @@ SECTIONS: tuple[type[Section], ...] = (
     DistillSettings,
     PlantedSettings,
     CounterfactualSettings,
+    LdsSettings,
     ReportSettings,
     StoreSettings,
 )
@@ -512,6 +527,7 @@ class Config:
     distill: DistillSettings = field(default_factory=DistillSettings)
     planted: PlantedSettings = field(default_factory=PlantedSettings)
     counterfactual: CounterfactualSettings = field(default_factory=CounterfactualSettings)
+    lds: LdsSettings = field(default_factory=LdsSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
 

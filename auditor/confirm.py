@@ -9,7 +9,8 @@ Each generation's scores and agreement commit together, so a killed run resumes
 where it stopped.
 
 Teachers (`--method`): `abu`, attribution by unlearning (abu.py, the default), and
-`dtrak`, projected gradients (dtrak.py), both speaking teacher.Teacher. Both score the same candidates — the fast
+`dtrak`, projected gradients (dtrak.py), both speaking teacher.Teacher; `auto`, the one that did best on the
+workspace's stored ground-truth checks (checks.choose_teacher), else [confirm] method. Both score the same candidates — the fast
 top-K plus seeded random controls, from the [confirm] settings — into the same
 tables, so their verdicts and the fast path's compare in one query.
 """
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from . import cost, diffusion, embed, ingest, metrics, verdict
+from . import checks, cost, diffusion, embed, ingest, metrics, verdict
 from .abu import AbuTeacher
 from .config import ConfirmSettings
 from .dtrak import DtrakTeacher
@@ -47,7 +48,7 @@ class ConfirmResult:
     verdicts: dict[str, int] = field(default_factory=dict)  # confirmed / disputed / inconclusive: how many of each
     failed: list[tuple[int, str]] = field(default_factory=list)
     seconds: float = 0.0
-    noise_floor: float | None = None
+    noise_floor: float | None = None  # the median of the generations' own
     signal_to_noise: float | None = None
     estimate_seconds: float = 0.0
     estimate: cost.Estimate | None = None  # per phase, printed before any heavy work
@@ -116,18 +117,24 @@ def confirm(
     Generations that declare another model than the workspace's (`generations.model_match = 'other'`) are left out
     and counted unless `any_model`. `overrides` are [confirm] settings; for D-TRAK, `timesteps` is its own
     ([dtrak] timesteps). The estimate per phase is announced before any heavy work (the Fisher, D-TRAK's features);
-    `dry_run` stops there, having written nothing to the store."""
+    `dry_run` stops there, having written nothing to the store. `method="auto"` picks the teacher by the stored checks
+    and announces which and why."""
     progress = progress or Silent()
+    auto = method == "auto"
     # Candidates, controls and agreement come from [confirm] whatever the teacher, so AbU and D-TRAK
     # verdicts on a generation are about the same candidates.
-    selection = ws.config.confirm.override(method=method, **overrides)
-    method = selection.method
+    selection = ws.config.confirm.override(method=None if auto else method, **overrides)
     model_path = ws.model_source(model)
     torch_device = ws.device(device)
     started = time.perf_counter()
 
     with ws.writing(), Store(ws.db_path) as store:
         training = training_set(ws, store, model_path, torch_device, selection.flip)
+        if auto:
+            chosen, why = checks.choose_teacher(store, training.model.hash, selection.method)
+            announce(f"--method auto: {why}")
+            selection = selection.override(method=chosen)
+        method = selection.method
         encoder = embed.load(ws.encoder_dir(), torch_device)
         table = ws.vector_table(encoder)
         if not dry_run:
@@ -193,7 +200,7 @@ def confirm(
             )
         result.run_id = run_id
         progress.start("confirming", len(selected))
-        snr = []
+        snr, floors = [], []
         for gen_id, path, prompt in selected:
             t0 = time.perf_counter()
             try:
@@ -205,11 +212,11 @@ def confirm(
             ids, fast_scores, fast_ranks, is_control = _candidates(fast, selection, gen_id, image, prompt)
             raw, scores = teacher.score(image, prompt, ids, gen_id)
             scored = _Scored(ids, fast_scores, fast_ranks, is_control, raw, scores)
-            if result.noise_floor is None:
-                result.noise_floor = teacher.noise_floor(image, prompt, ids, gen_id, raw)
+            # Each generation's own: the noise differs between generations as much as twofold (docs/methods.md §1).
+            floors.append(teacher.noise_floor(image, prompt, ids, gen_id, scores))
             knob = "[confirm] timesteps" if method == "abu" else "[dtrak] timesteps"
             timesteps = selection.timesteps if method == "abu" else dtrak_settings.timesteps
-            judged, rows = _agreement(selection, gen_id, scored, result.noise_floor, timesteps, knob)
+            judged, rows = _agreement(selection, gen_id, scored, floors[-1], timesteps, knob)
             snr.append(judged.pop("snr"))
             seconds = time.perf_counter() - t0
             result.generation_seconds += seconds
@@ -237,6 +244,7 @@ def confirm(
             result.verdicts[judged["verdict"]] = result.verdicts.get(judged["verdict"], 0) + 1
             progress.advance()
         result.seconds = time.perf_counter() - started
+        result.noise_floor = float(np.median(floors)) if floors else None
         store.con.execute(
             "UPDATE confirm_runs SET status = 'finished', finished_at = ?, noise_floor = ?, signal_to_noise = ?,"
             " seconds_per_generation = ? WHERE id = ?",
@@ -304,7 +312,7 @@ def _agreement(
         "top1_agree": bool(teacher_rank[0] <= k),
         "spearman": metrics.spearman(fast[~is_control], influence[~is_control]),
         "control_margin": margin / floor if noise_floor > 0 else margin,
-        "snr": float(np.std(scored.raw) / floor) if noise_floor > 0 else float("inf"),
+        "snr": float(np.std(influence) / floor) if noise_floor > 0 else float("inf"),
     }
     thresholds = s.thresholds()
     stats = verdict.measure(

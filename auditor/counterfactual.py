@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import diffusion, embed, memory, retrain
+from . import checks, diffusion, embed, memory, retrain
 from .config import CounterfactualSettings
 from .errors import AuditError
 from .features import embed_images, training_embeddings
@@ -329,7 +329,7 @@ def counterfactual(
                 per_gen,
             )
         )
-    return CounterfactualReport(
+    report = CounterfactualReport(
         results,
         [g for g, _, _ in gens],
         s.k,
@@ -339,6 +339,27 @@ def counterfactual(
         out_dir,
         time.perf_counter() - started,
     )
+    with ws.writing(), Store(ws.db_path) as store:
+        checks.record(
+            store,
+            "counterfactual",
+            model_hash=base.hash,
+            encoder_id=encoder.id,
+            settings={**dataclasses.asdict(s), "retrain_steps": retrainer.steps, "generations": report.generations},
+            n=len(gens),
+            seconds=report.seconds,
+            results=[
+                checks.Result(
+                    c.name,
+                    checks.METRICS["counterfactual"],
+                    *c.relative_increase,
+                    LABELS.get(c.name, c.name),
+                    encoder.id if c.name == "fast" else None,
+                )
+                for c in results
+            ],
+        )
+    return report
 
 
 def _pil(array: np.ndarray):

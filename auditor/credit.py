@@ -8,13 +8,14 @@ The money itself is divided by payout.py; report.py renders the result.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 import polars as pl
 
-from . import payout
+from . import checks, payout
 from .errors import AuditError
 from .store import Store
 
@@ -85,10 +86,12 @@ class Audit:
     # `--policy teacher`: generation_id, rank (the teacher's), training_id, influence, contributor_id, training_path,
     # caption, confirm_run_id, teacher_method, verdict.
     teacher_top: pl.DataFrame | None = None
-    # Per teacher method, its results on the workspace's ground-truth checks (leave-K-out, planted); None where
-    # none is stored. `audit eval counterfactual` and `planted` do not store their results yet (issue #29, bullet 3),
-    # so this is None for every method for now.
+    # Per teacher method, its latest results on the workspace's stored ground-truth checks (leave_k_out, lds,
+    # planted: text, None where that check has not been run; auditor/checks.py).
     ground_truth: dict | None = None
+    # Encoder bundles judged against their untuned baseline before a switch (auditor/earn.py), newest first:
+    # run_id, encoder_id, finished_at, use, reason.
+    bundle_checks: list[dict] | None = None
 
 
 # Which generations a report pays for, by the model they declare (generations.model_match, auditor/model_identity.py).
@@ -171,7 +174,17 @@ def read(store: Store, period: Period, encoder_id: str | None, model: str = "any
         f" WHERE l.verdict IN ('confirmed', 'disputed') AND {in_period} ORDER BY s.generation_id, s.teacher_rank",
         params=[encoder_id] + params,
     ).pl()
-    ground_truth = {run["method"]: {"leave_k_out": None, "planted": None} for run in teacher_runs}
+    # Per teacher method, its latest figure on each stored ground-truth check (auditor/checks.py), as text.
+    ground_truth = {
+        method: {
+            key: f"{figure.describe()} (eval run {figure.run_id}, n = {figure.n})" if figure else None
+            for key, figure in (
+                (key, by_kind.get(kind))
+                for key, kind in (("leave_k_out", "counterfactual"), ("planted", "planted"), ("lds", "lds"))
+            )
+        }
+        for method, by_kind in checks.standings(store).items()
+    }
     return Audit(
         generations,
         attributions,
@@ -182,6 +195,12 @@ def read(store: Store, period: Period, encoder_id: str | None, model: str = "any
         teacher_runs,
         teacher_top,
         ground_truth,
+        [
+            {"run_id": r, "encoder_id": e, "finished_at": at, **json.loads(settings)}
+            for r, e, at, settings in store.rows(
+                "SELECT id, encoder_id, finished_at, settings FROM eval_runs WHERE kind = 'bundle' ORDER BY id DESC"
+            )
+        ],
     )
 
 

@@ -329,7 +329,7 @@ class DtrakTeacher:
 
     def estimate(self, n_generations: int, n_candidates: int) -> cost.Estimate:
         """Seconds per phase, from operations timed on one training image (cost.probe) before any heavy work: the
-        training features the table lacks, one feature per generation, and the candidates again for the noise floor."""
+        training features the table lacks, one feature per generation, and the candidates again for each generation's noise floor."""
         return self.phases(cost.probe(self.training, self.features.params), n_generations, n_candidates)
 
     def phases(self, t: cost.Timings, n_generations: int, n_candidates: int) -> cost.Estimate:
@@ -342,8 +342,7 @@ class DtrakTeacher:
                 "training features (once per model and settings)": cost.encoding(t, missing, flip)
                 + missing * rows * t.gradient,
                 f"query features ({n_generations} generation(s))": n_generations * query,
-                "noise floor (first generation)": query
-                + cost.encoding(t, n_candidates, flip)
-                + n_candidates * rows * t.gradient,
+                f"noise floor ({n_generations} generation(s))": n_generations
+                * (query + cost.encoding(t, n_candidates, flip) + n_candidates * rows * t.gradient),
             }
         )

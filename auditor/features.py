@@ -71,3 +71,19 @@ def joint(img: np.ndarray, txt: np.ndarray) -> np.ndarray:
 def query_embeddings(encoder: embed.Encoder, queries, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
     """Image and prompt features of load_rankings' queries and images."""
     return embed_images(encoder, images, [q[2] for q in queries])
+
+
+def fast_space(encoder: embed.Encoder, img: np.ndarray, txt: np.ndarray):
+    """(training rows, query map): untuned (image, text) embeddings in the space the encoder's index searches (its
+    head and strengths when it has them); score = rows @ query_map(query image, query text)."""
+
+    def features(i, t, query=True):
+        return (
+            encoder.combine(
+                torch.as_tensor(i, device=encoder.device), torch.as_tensor(t, device=encoder.device), query=query
+            )
+            .cpu()
+            .numpy()
+        )
+
+    return features(img, txt, query=False), features

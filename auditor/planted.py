@@ -48,14 +48,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from . import diffusion, dtrak, embed, exemplar_styles, ingest, memory, metrics
+from . import checks, diffusion, dtrak, embed, exemplar_styles, ingest, memory, metrics
 from .abu import AbuTeacher
 from .config import PlantedSettings
 from .diffusion import applied, trainable
 from .errors import AuditError
-from .features import embed_images, joint, training_embeddings
+from .features import embed_images, fast_space, joint, training_embeddings
 from .metrics import markdown_table, mean_se
 from .progress import Progress, Silent
+from .store import Store
 from .workspace import Workspace
 
 RECALL_KS = (5, 10, 100)
@@ -66,6 +67,7 @@ class PlantedScores:
     name: str
     map: tuple[float, float]  # (mean, standard error)
     recall_at: dict[int, tuple[float, float]]
+    method: str = ""  # the key it is stored under (eval_results.method)
 
 
 @dataclass
@@ -141,9 +143,13 @@ def planted(
     device: str | None = None,
     progress: Progress | None = None,
     announce: Callable[[str], None] = lambda message: None,
+    encoder_dir: str | os.PathLike | None = None,
+    teachers: bool = True,
     **overrides,
 ) -> PlantedReport:
-    """Build the planted benchmark on the workspace's model and score every method on it."""
+    """Build the planted benchmark on the workspace's model and score every method on it; stored as an eval run.
+    `encoder_dir` ranks with another bundle than the workspace's; without `teachers` only the encoder spaces are
+    ranked (what judging a bundle needs: the customisations and generated images are reused from an earlier run)."""
     progress = progress or Silent()
     started = time.perf_counter()
     s = ws.config.planted.override(**overrides)
@@ -158,7 +164,7 @@ def planted(
     prompts = [s.prompt.format(word=w) for w in words]
 
     # The augmented training set: the workspace's images, then every customisation's exemplars under new ids.
-    encoder = embed.load(ws.encoder_dir(), torch_device)
+    encoder = embed.load(encoder_dir or ws.encoder_dir(), torch_device)
     with ws.reader() as store:
         rows = store.rows("SELECT id, path, caption FROM training_images ORDER BY id")
         ids, img, txt = training_embeddings(ws, store, encoder)
@@ -176,7 +182,7 @@ def planted(
     aug_ids = np.concatenate([ids, [r[0] for r in ex_rows]]).astype(np.int64)
     aug_img, aug_txt = np.concatenate([img, ex_img]), np.concatenate([txt, ex_txt])
     spaces = {  # method → (training features, how a query's (image, text) embeddings map into that space)
-        f"fast ({encoder.name}, {'distilled' if encoder.head is not None else 'no head: = untuned image ⊕ text'})": _fast_space(
+        f"fast ({encoder.name}, {'distilled' if encoder.head is not None else 'no head: = untuned image ⊕ text'})": fast_space(
             encoder, aug_img, aug_txt
         ),
         "untuned image": (aug_img, lambda qi, qt: qi),
@@ -205,7 +211,8 @@ def planted(
             "represent their style, so no customisation can reproduce it (try --style stroke)"
         )
 
-    rankings: dict[str, list[np.ndarray]] = {name: [] for name in [*spaces, "AbU (candidates)", "D-TRAK (candidates)"]}
+    teacher_names = ["AbU (candidates)", "D-TRAK (candidates)"] if teachers else []
+    rankings: dict[str, list[np.ndarray]] = {name: [] for name in [*spaces, *teacher_names]}
     positives: list[set[int]] = []
     pipe = diffusion.pipeline(base)
     progress.start("planted", s.customisations * s.generations)
@@ -224,22 +231,27 @@ def planted(
                 for g in range(s.generations)
             ]
             q_img, q_txt = embed_images(encoder, images, [prompts[c]] * len(images))
-            abu_teacher = AbuTeacher(training, abu, c_dir / "cache")
-            dtrak_teacher = dtrak.DtrakTeacher(
-                training,
-                gradients,
-                dtrak.FeatureTable(str(c_dir / "lancedb"), f"dtrak_{gradients.feature_key()}", gradients.dim),
-            )
-            dtrak_teacher.fill(kernel_ids)
-            dtrak_teacher.kernel, dtrak_teacher.lam = dtrak.kernel(
-                [dtrak_teacher.table.get(kernel_ids)], gradients.dim, gradients.damping
-            )
+            if teachers:
+                abu_teacher = AbuTeacher(training, abu, c_dir / "cache")
+                dtrak_teacher = dtrak.DtrakTeacher(
+                    training,
+                    gradients,
+                    dtrak.FeatureTable(str(c_dir / "lancedb"), f"dtrak_{gradients.feature_key()}", gradients.dim),
+                )
+                dtrak_teacher.fill(kernel_ids)
+                dtrak_teacher.kernel, dtrak_teacher.lam = dtrak.kernel(
+                    [dtrak_teacher.table.get(kernel_ids)], gradients.dim, gradients.damping
+                )
             own = np.flatnonzero(np.isin(aug_ids, [r[0] for r in c_rows]))
             for g, image in enumerate(images):
                 for name, (train, query) in spaces.items():
                     rankings[name].append(
                         np.argsort(-(train @ query(q_img[g : g + 1], q_txt[g : g + 1])[0]), kind="stable")
                     )
+                positives.append(set(own.tolist()))
+                if not teachers:
+                    progress.advance()
+                    continue
                 fast_ranking = rankings[fast_name][-1]
                 candidates = np.concatenate(
                     [fast_ranking[: s.candidates], own[~np.isin(own, fast_ranking[: s.candidates])]]
@@ -250,10 +262,10 @@ def planted(
                 _, dtrak_scores = dtrak_teacher.score(image, prompts[c], aug_ids[candidates], seed)
                 rankings["AbU (candidates)"].append(_teacher_ranking(abu_scores, candidates, fast_ranking))
                 rankings["D-TRAK (candidates)"].append(_teacher_ranking(dtrak_scores, candidates, fast_ranking))
-                positives.append(set(own.tolist()))
                 progress.advance()
-    methods = [_scores(name, ranks, positives) for name, ranks in rankings.items()]
-    return PlantedReport(
+    keys = dict(zip(rankings, ["fast", "untuned_image", "untuned", "abu", "dtrak"]))
+    methods = [_scores(name, ranks, positives, keys[name]) for name, ranks in rankings.items()]
+    report = PlantedReport(
         methods,
         len(positives),
         [f"{w} ({st})" for w, st in zip(words, styles)],
@@ -263,19 +275,27 @@ def planted(
         run_dir,
         time.perf_counter() - started,
     )
-
-
-def _fast_space(encoder: embed.Encoder, img: np.ndarray, txt: np.ndarray):
-    def features(i, t, query=True):
-        return (
-            encoder.combine(
-                torch.as_tensor(i, device=encoder.device), torch.as_tensor(t, device=encoder.device), query=query
-            )
-            .cpu()
-            .numpy()
+    with ws.writing(), Store(ws.db_path) as store:
+        checks.record(
+            store,
+            "planted",
+            model_hash=base.hash,
+            encoder_id=encoder.id,
+            settings={**asdict(s), "exemplars": str(folder), "teachers": teachers},
+            n=report.queries,
+            seconds=report.seconds,
+            results=[
+                checks.Result(
+                    m.method,
+                    checks.METRICS["planted"],
+                    *m.map,
+                    m.name,
+                    encoder.id if m.method in ("fast", "untuned", "untuned_image") else None,
+                )
+                for m in methods
+            ],
         )
-
-    return features(img, txt, query=False), features
+    return report
 
 
 def _tuned(
@@ -323,10 +343,10 @@ def _generated(pipe, path: Path, prompt: str, seed: int, s: PlantedSettings, lim
     return image
 
 
-def _scores(name: str, rankings: list[np.ndarray], positives: list[set[int]]) -> PlantedScores:
+def _scores(name: str, rankings: list[np.ndarray], positives: list[set[int]], method: str) -> PlantedScores:
     aps = [metrics.average_precision(r, p) for r, p in zip(rankings, positives)]
     recalls = {K: [len(p & set(r[:K].tolist())) / len(p) for r, p in zip(rankings, positives)] for K in RECALL_KS}
-    return PlantedScores(name, mean_se(aps), {K: mean_se(v) for K, v in recalls.items()})
+    return PlantedScores(name, mean_se(aps), {K: mean_se(v) for K, v in recalls.items()}, method)
 
 
 def to_markdown(report: PlantedReport) -> str:

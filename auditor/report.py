@@ -246,9 +246,9 @@ class _Pages:
                     row["generation_check"]: row["len"]
                     for row in verdicts.filter(pl.col("teacher_method") == method).to_dicts()
                 },
-                **(audit.ground_truth or {}).get(method, {"leave_k_out": None, "planted": None}),
+                **(audit.ground_truth or {}).get(method, {"leave_k_out": None, "planted": None, "lds": None}),
             }
-            for method in sorted({run["method"] for run in audit.teacher_runs})
+            for method in sorted({run["method"] for run in audit.teacher_runs} | set(audit.ground_truth or {}))
         ]
         totals = {
             "generations": audit.generations.height,
@@ -367,6 +367,7 @@ def build_report(
         "encoder_id": audit.encoder_id,
         "encoder_name": audit.encoder_name,
         "teacher_runs": audit.teacher_runs,
+        "bundle_checks": audit.bundle_checks or [],
         "model_filter": model,
         "model_left_out": left_out,
         "generated_at": utcnow(),

@@ -37,8 +37,11 @@ class Teacher(Protocol):
     def score(self, image, prompt: str | None, candidate_ids: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """(raw, influence) per candidate; `seed` (the generation id) fixes the query's own randomness."""
 
-    def noise_floor(self, image, prompt: str | None, candidate_ids: np.ndarray, seed: int, raw: np.ndarray) -> float:
-        """The spread of `raw` that independent noise alone produces, in its units."""
+    def noise_floor(
+        self, image, prompt: str | None, candidate_ids: np.ndarray, seed: int, influence: np.ndarray
+    ) -> float:
+        """The spread of `influence` (score's second result, what verdicts rank by) that independent noise alone
+        produces, in its units."""
 
 
 def training_set(

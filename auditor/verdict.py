@@ -10,8 +10,10 @@ Two questions, each judged against what the teacher itself can resolve:
    (`agreement`), placed between what a random ranking of the candidates reaches (`chance`) and what the
    teacher reaches against itself (`self_agreement`): relative agreement = (agreement − chance) /
    (self_agreement − chance), 0 at chance, 1 as good as a second run of the teacher. The teacher's self-agreement
-   is a parametric bootstrap: its ranking rescored under fresh noise of the run's measured noise floor σ
-   (two runs differ by √2·σ per candidate).
+   is a parametric bootstrap from the run's measured noise floor σ: the observed influence is signal plus noise
+   of σ, so its spread overstates the signal's; the signal is the observed influence shrunk to the spread left
+   after the noise's (√(var − σ²)), and two runs of the teacher are that signal plus independent noise of σ
+   each. A teacher whose scores vary no more than its noise has no signal left: its self-agreement is chance.
 
 `decide` turns these numbers into `confirmed`, `disputed` or `inconclusive` (pure; thresholds from [confirm]).
 """
@@ -49,7 +51,7 @@ class Stats:
     agreement: float  # mAP@k of the fast ranking against the teacher's top-k
     chance: float  # mean mAP@k of random rankings of the same candidates
     self_agreement: float  # mean mAP@k of the teacher rescored under its own noise against its top-k
-    noise_floor: float  # σ the self-agreement was drawn with (the run's, in influence units)
+    noise_floor: float  # σ the self-agreement was drawn with (the generation's, in influence units)
     timesteps: int  # the teacher's setting that sets σ (AbU: [confirm] timesteps; D-TRAK: [dtrak] timesteps)
     self_agreement_by_multiplier: tuple[tuple[int, float], ...] = ()  # (m, self-agreement at σ/√m): for the hint
 
@@ -75,17 +77,19 @@ def rank_test(top: np.ndarray, controls: np.ndarray) -> tuple[float, float]:
 
 
 def self_agreement(influence: np.ndarray, noise_floor: float, k: int, rng: np.random.Generator, scale: float = 1.0):
-    """Mean mAP@k of the teacher's own ranking rescored with fresh noise of σ·scale (a second run differs by √2·σ)."""
+    """Mean mAP@k between two runs of the teacher whose scoring noise is σ·scale: each the estimated signal (the
+    observed influence shrunk by its own noise of σ, see the module doc) plus independent noise. Treating the
+    observed influence as the signal instead would let pure noise agree with itself well above chance."""
     ids = np.arange(len(influence))
-    sigma = math.sqrt(2) * noise_floor * scale
-    return float(
-        np.mean(
-            [
-                metrics.map_at_k(ids, influence + rng.normal(0.0, sigma, len(influence)), influence, k)
-                for _ in range(BOOTSTRAP)
-            ]
-        )
-    )
+    centred = influence - influence.mean()
+    signal_var = max(0.0, float(np.var(influence)) - noise_floor**2)
+    signal = centred * math.sqrt(signal_var / np.var(influence)) if signal_var > 0 else np.zeros_like(influence)
+    sigma = noise_floor * scale
+
+    def run() -> np.ndarray:
+        return signal + rng.normal(0.0, sigma, len(influence))
+
+    return float(np.mean([metrics.map_at_k(ids, run(), run(), k) for _ in range(BOOTSTRAP)]))
 
 
 def chance_agreement(n: int, k: int, rng: np.random.Generator) -> float:

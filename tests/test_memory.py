@@ -135,7 +135,7 @@ def test_dry_run_prints_the_estimate_per_phase_and_stores_nothing(scanned_ws):
     result = confirm.confirm(scanned_ws, top=2, dry_run=True, announce=said.append)
     assert result.run_id is None and result.generations == 0
     phases = result.estimate.phases
-    assert {"Fisher (once per model)", "reference update (once per model)", "noise floor (first generation)"} <= set(
+    assert {"Fisher (once per model)", "reference update (once per model)", "noise floor (2 generation(s))"} <= set(
         phases
     )
     assert any(p.startswith("scoring (2 generation(s))") for p in phases) and all(v >= 0 for v in phases.values())

@@ -179,15 +179,15 @@ def test_confirm_verdicts_of_known_cases(scanned_ws, monkeypatch):
         shuffled = confirm.confirm(scanned_ws, top=2)
     assert shuffled.verdicts == {DISPUTED: 2}, _verdicts(scanned_ws, shuffled.run_id).to_dicts()
 
-    # One scoring timestep: the run measures a far higher noise floor and a lower signal-to-noise ratio. (On this
-    # randomly initialised model the bootstrap self-agreement barely moves between 1 and 128 timesteps, so its
-    # verdicts are not reliably `inconclusive`; a too-noisy teacher is `inconclusive` with the timesteps that would
-    # decide it in test_decide_on_synthetic_numbers and test_measure_known_cases_on_synthetic_scores.)
+    # One scoring timestep: the run measures a far higher noise floor, the teacher's scores vary hardly more than
+    # that noise, so it cannot agree with itself: inconclusive, naming the setting that would decide it.
     few = confirm.confirm(scanned_ws, top=2, timesteps=1)
     floors = dict(sql.query(scanned_ws, "select id, noise_floor from confirm_runs").rows())
     assert floors[few.run_id] > 4 * floors[replicate.run_id]
     assert few.signal_to_noise < replicate.signal_to_noise
-    assert DISPUTED not in few.verdicts
+    assert few.verdicts == {INCONCLUSIVE: 2}, _verdicts(scanned_ws, few.run_id).to_dicts()
+    hints = sql.query(scanned_ws, f"select deciding_setting from confirmations where run_id = {few.run_id}")
+    assert all("[confirm] timesteps = " in hint for hint in hints["deciding_setting"])
 
 
 def test_migration_009_applies_to_a_store_made_before_it(tmp_path):

@@ -15,6 +15,7 @@ from rich.text import Text
 from .. import sql as sql_api
 from .. import workspace as workspace_api
 from ..config import ConfirmSettings, ReportSettings, ScanSettings
+from ..errors import AuditError
 from .app import (
     BatchSizeOption,
     DeviceOption,
@@ -172,6 +173,7 @@ def scan(
 class TeacherMethod(StrEnum):
     abu = "abu"
     dtrak = "dtrak"
+    auto = "auto"
 
 
 @app.command()
@@ -179,8 +181,9 @@ def confirm(
     method: TeacherMethod | None = typer.Option(
         None,
         "--method",
-        help="The teacher: abu (attribution by unlearning) or dtrak (projected gradients; [dtrak] in audit.toml) "
-        f"({default(ConfirmSettings, 'method')}).",
+        help="The teacher: abu (attribution by unlearning), dtrak (projected gradients; [dtrak] in audit.toml), or "
+        "auto (the one that did best on this workspace's stored leave-K-out, LDS and planted checks; the default "
+        f"when none has measured both) ({default(ConfirmSettings, 'method')}).",
     ),
     top: int | None = typer.Option(
         None,
@@ -267,16 +270,35 @@ def confirm(
         out.print(Text(f"  generation {gen_id} not confirmed: {reason}"))
 
 
+ForceOption = typer.Option(
+    False,
+    "--force",
+    help="Switch even when the distilled bundle loses to its untuned baseline on the workspace's ground-truth checks.",
+)
+
+
 @app.command("use-encoder")
 def use_encoder(
     bundle: Path = typer.Argument(..., help="Encoder bundle directory."),
     device: DeviceOption = None,
+    force: bool = ForceOption,
 ):
     """Switch the workspace to another encoder and embed the registered training set with it (earlier attributions
-    stay, under their encoder id)."""
+    stay, under their encoder id). A distilled bundle must first hold up against its untuned baseline on the
+    workspace's ground-truth checks; --force switches anyway."""
+    switch_encoder(bundle, device, force)
+
+
+def switch_encoder(bundle: Path, device: str | None, force: bool, teacher_map: float | None = None) -> None:
+    """Judge a bundle on the workspace's ground truth (auditor/earn.py), then switch to it and re-embed."""
+    from .. import earn
     from ..index import reindex
 
     ws = current_workspace()
+    judgement = earn.judge(ws, bundle, device=device, teacher_map=teacher_map, announce=announce)
+    if not judgement.use and not force:
+        raise AuditError(f"{judgement.reason}; not switched (--force switches anyway)")
+    announce(judgement.reason + ("; switching anyway (--force)" if not judgement.use else ""))
     with progress_bar() as bar:
         result = reindex(ws, bundle, device=device, progress=RichProgress(bar))
     out.print(

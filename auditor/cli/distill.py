@@ -20,7 +20,7 @@ from .app import (
     out,
     progress_bar,
 )
-from .commands import use_encoder
+from .commands import ForceOption, switch_encoder
 
 distill_app = typer.Typer(
     rich_markup_mode=None,  # help texts name settings as [section] key: not markup
@@ -97,7 +97,13 @@ def distill_train(
         "--strengths/--no-strengths",
         help=f"Learn an influence strength per training image ({default(DistillSettings, 'strengths')}).",
     ),
-    use: bool = typer.Option(False, "--use", help="Switch the workspace to the new encoder and re-index."),
+    use: bool = typer.Option(
+        False,
+        "--use",
+        help="Switch the workspace to the new encoder and re-index, if it holds up against its untuned baseline on the "
+        "workspace's ground-truth checks (planted, LDS).",
+    ),
+    force: bool = ForceOption,
 ):
     """Train the distilled head on the collected rankings and write a new encoder bundle (the old one is untouched)."""
     from ..distill import train
@@ -113,7 +119,7 @@ def distill_train(
         )
     )
     if use:
-        use_encoder(result.path)
+        switch_encoder(result.path, None, force, teacher_map=result.best_val_map)
 
 
 @distill_app.command("export")

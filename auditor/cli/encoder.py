@@ -9,7 +9,7 @@ import typer
 from rich.text import Text
 
 from .app import DeviceOption, announce, app, out
-from .commands import use_encoder
+from .commands import ForceOption, switch_encoder
 
 encoder_app = typer.Typer(
     rich_markup_mode=None,  # help texts name settings as [section] key: not markup
@@ -76,7 +76,9 @@ def encoder_create(
 def encoder_use(
     bundle_dir: Path = typer.Argument(..., help="Encoder bundle directory."),
     device: DeviceOption = None,
+    force: bool = ForceOption,
 ):
     """Switch the workspace to another encoder and embed the registered training set with it (as `audit
-    use-encoder`)."""
-    use_encoder(bundle_dir, device)
+    use-encoder`); a distilled bundle must first hold up against its untuned baseline on the workspace's ground-truth
+    checks."""
+    switch_encoder(bundle_dir, device, force)

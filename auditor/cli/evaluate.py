@@ -10,7 +10,7 @@ import typer
 from rich.text import Text
 
 from .. import runtime
-from ..config import CounterfactualSettings, PlantedSettings
+from ..config import CounterfactualSettings, LdsSettings, PlantedSettings
 from ..errors import AuditError
 from .app import DeviceOption, ModelOption, RichProgress, announce, app, current_workspace, default, out, progress_bar
 
@@ -178,3 +178,44 @@ def eval_counterfactual(
             retrain_steps=retrain_steps,
         )
     _publish(counterfactual.to_markdown(report), counterfactual.to_json(report), out_dir, "counterfactual")
+
+
+@eval_app.command("lds")
+def eval_lds(
+    generation: list[int] | None = typer.Option(
+        None,
+        "--generation",
+        help="Generation id to check (repeatable; default: [lds] generations teacher-scored ones, distinct prompts "
+        "first).",
+    ),
+    subsets: int | None = typer.Option(
+        None, "--subsets", help=f"Models retrained on random subsets ({default(LdsSettings, 'subsets')})."
+    ),
+    retrain_steps: int | None = typer.Option(
+        None,
+        "--retrain-steps",
+        help=f"Training steps of every retraining; 0 is the recipe's own ({default(LdsSettings, 'retrain_steps')}).",
+    ),
+    out_dir: OutOption = None,
+    model: ModelOption = None,
+    device: DeviceOption = None,
+):
+    """Linear datamodeling score: retrain the model by its recipe on random half subsets (cached, resumable); per
+    method, the Spearman correlation between the sum of its scores over each subset and the subset model's loss on
+    the generation."""
+    runtime.prefer_spinning_threads()
+    from .. import lds
+
+    ws = current_workspace()
+    with progress_bar() as bar:
+        report = lds.evaluate(
+            ws,
+            generations=generation,
+            model=model,
+            device=device,
+            progress=RichProgress(bar),
+            announce=announce,
+            subsets=subsets,
+            retrain_steps=retrain_steps,
+        )
+    _publish(lds.to_markdown(report), lds.to_json(report), out_dir, "lds")
