@@ -253,6 +253,7 @@ def child(args) -> None:
     class Recorder:
         def start(self, description: str, total: int) -> None:
             events.append((time.perf_counter(), f"start {description}"))
+            print(f"{time.perf_counter() - started:.0f} s: {description} ({total})", file=sys.stderr, flush=True)
 
         def advance(self, n: int = 1) -> None:
             pass
@@ -267,7 +268,7 @@ def child(args) -> None:
             top=1,
             device=args.device,
             progress=Recorder(),
-            announce=lambda message: events.append((time.perf_counter(), message)),
+            announce=lambda message: events.append((time.perf_counter(), message)) or print(message, file=sys.stderr),
             **overrides,
         )
     except AuditError as exc:
@@ -330,11 +331,11 @@ def main() -> None:
             command += ["--encoder", str(encoder), "--training", str(training), "--outputs", str(outputs)]
             command += ["--full-counts"] if args.full_counts else []
             print(f"{family} / {teacher} ...", flush=True)
-            done = subprocess.run(command, capture_output=True, text=True)
+            # The child's stderr (its announcements and progress) goes where ours does.
+            done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
             line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
-                tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-                result = {"family": family, "teacher": teacher, "failed": f"exit {done.returncode}: {tail}"}
+                result = {"family": family, "teacher": teacher, "failed": f"exit {done.returncode} (its stderr above)"}
             else:
                 result = json.loads(line[len("RESULT ") :])
             print(json.dumps(result), flush=True)
