@@ -1,17 +1,12 @@
-"""`--engine ray` (a pool of Ray actors + lance_ray writes) gives the local engine's attributions, on a Ray cluster of
-two nodes on this machine started as the README says (token authentication; one CPU each, so the two actors of the pool
-run one on each node), with the vectors on an S3-compatible server. The data is the smallest that still makes two
-index chunks of two batches each (one per node): Ray's own costs (nodes, actors, encoders) are most of the time."""
+"""`--engine ray` (a pool of Ray actors + lance_ray fragment writes) gives the local engine's attributions, on a Ray
+cluster of two nodes on this machine started as the README says (tests/ray_cluster.py), with the vectors on an
+S3-compatible server. The data is the smallest that still makes two index chunks of two batches each (one per node):
+Ray's own costs (nodes, actors, encoders) are most of the time."""
 
 import logging
-import os
-import secrets
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,60 +17,16 @@ from auditor.index import index_training
 from auditor.scan import scan
 from auditor.search import IndexSettings, VectorTable
 
-from . import small_world
+from . import ray_cluster, small_world
 from .helpers import S3_BUCKET
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own deprecated context fields
-
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _stop(temp_dir: str) -> None:
-    """Kill the processes of this cluster only (`ray stop` would stop every Ray on the machine): by pid, those whose
-    command line names its temp folder."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                if temp_dir.encode() in fh.read():
-                    os.kill(int(pid), 9)
-        except (OSError, ProcessLookupError):
-            pass
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """`ray start --head` and a second node joining it, as README.md's steps; the driver (this process) joins at
-    RAY_ADDRESS with the cluster's token."""
-    assert not ray.is_initialized()
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    env = {**os.environ, **auth, "RAY_TMPDIR": temp_dir}
-    common = ["--num-cpus=1", "--disable-usage-stats"]
-    saved = {k: os.environ.get(k) for k in (*auth, "RAY_ADDRESS", "RAY_TMPDIR")}
-    try:
-        head = [RAY, "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=false"]
-        subprocess.run([*head, *common, "--resources", '{"head_node": 1}'], env=env, check=True, capture_output=True)
-        second = [RAY, "start", f"--address=127.0.0.1:{port}", *common, "--resources", '{"second_node": 1}']
-        subprocess.run(second, env=env, check=True, capture_output=True)
-        os.environ.update({**auth, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_TMPDIR": temp_dir})
-        # `audit` reads these at start; this process imported Ray before, so Ray rereads them as it does itself
-        # when it turns token authentication on (ray._private.authentication).
-        ray._raylet.Config.initialize("")
-        ray._raylet.AuthenticationTokenLoader.instance().reset_cache()
-        yield {"address": f"127.0.0.1:{port}", "env": env}
-    finally:
-        ray.shutdown()
-        _stop(temp_dir)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_cluster.two_nodes() as started:
+        yield started
 
 
 def _attributions(ws):
