@@ -1,4 +1,4 @@
-"""`--engine ray`: embed (and, for scans, search) on a Ray cluster with Ray Data; the audit store stays DuckDB.
+"""`--engine ray`: embed (and, for scans, search) on a Ray cluster (a pool of actors); the audit store stays DuckDB.
 
     paths, in batches ─ _Pool: the run's actors (_Embedder), one encoder per CPU slot or GPU, loaded once
                         and kept for every chunk of the run, killed at its end
