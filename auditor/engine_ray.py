@@ -1,13 +1,17 @@
-"""`--engine ray`: embed (and, for scans, search) on a Ray cluster with Ray Data; the audit store stays DuckDB.
+"""`--engine ray`: embed (and, for scans, search) on a Ray cluster (a pool of actors); the audit store stays DuckDB.
 
-    paths ─ ray.data.from_items ─ map_batches(_Embedder: an actor pool, one encoder per CPU slot or GPU)
-      index: metadata + vectors, one chunk at a time (materialised in the object store)
+    paths, in batches ─ _Pool: the run's actors (_Embedder), one encoder per CPU slot or GPU, loaded once
+                        and kept for every chunk of the run, killed at its end
+      index: metadata to the driver, vectors left in the object store, one chunk at a time
              → ids assigned on the driver (training.IndexLedger)
-             → vectors appended to the LanceDB table by lance_ray.write_lance (distributed fragment
-               writes, one Lance commit)
+             → vectors appended to the LanceDB table: a fragment per actor, written next to its batches
+               (lance_ray.fragment.write_fragment), one Lance commit
              → the chunk's DuckDB rows committed (IndexLedger.commit)
       scan:  metadata + top-k training ids and scores per generation, streamed back in order
              → one DuckDB transaction per batch (scan.ScanLedger.commit)
+
+One pool per run, not one Ray Data actor pool per chunk: starting actors and loading their encoders took
+most of a small run's time, and would again for every 50,000 images of a large one.
 
 The driver holds the workspace lock and the only DuckDB connection; the DuckDB rows, crash
 guarantees and idempotency are the local engine's, because both engines go through the same
@@ -26,6 +30,7 @@ with the work, so workers need no object-storage settings of their own.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -33,7 +38,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -61,12 +66,6 @@ def _ray():
             _join(ray, address, options)
         else:
             ray.init(**options)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.enable_auto_log_stats = False
-    ctx.execution_options.preserve_order = True  # generations are registered in the order the local engine uses
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
     return ray
 
 
@@ -134,8 +133,8 @@ def _pool(ray, device: str) -> tuple[str, dict, int]:
 
 
 class _Embedder:
-    """A Ray Data actor holding one encoder: it reads and decodes its batch of files (a thread pool),
-    embeds image ⊕ text, and for scans searches the training vectors; returns metadata + vectors or top-k."""
+    """A Ray actor holding one encoder: it reads and decodes its batch of files (a thread pool), embeds
+    image ⊕ text, and for scans searches the training vectors; returns (metadata, vectors) or metadata + top-k."""
 
     def __init__(
         self,
@@ -163,8 +162,7 @@ class _Embedder:
             self.searcher = table.searcher(device=self.encoder.device)
             self.k = search["k"]
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
+    def __call__(self, rows: list[dict]) -> pa.Table | tuple[pa.Table, pa.Table]:
         captions = {row["i"]: row.get("caption") for row in rows}
         paths = {os.fsdecode(row["path"]): row["i"] for row in rows}
 
@@ -222,7 +220,7 @@ class _Embedder:
                 else self.encoder.index_features(pixels, texts, [items[n].sha256 for n in good])
             )
         if self.searcher is None:
-            return meta.append_column("vector", _fixed(features))
+            return meta, pa.table({"i": meta["i"], "vector": _fixed(features)})
         ids = np.full((len(items), self.k), -1, np.int64)
         scores = np.full((len(items), self.k), -np.inf, np.float32)
         if good:
@@ -265,39 +263,84 @@ def _item(row: dict) -> ingest.Item:
     )
 
 
-def _embedded(ray, rows: list[dict], batch_size: int, **actor) -> ray.data.Dataset:  # noqa: F821
-    device, resources, size = _pool(ray, actor.pop("device"))
-    return ray.data.from_items(rows).map_batches(
-        _Embedder,
-        fn_constructor_kwargs={"device": device, **actor},
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=size, max_size=size),
-        **resources,
-    )
+class _Pool:
+    """The run's actors, one _Embedder per CPU slot (or GPU), each loading the encoder once; every chunk of the run
+    goes through them and they are killed when the run ends. A batch goes to the actor with the fewest queued (two
+    at most each, so none waits on the driver); results come back in the order the batches were given."""
+
+    QUEUED = 2
+
+    def __init__(self, ray, batch_size: int, **actor):
+        device, resources, self.size = _pool(ray, actor.pop("device"))
+        self.ray = ray
+        self.batch_size = batch_size
+        # A crashed actor (a node lost, memory) is restarted and its batch retried, as Ray Data's pools do.
+        remote = ray.remote(_Embedder).options(**resources, max_restarts=3, max_task_retries=3)
+        self.actors = [remote.remote(device=device, **actor) for _ in range(self.size)]
+
+    def __enter__(self) -> _Pool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+
+    def map(self, rows: list[dict], returns: int = 1) -> Iterator:
+        """(actor number, ref(s) of the result) of each batch, in order, each yielded once its batch is done."""
+        ray, queued = self.ray, [0] * self.size
+        actor_of: dict = {}  # a batch not seen done (its first ref) -> its actor
+        given: collections.deque = collections.deque()
+
+        def first(refs):
+            return refs[0] if returns > 1 else refs
+
+        for start in range(0, len(rows), self.batch_size):
+            while min(queued) >= self.QUEUED:
+                done, _ = ray.wait(list(actor_of), num_returns=1)
+                queued[actor_of.pop(done[0])] -= 1
+            n = queued.index(min(queued))
+            refs = self.actors[n].__call__.options(num_returns=returns).remote(rows[start : start + self.batch_size])
+            actor_of[first(refs)] = n
+            queued[n] += 1
+            given.append((n, refs))
+            while given and first(given[0][1]) not in actor_of:
+                yield given.popleft()
+        for n, refs in given:
+            ray.wait([first(refs)])
+            yield n, refs
 
 
-def _write_vectors(ds, table: VectorTable, rows: int, workers: int) -> None:
-    """Append the vector rows to the LanceDB table: lance_ray writes fragments on the workers and commits once.
-    lance_ray's default minimum of 1,048,576 rows per file would make one write task of a whole chunk; files of
-    rows / workers spread the writes over the workers. A LanceDB Cloud table (db://) is not a Lance dataset URI;
-    its rows are added from the driver instead."""
+def _write_vectors(ray, table: VectorTable, parts: list[list], id_of: np.ndarray, contributors: list, offset: int):
+    """Append a chunk's vectors to the LanceDB table, one Lance commit: each actor's batches (left in the object store
+    of its node) are written as a fragment by a task placed where they are (lance_ray.fragment.write_fragment), run
+    without a CPU slot, as the pool's actors hold them all for the run. A LanceDB Cloud table (db://) is not a Lance
+    dataset URI; its rows are added from the driver instead."""
     uri = getattr(table.table, "uri", None)
-    if uri and not uri.startswith("db://"):
-        import lance_ray
+    kwargs = {"id_of": id_of, "contributors": contributors, "offset": offset}
+    if not uri or uri.startswith("db://"):
+        for refs in parts:
+            table.table.add(_attach_ids(pa.concat_tables(ray.get(refs)), **kwargs).cast(vector_schema(table.dim)))
+        table.table.checkout_latest()
+        return
+    import lance
 
-        lance_ray.write_lance(
-            ds,
-            uri,
-            mode="append",
-            schema=vector_schema(table.dim),
-            min_rows_per_file=max(1, -(-rows // workers)),
-            storage_options=table.storage_options or None,
-        )
-    else:
-        for part in ds.iter_batches(batch_size=65_536, batch_format="pyarrow"):
-            table.table.add(part.cast(vector_schema(table.dim)))
+    schema, options = vector_schema(table.dim), table.storage_options or None
+    write = ray.remote(_write_fragment).options(num_cpus=0)
+    written = ray.get([write.remote(uri, schema, options, kwargs, *refs) for refs in parts])
+    fragments = [fragment for fragments in written for fragment in fragments]
+    if fragments:
+        operation = lance.LanceOperation.Append(fragments)
+        lance.LanceDataset.commit(uri, operation, read_version=table.version, storage_options=options)
     table.table.checkout_latest()
+
+
+def _write_fragment(uri: str, schema: pa.Schema, storage_options: dict | None, kwargs: dict, *parts: pa.Table):
+    from lance_ray.fragment import write_fragment
+
+    rows = _attach_ids(pa.concat_tables(parts), **kwargs).cast(schema)
+    if not rows.num_rows:
+        return []
+    return [fragment for fragment, _ in write_fragment([rows], uri, schema=schema, storage_options=storage_options)]
 
 
 def index_training(
@@ -324,45 +367,43 @@ def index_training(
         skip = frozenset(sha for sha, i in ledger.registered.items() if i in ledger.embedded)
         entries = list(ledger.by_path.values())
         progress.start("indexing", len(entries))
-        for start in range(0, len(entries), chunk):
-            part = entries[start : start + chunk]
-            rows = [{"i": start + n, "path": os.fsencode(e.path), "caption": e.caption} for n, e in enumerate(part)]
-            try:
-                embedded = _embedded(
-                    ray,
-                    rows,
-                    batch_size,
-                    device=device,
-                    encoder_dir=str(encoder.directory),
-                    limits=limits,
-                    loader_threads=ws.config.scan.loader_threads,
-                    skip=skip,
-                    precision=ws.config.encoder.precision,
-                ).materialize()
-                meta = pa.concat_tables(ray.get(embedded.drop_columns(["vector"]).to_arrow_refs())).sort_by("i")
-            except ray.exceptions.RayError as exc:
-                raise AuditError(f"the Ray job failed: {_first_line(exc)}") from None
-            _note_nodes(meta)
-            batch, positions = [], []
-            for row in meta.to_pylist():
-                progress.advance()
-                item = _item(row)
-                if ledger.take(item, entries[row["i"]]):
-                    batch.append((entries[row["i"]], item))
-                    positions.append(row["i"] - start)
-            if not batch:
-                continue
-            ids, new_rows = ledger.assign(batch)
-            id_of = np.full(len(part), -1, np.int64)
-            id_of[positions] = ids
-            vectors = embedded.map_batches(
-                _attach_ids,
-                fn_kwargs={"id_of": id_of, "contributors": [e.contributor_id for e in part], "offset": start},
-                batch_format="pyarrow",
-                batch_size=None,
-            )
-            _write_vectors(vectors, table, len(batch), _pool(ray, device)[2])
-            ledger.commit(ids, new_rows, len(batch))
+        with _Pool(
+            ray,
+            batch_size,
+            device=device,
+            encoder_dir=str(encoder.directory),
+            limits=limits,
+            loader_threads=ws.config.scan.loader_threads,
+            skip=skip,
+            precision=ws.config.encoder.precision,
+        ) as pool:
+            for start in range(0, len(entries), chunk):
+                part = entries[start : start + chunk]
+                rows = [{"i": start + n, "path": os.fsencode(e.path), "caption": e.caption} for n, e in enumerate(part)]
+                try:
+                    done = list(pool.map(rows, returns=2))
+                    meta = pa.concat_tables(ray.get([refs[0] for _, refs in done]))
+                except ray.exceptions.RayError as exc:
+                    raise AuditError(f"the Ray job failed: {_first_line(exc)}") from None
+                _note_nodes(meta)
+                batch, positions = [], []
+                for row in meta.to_pylist():
+                    progress.advance()
+                    item = _item(row)
+                    if ledger.take(item, entries[row["i"]]):
+                        batch.append((entries[row["i"]], item))
+                        positions.append(row["i"] - start)
+                if not batch:
+                    continue
+                ids, new_rows = ledger.assign(batch)
+                id_of = np.full(len(part), -1, np.int64)
+                id_of[positions] = ids
+                by_actor = collections.defaultdict(list)
+                for n, refs in done:
+                    by_actor[n].append(refs[1])
+                contributors = [e.contributor_id for e in part]
+                _write_vectors(ray, table, list(by_actor.values()), id_of, contributors, start)
+                ledger.commit(ids, new_rows, len(batch))
         ledger.finish()
     ledger.result.seconds = time.perf_counter() - started
     return ledger.result
@@ -417,9 +458,8 @@ def scan(
         nodes: set[str] = set()
         with ledger.running():
             try:
-                results = _embedded(
+                with _Pool(
                     ray,
-                    rows,
                     batch_size,
                     device=device,
                     encoder_dir=str(encoder.directory),
@@ -429,20 +469,21 @@ def scan(
                     search=search,
                     recorded=frozenset(ledger.recorded),
                     precision=ws.config.encoder.precision,
-                )
-                for part in results.iter_batches(batch_size=None, batch_format="pyarrow"):
-                    nodes.update(part["node"].to_pylist())
-                    ids = part["ids"].combine_chunks().flatten().to_numpy().reshape(-1, k)
-                    scores = part["scores"].combine_chunks().flatten().to_numpy().reshape(-1, k)
-                    for n, row in enumerate(part.drop_columns(["ids", "scores"]).to_pylist()):
-                        progress.advance()
-                        item = _item(row)
-                        if ledger.take(item):
-                            batch.append(item)
-                            found_ids.append(ids[n])
-                            found_scores.append(scores[n])
-                        if len(batch) >= batch_size:
-                            flush()
+                ) as pool:
+                    for _, ref in pool.map(rows):
+                        part = ray.get(ref)
+                        nodes.update(part["node"].to_pylist())
+                        ids = part["ids"].combine_chunks().flatten().to_numpy().reshape(-1, k)
+                        scores = part["scores"].combine_chunks().flatten().to_numpy().reshape(-1, k)
+                        for n, row in enumerate(part.drop_columns(["ids", "scores"]).to_pylist()):
+                            progress.advance()
+                            item = _item(row)
+                            if ledger.take(item):
+                                batch.append(item)
+                                found_ids.append(ids[n])
+                                found_scores.append(scores[n])
+                            if len(batch) >= batch_size:
+                                flush()
             except ray.exceptions.RayError as exc:
                 ledger.interrupt("failed")
                 raise AuditError(f"the Ray job failed: {_first_line(exc)}") from None

@@ -1,5 +1,6 @@
 import os
 import shutil
+import socket
 
 import pytest
 
@@ -12,6 +13,7 @@ from auditor import runtime, workspace  # noqa: E402
 runtime.tune_process()
 
 from . import small_world  # noqa: E402
+from .helpers import S3_BUCKET  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -97,3 +99,27 @@ def model(tiny_pipeline):
     from auditor import diffusion
 
     return diffusion.load(tiny_pipeline, torch.device("cpu"))
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A moto S3 server on 127.0.0.1 with one bucket (S3_BUCKET); dummy keys in the environment, no endpoint there.
+    Yields (endpoint, boto3 client)."""
+    moto_server = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    for name in ("AWS_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ALLOW_HTTP", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket=S3_BUCKET)
+        yield endpoint, client
+    finally:
+        server.stop()

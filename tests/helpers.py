@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 AUDIT = [sys.executable, "-m", "auditor"]
+S3_BUCKET = "audit-vectors"  # the bucket of the `s3` fixture (conftest.py)
 
 
 def audit(*args, ws=None, check=True, **kwargs) -> subprocess.CompletedProcess:

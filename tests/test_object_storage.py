@@ -2,7 +2,6 @@
 endpoint and plain HTTP from audit.toml only gives the rankings of a local folder."""
 
 import shutil
-import socket
 
 import pytest
 
@@ -10,33 +9,7 @@ from auditor import sql, workspace
 from auditor.index import index_training
 from auditor.scan import scan
 
-from .helpers import sql_value
-
-moto_server = pytest.importorskip("moto.server")
-boto3 = pytest.importorskip("boto3")
-
-BUCKET = "audit-vectors"
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    """A moto S3 server on 127.0.0.1 with one bucket; dummy keys in the environment, no endpoint there."""
-    for name in ("AWS_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ALLOW_HTTP", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        client.create_bucket(Bucket=BUCKET)
-        yield endpoint, client
-    finally:
-        server.stop()
+from .helpers import S3_BUCKET, sql_value
 
 
 def _ranking(ws):
@@ -51,7 +24,7 @@ def test_index_and_scan_with_lancedb_on_s3_match_a_local_folder(
     s3, tmp_path, tiny_encoder, training_dir, outputs_dir, indexed_template
 ):
     endpoint, client = s3
-    created = workspace.init(tmp_path / "remote", encoder=tiny_encoder, lancedb=f"s3://{BUCKET}/team/audit")
+    created = workspace.init(tmp_path / "remote", encoder=tiny_encoder, lancedb=f"s3://{S3_BUCKET}/team/audit")
     created.config.storage = created.config.storage.override(endpoint=endpoint, region="us-east-1", allow_http=True)
     created.save()
     remote = workspace.load(created.root)  # the settings as read from audit.toml
@@ -64,17 +37,17 @@ def test_index_and_scan_with_lancedb_on_s3_match_a_local_folder(
     }
     result = index_training(remote, training_dir)
     assert (result.added, result.rows) == (120, 120)
-    stored = client.list_objects_v2(Bucket=BUCKET, Prefix=f"team/audit/training_{result.encoder_id}.lance/")
+    stored = client.list_objects_v2(Bucket=S3_BUCKET, Prefix=f"team/audit/training_{result.encoder_id}.lance/")
     assert stored["KeyCount"] > 0
     scan(remote, outputs_dir, top_k=5)
 
     local = workspace.load(shutil.copytree(indexed_template.root, tmp_path / "local", symlinks=True))
     scan(local, outputs_dir, top_k=5)
     assert _ranking(remote).equals(_ranking(local))
-    assert sql_value(remote, "select uri from vector_tables") == f"s3://{BUCKET}/team/audit"
+    assert sql_value(remote, "select uri from vector_tables") == f"s3://{S3_BUCKET}/team/audit"
 
     # The table is the workspace's: a second workspace on the same prefix is refused.
-    other = workspace.init(tmp_path / "other", encoder=tiny_encoder, lancedb=f"s3://{BUCKET}/team/audit")
+    other = workspace.init(tmp_path / "other", encoder=tiny_encoder, lancedb=f"s3://{S3_BUCKET}/team/audit")
     other.config.storage = remote.config.storage
     with pytest.raises(Exception, match=r"belongs to workspace"):
         index_training(other, training_dir)
