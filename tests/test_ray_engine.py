@@ -108,6 +108,10 @@ def test_ray_index_and_scan_into_s3_match_the_local_engine_across_two_nodes(
     files = "select path, prompt, prompt_source, first_scan_id, last_scan_id from generation_files order by path"
     assert sql.query(ws, files).equals(sql.query(local, files))
 
+    again = scan(ws, outputs_dir, top_k=5, batch_size=8, engine="ray")  # idempotent, as the local engine
+    assert (again.attributed, again.skipped, again.errors) == (0, 24, 0)
+    assert _attributions(ws).height == 24 * 5
+
 
 def test_inputs_a_worker_cannot_see_fail_the_scan_naming_the_node_and_path(cluster, indexed, outputs_dir, tmp_path):
     ws = workspace.load(shutil.copytree(indexed.root, tmp_path / "ws", symlinks=True))
