@@ -52,9 +52,8 @@ def init(
 
 @app.command()
 def index(
-    training: str = typer.Argument(
+    source: str = typer.Argument(
         ...,
-        metavar="SOURCE",
         help="Folder of training images; or WebDataset tar shards or Parquet manifests: a path, s3:// or gs:// URL, "
         "or pattern such as 'shards/{00000..00999}.tar' or 'meta/*.parquet'.",
     ),
@@ -105,7 +104,7 @@ def index(
     with progress_bar() as bar:
         result = index_training(
             ws,
-            training,
+            source,
             contributors,
             device=device,
             batch_size=batch_size,
