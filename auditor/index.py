@@ -258,6 +258,8 @@ def open_source(
     kinds = {sources.kind_of(uri) for uri in uris}
     if not uris:
         raise AuditError(f"no shards or Parquet files match {target}")
+    if kinds == {None} and len(uris) == 1 and not os.path.exists(uris[0]):
+        raise AuditError(f"training folder {uris[0]} does not exist")
     if None in kinds or len(kinds) != 1:
         raise AuditError(
             f"{target} is not a folder, nor WebDataset shards (.tar) or Parquet files (.parquet) only; "
@@ -265,6 +267,8 @@ def open_source(
         )
     if manifest is not None:
         raise AuditError("--contributors is for training folders; shards and Parquet files carry their contributors")
+    if sources.is_remote(uris[0]):
+        sources.filesystem(uris[0])  # a storage whose fsspec package is missing fails here, in one line
     return sources.ContainerSource(uris, fields, limits, allow_outside=allow_outside)
 
 

@@ -20,7 +20,7 @@ import posixpath
 import re
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import ingest, prompts
 from .errors import AuditError
@@ -102,13 +102,13 @@ def expand_braces(pattern: str) -> list[str]:
     return [path for choice in choices for path in expand_braces(head + choice + tail)]
 
 
-def _filesystem(uri: str):
+def filesystem(uri: str):
     import fsspec
 
     try:
         return fsspec.core.url_to_fs(uri)
     except ImportError as exc:
-        raise AuditError(f"cannot read {uri}: {exc}; install the fsspec package for that storage") from None
+        raise AuditError(f"cannot read {uri}: {exc} (`pip install 'provenance-auditor[s3]'`, or [gcs])") from None
     except ValueError as exc:
         raise AuditError(f"cannot read {uri}: {exc}") from None
 
@@ -122,7 +122,7 @@ def list_shards(pattern: str) -> list[str]:
         if not is_remote(uri):
             uri = os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
         if any(c in uri for c in "*?["):
-            fs, path = _filesystem(uri)
+            fs, path = filesystem(uri)
             matches = sorted(fs.glob(path))
             found += [fs.unstrip_protocol(m) if is_remote(uri) else m for m in matches]
         else:
@@ -144,7 +144,7 @@ def _open(uri: str):
     """A binary file object for a local path or an fsspec URL."""
     if not is_remote(uri):
         return open(uri, "rb")  # noqa: SIM115 (the caller closes it)
-    fs, path = _filesystem(uri)
+    fs, path = filesystem(uri)
     return fs.open(path, "rb")
 
 
@@ -153,7 +153,7 @@ def read_bytes(path: str, limits: ingest.Limits) -> bytes:
     if not is_remote(path):
         return ingest.read_bytes(path, limits)
     try:
-        fs, inner = _filesystem(path)
+        fs, inner = filesystem(path)
         size = fs.size(inner)
         if size is not None and size > limits.max_file_bytes:
             raise ingest.IngestError(
@@ -407,15 +407,15 @@ def registered_units(entries: list[Entry], fields: Fields, limits: ingest.Limits
     it (each read once, only the wanted samples)."""
     files, kept = [], {}
     for entry in entries:
-        if entry.shard and entry.shard_member:
-            kept.setdefault(entry.shard, {})[
-                entry.shard_member if kind_of(entry.shard) == "webdataset" else entry.shard_key
-            ] = entry
-        else:
+        if not (entry.shard and entry.shard_member):
             files.append(entry)
+        elif kind_of(entry.shard) == "webdataset":
+            kept.setdefault((entry.shard, None), {})[entry.shard_member] = entry
+        else:  # the column the bytes were read from, whatever [sources] image says now
+            kept.setdefault((entry.shard, entry.shard_member), {})[entry.shard_key] = entry
     units: list[Unit] = [Files(files)] if files else []
-    for shard, wanted in kept.items():
-        unit = unit_of(shard, fields, limits, wanted=wanted, record=False)
+    for (shard, column), wanted in kept.items():
+        unit = unit_of(shard, replace(fields, image=column or fields.image), limits, wanted=wanted, record=False)
         unit.size = len(wanted)
         units.append(unit)
     return units
