@@ -198,6 +198,33 @@ class IndexSettings(Section):
 
 
 @dataclass
+class SourcesSettings(Section):
+    name: ClassVar[str] = "sources"
+    doc: ClassVar[str] = (
+        "Where `audit index` finds each thing in WebDataset shards (the per-sample `.json`) and Parquet manifests "
+        "(columns); also its --image-field, --caption-field, --contributor-field and --license-field options. A field "
+        "a sample or file lacks is left empty (the image column must exist)."
+    )
+    image: str = setting(
+        "image",
+        "Parquet column holding the image: its bytes, its path (relative to the Parquet file), or a {bytes, path} "
+        "struct as Hugging Face datasets write it. Shards keep the image in the sample's .jpg/.png/.webp member.",
+    )
+    caption: str = setting(
+        "caption", "Parquet column, or JSON field of a shard sample without a .txt, with the caption."
+    )
+    contributor: str = setting(
+        "contributor_id", "Parquet column, or JSON field of a shard sample, with the contributor id."
+    )
+    license: str = setting("license", "Parquet column, or JSON field of a shard sample, with the licence.")
+
+    def fields(self):
+        from .sources import Fields
+
+        return Fields(self.image, self.caption, self.contributor, self.license)
+
+
+@dataclass
 class ConfirmSettings(Section):
     """`audit confirm`: the candidates every teacher scores, how they are judged, and the AbU teacher's knobs."""
 
@@ -496,6 +523,7 @@ SECTIONS: tuple[type[Section], ...] = (
     EncoderSettings,
     ScanSettings,
     IndexSettings,
+    SourcesSettings,
     ConfirmSettings,
     DtrakSettings,
     MemorySettings,
@@ -521,6 +549,7 @@ class Config:
     encoder: EncoderSettings = field(default_factory=EncoderSettings)
     scan: ScanSettings = field(default_factory=ScanSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
+    sources: SourcesSettings = field(default_factory=SourcesSettings)
     confirm: ConfirmSettings = field(default_factory=ConfirmSettings)
     dtrak: DtrakSettings = field(default_factory=DtrakSettings)
     memory: MemorySettings = field(default_factory=MemorySettings)
