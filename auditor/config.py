@@ -123,8 +123,9 @@ class PathsSettings(Section):
 class StorageSettings(Section):
     name: ClassVar[str] = "storage"
     doc: ClassVar[str] = (
-        "Object storage for an `s3://` [paths] lancedb (AWS S3 or an S3-compatible server), given to LanceDB, "
-        "lance-ray and every Ray worker, so workers need no settings of their own. Secrets stay out of this file: "
+        "Object storage for an `s3://` [paths] lancedb and `s3://` training shards or Parquet files (AWS S3 or an "
+        "S3-compatible server), given to LanceDB, lance-ray, every Ray worker (so workers need no settings of their "
+        "own) and the shard reader. Secrets stay out of this file: "
         "the keys come from the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN of the `audit` "
         "process, else from `profile` in the AWS credentials file, else from what each process finds itself "
         "(instance role, its own environment)."

@@ -165,7 +165,8 @@ def index_training(
     progress = progress or Silent()
     limits = ws.limits
     fields = fields or ws.config.sources.fields()
-    source = open_source(source, manifest, limits=limits, fields=fields, allow_outside=allow_outside)
+    storage = ws.storage
+    source = open_source(source, manifest, limits=limits, fields=fields, storage=storage, allow_outside=allow_outside)
     batch_size = batch_size or ws.config.encoder.batch_size
     if engine == "ray":
         if not isinstance(source, FolderSource):
@@ -182,7 +183,10 @@ def index_training(
         encoder = embed.load(ws.encoder_dir(), ws.device(device), ws.config.encoder.precision)
         table = ws.vector_table(encoder)
         ledger = IndexLedger(store, encoder, table, source.entries, ws.lancedb_uri)
-        units = [*sources.registered_units(list(ledger.by_path.values()), fields, limits), *source.units(ledger.done)]
+        units = [
+            *sources.registered_units(list(ledger.by_path.values()), fields, limits, storage),
+            *source.units(ledger.done),
+        ]
         progress.start("indexing", sum(unit.size or 1 for unit in units))
         batch: list[tuple[Entry, ingest.Item]] = []
 
@@ -195,7 +199,7 @@ def index_training(
                 encoder.preprocess,
                 ledger.is_embedded,
                 lambda path, info, max_chars: ledger.caption_of(entry, max_chars),
-                read=lambda path, limits: sources.entry_bytes(entry, limits),
+                read=lambda path, limits: sources.entry_bytes(entry, limits, storage),
             )
 
         def flush() -> None:
@@ -249,12 +253,13 @@ def open_source(
     *,
     limits: ingest.Limits,
     fields: sources.Fields,
+    storage: sources.Storage,
     allow_outside: bool = False,
 ) -> FolderSource | sources.ContainerSource:
     """The training source `target` names: a folder, or shards / Parquet files (by their names' endings)."""
     if target is None or (not sources.is_remote(str(target)) and Path(target).is_dir()):
         return FolderSource(read_entries(target, manifest, allow_outside=allow_outside))
-    uris = sources.list_shards(os.fspath(target))
+    uris = sources.list_shards(os.fspath(target), storage)
     kinds = {sources.kind_of(uri) for uri in uris}
     if not uris:
         raise AuditError(f"no shards or Parquet files match {target}")
@@ -268,8 +273,8 @@ def open_source(
     if manifest is not None:
         raise AuditError("--contributors is for training folders; shards and Parquet files carry their contributors")
     if sources.is_remote(uris[0]):
-        sources.filesystem(uris[0])  # a storage whose fsspec package is missing fails here, in one line
-    return sources.ContainerSource(uris, fields, limits, allow_outside=allow_outside)
+        storage.filesystem(uris[0])  # storage settings that cannot work fail here, in one line
+    return sources.ContainerSource(uris, fields, limits, storage, allow_outside=allow_outside)
 
 
 def read_entries(

@@ -72,11 +72,13 @@ def statement_name(contributor_id: str) -> str:
     return f"{stem}.html"
 
 
-def thumbnail(path: str, limits: ingest.Limits, kept: tuple[str, str, str] | None = None) -> str | None:
+def thumbnail(
+    path: str, limits: ingest.Limits, storage: sources.Storage, kept: tuple[str, str, str] | None = None
+) -> str | None:
     """A small PNG data URI of an image on disk, or kept in a shard or Parquet file (`kept`: shard, member, key;
     sources.read_image), read as safely as a scan reads it; None when it cannot be read."""
     try:
-        data = sources.read_image(path, *kept, limits) if kept else ingest.read_bytes(path, limits)
+        data = sources.read_image(path, *kept, limits, storage) if kept else ingest.read_bytes(path, limits)
         image, _ = ingest.decode(data, limits)
     except (ingest.IngestError, ValueError):  # ValueError: a stored path with NUL in it, which no file can have
         return None
@@ -382,9 +384,13 @@ def build_report(
         "model_left_out": left_out,
         "generated_at": utcnow(),
     }
-    limits = ws.limits
+    limits, storage = ws.limits, ws.storage
     pages = _Pages(
-        context, audit, credited, payouts, functools.cache(lambda path: thumbnail(path, limits, kept.get(path)))
+        context,
+        audit,
+        credited,
+        payouts,
+        functools.cache(lambda path: thumbnail(path, limits, storage, kept.get(path))),
     )
     out_dir = Path(out_dir).expanduser().resolve()
     _replace_folder(out_dir, pages.write)

@@ -7,19 +7,22 @@ later are read on their own. A corrupt sample becomes an entry refused with a re
 ends its unit with an error, keeping the samples before the damage; neither stops the run.
 
 Shards follow img2dataset / WebDataset: members named `KEY.EXT`, one sample per key (its members adjacent), the
-image in `KEY.jpg|png|webp|...`, the caption in `KEY.txt`, per-sample metadata in `KEY.json`. Local paths and any
-fsspec URL (`s3://`, `gs://`: their fsspec package installed, credentials and endpoint from the environment, as
-fsspec reads them) work; patterns expand braces (`{00000..00999}`, `{a,b}`) and then globs (`*`).
+image in `KEY.jpg|png|webp|...`, the caption in `KEY.txt`, per-sample metadata in `KEY.json`. Local paths, `s3://`
+URLs (read with the workspace's [storage] settings, the ones LanceDB uses) and `gs://` URLs (credentials from the
+environment) work, through pyarrow's filesystems; patterns expand braces (`{00000..00999}`, `{a,b}`) and then globs
+(`*`).
 """
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import json
 import os
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 from . import ingest, prompts
@@ -29,6 +32,7 @@ from .prompts.base import clean
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet",)
 IMAGE_MEMBERS = {ext.lstrip(".") for ext in ingest.IMAGE_EXTENSIONS}
+STREAM_BUFFER = 8 << 20  # bytes per read of a shard streamed from object storage
 
 
 @dataclass
@@ -102,18 +106,43 @@ def expand_braces(pattern: str) -> list[str]:
     return [path for choice in choices for path in expand_braces(head + choice + tail)]
 
 
-def filesystem(uri: str):
-    import fsspec
+class Storage:
+    """How `s3://` and `gs://` URLs are opened: pyarrow filesystems, the S3 one set from `options` (a workspace's
+    [storage] settings and keys, named as Lance's storage options: Workspace.object_store_options), asked for only
+    when a URL is opened; GCS credentials come from the environment."""
 
-    try:
-        return fsspec.core.url_to_fs(uri)
-    except ImportError as exc:
-        raise AuditError(f"cannot read {uri}: {exc} (`pip install 'provenance-auditor[s3]'`, or [gcs])") from None
-    except ValueError as exc:
-        raise AuditError(f"cannot read {uri}: {exc}") from None
+    def __init__(self, options: Callable[[], dict[str, str]] = dict):
+        self.options = options
+        self._filesystems: dict = {}
+
+    def filesystem(self, uri: str):
+        """(pyarrow filesystem, path inside it) of a URL."""
+        scheme, _, path = uri.partition("://")
+        if scheme not in self._filesystems:
+            self._filesystems[scheme] = self._connect(uri, scheme)
+        return self._filesystems[scheme], path
+
+    def _connect(self, uri: str, scheme: str):
+        import pyarrow.fs as pafs
+
+        if scheme == "gs":
+            return pafs.GcsFileSystem()
+        if scheme != "s3":
+            raise AuditError(f"cannot read {uri}: only local paths, s3:// and gs:// URLs are read")
+        options = self.options()
+        endpoint = options.get("aws_endpoint")
+        if endpoint and endpoint.startswith("http://") and not options.get("allow_http"):
+            raise AuditError(f"[storage] endpoint {endpoint} is plain HTTP; set [storage] allow_http = true to use it")
+        return pafs.S3FileSystem(
+            endpoint_override=endpoint,
+            region=options.get("aws_region"),
+            access_key=options.get("aws_access_key_id"),
+            secret_key=options.get("aws_secret_access_key"),
+            session_token=options.get("aws_session_token"),
+        )
 
 
-def list_shards(pattern: str) -> list[str]:
+def list_shards(pattern: str, storage: Storage) -> list[str]:
     """The shards or Parquet files a pattern names, in order: braces expanded, then globs matched. Local paths are made
     absolute (a shard is known by this name in `training_shards`); a named file that does not exist is kept, so
     reading it records why."""
@@ -121,13 +150,31 @@ def list_shards(pattern: str) -> list[str]:
     for uri in expand_braces(pattern):
         if not is_remote(uri):
             uri = os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
-        if any(c in uri for c in "*?["):
-            fs, path = filesystem(uri)
-            matches = sorted(fs.glob(path))
-            found += [fs.unstrip_protocol(m) if is_remote(uri) else m for m in matches]
-        else:
+        if not any(c in uri for c in "*?["):
             found.append(uri)
+        elif not is_remote(uri):
+            found += sorted(glob.glob(uri))
+        else:
+            found += _glob_remote(uri, storage)
     return list(dict.fromkeys(found))
+
+
+def _glob_remote(uri: str, storage: Storage) -> list[str]:
+    """The objects a URL's glob matches, a component per path level (as a local glob matches)."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(uri)
+    scheme = uri.partition("://")[0]
+    parts = path.split("/")
+    fixed = next(n for n, part in enumerate(parts) if any(c in part for c in "*?["))
+    selector = pafs.FileSelector("/".join(parts[:fixed]), recursive=fixed < len(parts) - 1, allow_not_found=True)
+    return sorted(
+        f"{scheme}://{info.path}"
+        for info in fs.get_file_info(selector)
+        if info.type == pafs.FileType.File
+        and info.path.count("/") == path.count("/")
+        and fnmatch.fnmatchcase(info.path, path)
+    )
 
 
 def kind_of(uri: str) -> str | None:
@@ -140,26 +187,28 @@ def kind_of(uri: str) -> str | None:
     return None
 
 
-def _open(uri: str):
-    """A binary file object for a local path or an fsspec URL."""
+def _open(uri: str, storage: Storage, stream: bool = False):
+    """A binary file object for a local path or a URL; `stream`: read front to back only (one request to object
+    storage, in large reads, rather than one per read)."""
     if not is_remote(uri):
         return open(uri, "rb")  # noqa: SIM115 (the caller closes it)
-    fs, path = filesystem(uri)
-    return fs.open(path, "rb")
+    fs, path = storage.filesystem(uri)
+    if stream:
+        return fs.open_input_stream(path, compression=None, buffer_size=STREAM_BUFFER)
+    return fs.open_input_file(path)
 
 
-def read_bytes(path: str, limits: ingest.Limits) -> bytes:
-    """A file's bytes, local (ingest.read_bytes: regular files only) or at an fsspec URL, within the size limit."""
+def read_bytes(path: str, limits: ingest.Limits, storage: Storage) -> bytes:
+    """A file's bytes, local (ingest.read_bytes: regular files only) or at a URL, within the size limit."""
     if not is_remote(path):
         return ingest.read_bytes(path, limits)
     try:
-        fs, inner = filesystem(path)
-        size = fs.size(inner)
-        if size is not None and size > limits.max_file_bytes:
-            raise ingest.IngestError(
-                "too_large", f"file is {size} bytes, over the {limits.max_file_bytes}-byte limit (scan.max_file_bytes)"
-            )
-        with fs.open(inner, "rb") as fh:
+        with _open(path, storage) as fh:
+            if fh.size() > limits.max_file_bytes:
+                raise ingest.IngestError(
+                    "too_large",
+                    f"file is {fh.size()} bytes, over the {limits.max_file_bytes}-byte limit (scan.max_file_bytes)",
+                )
             return fh.read()
     except (OSError, AuditError) as exc:
         raise ingest.IngestError("unreadable", f"cannot read: {exc}") from None
@@ -204,14 +253,20 @@ class TarShard(Unit):
     these image members, giving their registered entries (re-embedding); None: every sample, as new entries."""
 
     def __init__(
-        self, uri: str, fields: Fields, limits: ingest.Limits, wanted: dict[str, Entry] | None = None, record=True
+        self,
+        uri: str,
+        fields: Fields,
+        limits: ingest.Limits,
+        storage: Storage,
+        wanted: dict[str, Entry] | None = None,
+        record=True,
     ):
-        self.uri, self.fields, self.limits, self.wanted = uri, fields, limits, wanted
+        self.uri, self.fields, self.limits, self.storage, self.wanted = uri, fields, limits, storage, wanted
         self.shard = uri if record else None
 
     def __iter__(self) -> Iterator[Entry]:
         try:
-            fh = _open(self.uri)
+            fh = _open(self.uri, self.storage, stream=True)
         except (OSError, AuditError) as exc:
             self.error = ("unreadable", f"cannot open the shard: {exc}")
             return
@@ -317,18 +372,20 @@ class ParquetFile(Unit):
         uri: str,
         fields: Fields,
         limits: ingest.Limits,
+        storage: Storage,
         wanted: dict[str, Entry] | None = None,
         record=True,
         allow_outside: bool = False,
     ):
-        self.uri, self.fields, self.limits, self.wanted, self.allow_outside = uri, fields, limits, wanted, allow_outside
+        self.uri, self.fields, self.limits, self.storage, self.wanted = uri, fields, limits, storage, wanted
+        self.allow_outside = allow_outside
         self.shard = uri if record else None
 
     def __iter__(self) -> Iterator[Entry]:
         import pyarrow.parquet as pq
 
         try:
-            fh = _open(self.uri)
+            fh = _open(self.uri, self.storage)
             parquet = pq.ParquetFile(fh)
         except (OSError, AuditError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
             self.error = ("corrupt_shard" if isinstance(exc, ValueError) else "unreadable", f"cannot open: {exc}")
@@ -394,15 +451,15 @@ class ParquetFile(Unit):
         return os.path.normpath(os.path.join(os.path.dirname(self.uri), path))
 
 
-def unit_of(uri: str, fields: Fields, limits: ingest.Limits, **kwargs) -> Unit:
+def unit_of(uri: str, fields: Fields, limits: ingest.Limits, storage: Storage, **kwargs) -> Unit:
     kind = kind_of(uri)
     if kind == "webdataset":
         kwargs.pop("allow_outside", None)
-        return TarShard(uri, fields, limits, **kwargs)
-    return ParquetFile(uri, fields, limits, **kwargs)
+        return TarShard(uri, fields, limits, storage, **kwargs)
+    return ParquetFile(uri, fields, limits, storage, **kwargs)
 
 
-def registered_units(entries: list[Entry], fields: Fields, limits: ingest.Limits) -> list[Unit]:
+def registered_units(entries: list[Entry], fields: Fields, limits: ingest.Limits, storage: Storage) -> list[Unit]:
     """Units reading these entries: files at their paths in one, the ones kept in a shard or Parquet file grouped by
     it (each read once, only the wanted samples)."""
     files, kept = [], {}
@@ -415,7 +472,9 @@ def registered_units(entries: list[Entry], fields: Fields, limits: ingest.Limits
             kept.setdefault((entry.shard, entry.shard_member), {})[entry.shard_key] = entry
     units: list[Unit] = [Files(files)] if files else []
     for (shard, column), wanted in kept.items():
-        unit = unit_of(shard, replace(fields, image=column or fields.image), limits, wanted=wanted, record=False)
+        unit = unit_of(
+            shard, replace(fields, image=column or fields.image), limits, storage, wanted=wanted, record=False
+        )
         unit.size = len(wanted)
         units.append(unit)
     return units
@@ -426,24 +485,29 @@ class ContainerSource:
 
     entries: list[Entry] = []  # nothing known before reading
 
-    def __init__(self, uris: list[str], fields: Fields, limits: ingest.Limits, allow_outside: bool = False):
-        self.uris, self.fields, self.limits, self.allow_outside = uris, fields, limits, allow_outside
+    def __init__(
+        self, uris: list[str], fields: Fields, limits: ingest.Limits, storage: Storage, allow_outside: bool = False
+    ):
+        self.uris, self.fields, self.limits, self.storage = uris, fields, limits, storage
+        self.allow_outside = allow_outside
 
     def units(self, done: set[str]) -> list[Unit]:
         return [
-            unit_of(uri, self.fields, self.limits, allow_outside=self.allow_outside)
+            unit_of(uri, self.fields, self.limits, self.storage, allow_outside=self.allow_outside)
             for uri in self.uris
             if uri not in done
         ]
 
 
-def read_image(path: str, shard: str | None, member: str | None, key: str | None, limits: ingest.Limits) -> bytes:
+def read_image(
+    path: str, shard: str | None, member: str | None, key: str | None, limits: ingest.Limits, storage: Storage
+) -> bytes:
     """The bytes of one registered training image, wherever they are kept (a report's thumbnail): the file at `path`,
     a tar shard's member, or a Parquet row's cell. Raises IngestError."""
     if not shard or not member:
-        return read_bytes(path, limits)
+        return read_bytes(path, limits, storage)
     try:
-        with _open(shard) as fh:
+        with _open(shard, storage) as fh:
             if kind_of(shard) == "webdataset":
                 with tarfile.open(fileobj=fh, mode="r:*") as tar:
                     info = tar.getmember(member)
@@ -467,11 +531,11 @@ def read_image(path: str, shard: str | None, member: str | None, key: str | None
         raise ingest.IngestError("unreadable", f"cannot read {member} from {shard}: {exc}") from None
 
 
-def entry_bytes(entry: Entry, limits: ingest.Limits) -> bytes:
+def entry_bytes(entry: Entry, limits: ingest.Limits, storage: Storage) -> bytes:
     """An entry's image bytes: what its source read, else its file. Drops them from the entry (they are decoded once)."""
     data, entry.data = entry.data, None
     if data is None:
-        return read_bytes(entry.path, limits)
+        return read_bytes(entry.path, limits, storage)
     if not data:
         raise ingest.IngestError("empty_file", "the image is empty (0 bytes)")
     return data

@@ -91,7 +91,10 @@ def main() -> None:
     encoder = embed.load(encoder_dir, args.device)
     limits = ingest.Limits()
     bare_samples = []
-    for unit in sources.ContainerSource(sources.list_shards(pattern), sources.Fields(), limits).units(set()):
+    storage = sources.Storage()  # local shards: nothing to configure
+    for unit in sources.ContainerSource(sources.list_shards(pattern, storage), sources.Fields(), limits, storage).units(
+        set()
+    ):
         for entry in unit:
             item = ingest.load_item(entry.path, limits, encoder.preprocess, read=lambda p, lim, e=entry: e.data)
             bare_samples.append(item)

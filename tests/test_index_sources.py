@@ -12,13 +12,14 @@ from typer.testing import CliRunner
 
 from auditor import sources, sql, workspace
 from auditor.cli import app
+from auditor.errors import AuditError
 from auditor.index import IndexLedger, index_training, reindex
 from auditor.report import build_report
 from auditor.scan import scan
 from auditor.search import VectorTable
 
 from . import small_world
-from .helpers import sql_value
+from .helpers import S3_BUCKET, sql_value
 
 REGISTERED = "select id, sha256, contributor_id, caption from training_images order by id"
 
@@ -44,9 +45,9 @@ def opened(monkeypatch):
     """The shards and Parquet files each index call opens, in order."""
     calls, real = [], sources._open
 
-    def counting(uri):
+    def counting(uri, *args, **kwargs):
         calls.append(uri)
-        return real(uri)
+        return real(uri, *args, **kwargs)
 
     monkeypatch.setattr(sources, "_open", counting)
     return calls
@@ -174,3 +175,42 @@ def test_cli_indexes_shards_and_report_thumbnails_are_read_from_them(ws, tmp_pat
     # A training image's path names a shard member, not a file: its thumbnail can only come from the shard.
     assert re.search(r'<img class="thumb" src="data:image/png;base64,[^"]+" alt="training image \d+"', page)
     assert '<div class="nothumb">' not in page
+
+
+def test_shards_and_parquet_on_s3_are_read_with_the_storage_settings(
+    s3, tmp_path, tiny_encoder, training_dir, indexed_template
+):
+    endpoint, client = s3
+    shards = small_world.write_shards(training_dir, tmp_path / "shards")
+    manifest = small_world.write_parquet(training_dir, tmp_path / "train.parquet")
+    for path in (*shards, manifest):
+        client.upload_file(str(path), S3_BUCKET, f"data/{path.name}")
+    created = workspace.init(tmp_path / "ws", encoder=tiny_encoder)
+    created.config.storage = created.config.storage.override(endpoint=endpoint, region="us-east-1")
+    created.save()
+    pattern = f"s3://{S3_BUCKET}/data/{{00000..00003}}.tar"
+    with pytest.raises(AuditError, match=r"allow_http = true"):
+        index_training(workspace.load(created.root), pattern)
+    created.config.storage = created.config.storage.override(allow_http=True)
+    created.save()
+    ws = workspace.load(created.root)  # the endpoint as read from audit.toml; the environment names none
+    result = index_training(ws, pattern)
+    assert (result.added, result.errors) == (120, 0)
+    _same_as_folder(ws, indexed_template)
+    shard, member, key = sql.query(ws, "select shard, shard_member, shard_key from training_images where id = 1").row(0)
+    assert (shard, member) == (f"s3://{S3_BUCKET}/data/00000.tar", "000000000.png")
+
+    # A glob over the bucket finds the Parquet manifest: the same images, nothing new.
+    again = index_training(ws, f"s3://{S3_BUCKET}/data/*.parquet")
+    assert (again.added, again.unchanged, again.errors) == (0, 120, 0)
+    rows = small_world.training_rows(training_dir)
+    png = (training_dir / rows[0]["path"]).read_bytes()
+    # What a report's thumbnail reads: a shard's member, a Parquet row's cell.
+    assert sources.read_image("", shard, member, key, ws.limits, ws.storage) == png
+    parquet = f"s3://{S3_BUCKET}/data/{manifest.name}"
+    seventh = (training_dir / rows[7]["path"]).read_bytes()
+    assert sources.read_image("", parquet, "image", "7", ws.limits, ws.storage) == seventh
+
+    # Re-embedding for another encoder reads every image from its shard in the bucket again.
+    redone = reindex(ws, small_world.build_encoder(tmp_path / "other", seed=3))
+    assert (redone.re_embedded, redone.errors) == (120, 0)
