@@ -188,8 +188,8 @@ def kind_of(uri: str) -> str | None:
 
 
 def _open(uri: str, storage: Storage, stream: bool = False):
-    """A binary file object for a local path or a URL; `stream`: read front to back only (one request to object
-    storage, in large reads, rather than one per read)."""
+    """A binary file object for a local path or a URL; `stream`: read front to back only, from object storage in
+    STREAM_BUFFER-sized requests (a random-access file makes one request per read: per 10 KiB tar block)."""
     if not is_remote(uri):
         return open(uri, "rb")  # noqa: SIM115 (the caller closes it)
     fs, path = storage.filesystem(uri)
