@@ -1,22 +1,26 @@
 """`audit index` from WebDataset shards and Parquet manifests: the same training ids, contributors, captions and
 vectors as the same images indexed from a folder; corrupt members and shards recorded; resumable by shard."""
 
+import hashlib
 import re
 import shutil
 import tarfile
 from decimal import Decimal
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from auditor import sources, sql, workspace
+from auditor import diffusion, sources, sql, workspace
 from auditor.cli import app
 from auditor.errors import AuditError
 from auditor.index import IndexLedger, index_training, reindex
 from auditor.report import build_report
 from auditor.scan import scan
 from auditor.search import VectorTable
+from auditor.store import Store
 
 from . import small_world
 from .helpers import S3_BUCKET, sql_value
@@ -214,3 +218,24 @@ def test_shards_and_parquet_on_s3_are_read_with_the_storage_settings(
     # Re-embedding for another encoder reads every image from its shard in the bucket again.
     redone = reindex(ws, small_world.build_encoder(tmp_path / "other", seed=3))
     assert (redone.re_embedded, redone.errors) == (120, 0)
+
+
+def test_the_teacher_reads_training_images_from_their_shards(ws, tmp_path, training_dir, outputs_dir, cheap_teacher):
+    from auditor.confirm import confirm
+    from auditor.teacher import registered
+
+    small_world.write_shards(training_dir, tmp_path / "shards", contributor_field="owner")
+    index_training(ws, str(tmp_path / "shards" / "{00000..00003}.tar"), fields=sources.Fields(contributor="owner"))
+    scan(cheap_teacher(ws), outputs_dir, top_k=3)
+    with Store(ws.db_path, read_only=True) as store:
+        rows = registered(store)
+    loaded = diffusion.load(ws.model_source(), torch.device("cpu"), ws.dir / "cache")
+    training = diffusion.TrainingSet(loaded, rows, ws.limits, ws.storage)
+    # A path here names a shard member ("...tar#000000000.png"), no file: the pixels can only come from the shard.
+    assert not Path(rows[0][1]).exists()
+    sha = sql_value(ws, f"select sha256 from training_images where id = {rows[0][0]}")
+    source = next(p for p in training_dir.rglob("*.png") if hashlib.sha256(p.read_bytes()).hexdigest() == sha)
+    folder_image = diffusion.read_image(str(source), ws.limits)
+    assert np.array_equal(np.asarray(training.image(rows[0][0])), np.asarray(folder_image))
+    result = confirm(ws, top=1, candidates=6, controls=2)
+    assert result.generations == 1 and not result.failed
