@@ -123,8 +123,9 @@ class PathsSettings(Section):
 class StorageSettings(Section):
     name: ClassVar[str] = "storage"
     doc: ClassVar[str] = (
-        "Object storage for an `s3://` [paths] lancedb (AWS S3 or an S3-compatible server), given to LanceDB, "
-        "lance-ray and every Ray worker, so workers need no settings of their own. Secrets stay out of this file: "
+        "Object storage for an `s3://` [paths] lancedb and `s3://` training shards or Parquet files (AWS S3 or an "
+        "S3-compatible server), given to LanceDB, lance-ray, every Ray worker (so workers need no settings of their "
+        "own) and the shard reader. Secrets stay out of this file: "
         "the keys come from the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN of the `audit` "
         "process, else from `profile` in the AWS credentials file, else from what each process finds itself "
         "(instance role, its own environment)."
@@ -195,6 +196,33 @@ class IndexSettings(Section):
     rebuild_fraction: float = setting(
         0.2, "Appended rows are searched exactly until they exceed this fraction of the indexed rows; then rebuild."
     )
+
+
+@dataclass
+class SourcesSettings(Section):
+    name: ClassVar[str] = "sources"
+    doc: ClassVar[str] = (
+        "Where `audit index` finds each thing in WebDataset shards (the per-sample `.json`) and Parquet manifests "
+        "(columns); also its --image-field, --caption-field, --contributor-field and --license-field options. A field "
+        "a sample or file lacks is left empty (the image column must exist)."
+    )
+    image: str = setting(
+        "image",
+        "Parquet column holding the image: its bytes, its path (relative to the Parquet file), or a {bytes, path} "
+        "struct as Hugging Face datasets write it. Shards keep the image in the sample's .jpg/.png/.webp member.",
+    )
+    caption: str = setting(
+        "caption", "Parquet column, or JSON field of a shard sample without a .txt, with the caption."
+    )
+    contributor: str = setting(
+        "contributor_id", "Parquet column, or JSON field of a shard sample, with the contributor id."
+    )
+    license: str = setting("license", "Parquet column, or JSON field of a shard sample, with the licence.")
+
+    def fields(self):
+        from .sources import Fields
+
+        return Fields(self.image, self.caption, self.contributor, self.license)
 
 
 @dataclass
@@ -496,6 +524,7 @@ SECTIONS: tuple[type[Section], ...] = (
     EncoderSettings,
     ScanSettings,
     IndexSettings,
+    SourcesSettings,
     ConfirmSettings,
     DtrakSettings,
     MemorySettings,
@@ -521,6 +550,7 @@ class Config:
     encoder: EncoderSettings = field(default_factory=EncoderSettings)
     scan: ScanSettings = field(default_factory=ScanSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
+    sources: SourcesSettings = field(default_factory=SourcesSettings)
     confirm: ConfirmSettings = field(default_factory=ConfirmSettings)
     dtrak: DtrakSettings = field(default_factory=DtrakSettings)
     memory: MemorySettings = field(default_factory=MemorySettings)

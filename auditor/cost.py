@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import memory
-from .diffusion import TrainingSet, read_image, trainable
+from .diffusion import TrainingSet, trainable
 
 PROBE_ROWS = 4
 
@@ -62,8 +62,8 @@ def probe(training: TrainingSet, params: dict[str, torch.nn.Parameter]) -> Timin
     with respect to `params`); nothing is kept."""
     model = training.model
     dev = model.device
-    path, caption = training.meta[int(training.ids[0])]
-    pixels = model.pixels(read_image(path, training.limits))[None]
+    caption = training.meta[int(training.ids[0])][1]
+    pixels = model.pixels(training.image(training.ids[0]))[None]
     t0 = time.perf_counter()
     latent = model.latents(pixels).cpu()
     vae = time.perf_counter() - t0

@@ -153,9 +153,7 @@ class _Retrainer:
         self.recipe = retrain.Recipe.from_folder(model.folder)
         self.steps = steps or self.recipe.steps
         self.ids = training.ids
-        pixels = torch.stack(
-            [model.pixels(diffusion.read_image(training.meta[int(i)][0], training.limits)) for i in self.ids]
-        )
+        pixels = torch.stack([model.pixels(training.image(i)) for i in self.ids])
         batch = model.batch("vae")
         with memory.guard(batch, "encoding the training images for retraining"):
             self.mean, self.std = retrain.posterior(model.vae, pixels, batch.size)

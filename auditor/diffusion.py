@@ -367,17 +367,31 @@ def read_image(path: str, limits: ingest.Limits) -> Image.Image:
 
 
 class TrainingSet:
-    """The training images a teacher scores (id → path, caption), encoded into the model's space on demand."""
+    """The training images a teacher scores (id → path, caption), encoded into the model's space on demand. A row may
+    go on with where `audit index` read the image (shard, shard_member, shard_key: a WebDataset shard's member or a
+    Parquet cell), read from there with `storage` (sources.Storage) as report thumbnails are."""
 
-    def __init__(self, model: DiffusionModel, rows: list[tuple[int, str, str | None]], limits: ingest.Limits):
+    def __init__(self, model: DiffusionModel, rows: list[tuple], limits: ingest.Limits, storage=None):
         if not rows:
             raise AuditError("the workspace has no training images; run `audit index TRAINING_DIR` first")
         self.model = model
         self.limits = limits
+        self.storage = storage
         self.ids = np.array([r[0] for r in rows], np.int64)
         self.meta = {int(r[0]): (r[1], r[2]) for r in rows}
+        self._kept = {int(r[0]): tuple(r[3:6]) for r in rows if len(r) > 3 and r[3]}
         self._latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._captions: dict[str, torch.Tensor] = {}
+
+    def image(self, i: int) -> Image.Image:
+        """Training image `i`, decoded with the ingest limits."""
+        from . import sources
+
+        path, kept = self.meta[int(i)][0], self._kept.get(int(i))
+        if kept is None:
+            return read_image(path, self.limits)
+        image, _ = ingest.decode(sources.read_image(path, *kept, self.limits, self.storage), self.limits)
+        return image
 
     def encode(self, ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(latents, flipped latents, caption embeddings), not kept: for passes over the whole training set. Images are
@@ -387,7 +401,7 @@ class TrainingSet:
         plain, mirrored = [], []
         for start in range(0, len(ids), step):
             chunk = ids[start : start + step]
-            pixels = torch.stack([self.model.pixels(read_image(self.meta[int(i)][0], self.limits)) for i in chunk])
+            pixels = torch.stack([self.model.pixels(self.image(i)) for i in chunk])
             plain.append(self.model.latents(pixels).cpu())
             if self.model.flip_augmentation:
                 mirrored.append(self.model.latents(pixels.flip(-1)).cpu())

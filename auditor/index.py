@@ -17,34 +17,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from . import embed, ingest, prompts
+from . import embed, ingest, prompts, sources
 from .errors import AuditError
 from .progress import Progress, Silent
 from .prompts.base import clean
 from .search import VectorTable
+from .sources import Entry
 from .store import Store, record_encoder, record_vector_table, utcnow
 from .workspace import Workspace
 
 log = logging.getLogger("auditor")
 
 MANIFEST_NAME = "contributors.csv"
-
-
-@dataclass
-class Entry:
-    path: str
-    contributor_id: str | None
-    contributor_name: str | None = None
-    caption: str | None = None
-    license: str | None = None
-    known_id: int | None = None  # set when re-embedding an already registered image
-    # Every contributor the manifest lists this path for; more than one is a conflict_path (contributor_id is then None).
-    claimants: tuple[str, ...] = ()
-    refused: tuple[str, str] | None = None  # (code, reason) when the entry is not indexed at all
-
-    @property
-    def owners(self) -> tuple[str, ...]:
-        return self.claimants or ((self.contributor_id,) if self.contributor_id else ())
 
 
 def _text(value: str | None) -> str | None:
@@ -111,11 +95,15 @@ def people_of(entries: list[Entry]) -> dict[str, Entry]:
     """Each contributor's entry to register them from: their first, or the first that gives a name."""
     people: dict[str, Entry] = {}
     for entry in entries:
-        if entry.contributor_id:
-            seen = people.setdefault(entry.contributor_id, entry)
-            if not seen.contributor_name and entry.contributor_name:
-                people[entry.contributor_id] = entry
+        note_person(people, entry)
     return people
+
+
+def note_person(people: dict[str, Entry], entry: Entry) -> None:
+    if entry.contributor_id:
+        seen = people.setdefault(entry.contributor_id, entry)
+        if not seen.contributor_name and entry.contributor_name:
+            people[entry.contributor_id] = entry
 
 
 def upsert_contributors(store: Store, people: dict[str, Entry]) -> int:
@@ -156,7 +144,7 @@ class IndexResult:
 
 def index_training(
     ws: Workspace,
-    training_dir: str | os.PathLike | None,
+    source: str | os.PathLike | None,
     manifest: str | os.PathLike | None = None,
     *,
     device: str | None = None,
@@ -164,20 +152,29 @@ def index_training(
     progress: Progress | None = None,
     engine: str = "local",
     allow_outside: bool = False,
+    fields: sources.Fields | None = None,
 ) -> IndexResult:
     """Register and embed a training set (None: only embed registered images this encoder lacks).
-    Re-running adds only images whose sha256 is new. Files resolving outside `training_dir` are refused
+
+    `source`: a folder of images (with its contributors manifest), or WebDataset tar shards or Parquet manifests named
+    by a path, URL or pattern (`shards/{00000..00999}.tar`; sources.py), their columns and fields named by `fields`
+    (default: [sources] in audit.toml). Re-running adds only images whose sha256 is new, and reads only the shards not
+    read to their end before. Files resolving outside the folder (or a Parquet file's folder) are refused
     (index_errors: outside_training_dir) unless `allow_outside`."""
     started = time.perf_counter()
     progress = progress or Silent()
-    entries = read_entries(training_dir, manifest, allow_outside=allow_outside)
-    batch_size = batch_size or ws.config.encoder.batch_size
     limits = ws.limits
+    fields = fields or ws.config.sources.fields()
+    storage = ws.storage
+    source = open_source(source, manifest, limits=limits, fields=fields, storage=storage, allow_outside=allow_outside)
+    batch_size = batch_size or ws.config.encoder.batch_size
     if engine == "ray":
+        if not isinstance(source, FolderSource):
+            raise AuditError("--engine ray reads training folders only for now; index shards and Parquet without it")
         from . import engine_ray
 
         return engine_ray.index_training(
-            ws, entries, device=device, batch_size=batch_size, limits=limits, progress=progress
+            ws, source.entries, device=device, batch_size=batch_size, limits=limits, progress=progress
         )
     if engine != "local":
         raise AuditError(f"unknown engine {engine!r}; use local or ray")
@@ -185,14 +182,25 @@ def index_training(
     with ws.writing(), Store(ws.db_path) as store:
         encoder = embed.load(ws.encoder_dir(), ws.device(device), ws.config.encoder.precision)
         table = ws.vector_table(encoder)
-        ledger = IndexLedger(store, encoder, table, entries, ws.lancedb_uri)
-        by_path = ledger.by_path
-
-        def load(path: str) -> ingest.Item:
-            return ingest.load_item(path, limits, encoder.preprocess, ledger.is_embedded, ledger.caption_of)
-
-        progress.start("indexing", len(by_path))
+        ledger = IndexLedger(store, encoder, table, source.entries, ws.lancedb_uri)
+        units = [
+            *sources.registered_units(list(ledger.by_path.values()), fields, limits, storage),
+            *source.units(ledger.done),
+        ]
+        progress.start("indexing", sum(unit.size or 1 for unit in units))
         batch: list[tuple[Entry, ingest.Item]] = []
+
+        def load(entry: Entry) -> tuple[Entry, ingest.Item]:
+            if entry.refused:
+                return entry, ingest.Item(entry.path, error=ingest.IngestError(*entry.refused))
+            return entry, ingest.load_item(
+                entry.path,
+                limits,
+                encoder.preprocess,
+                ledger.is_embedded,
+                lambda path, info, max_chars: ledger.caption_of(entry, max_chars),
+                read=lambda path, limits: sources.entry_bytes(entry, limits, storage),
+            )
 
         def flush() -> None:
             if not batch:
@@ -207,16 +215,66 @@ def index_training(
             ledger.commit(ids, new_rows, len(batch))
             batch.clear()
 
-        for entry_path, item in zip(by_path, ingest.load_all(by_path, ws.config.scan.loader_threads, load)):
-            progress.advance()
-            if ledger.take(item, by_path[entry_path]):
-                batch.append((by_path[entry_path], item))
-            if len(batch) >= batch_size:
-                flush()
-        flush()
+        # One unit (a shard, a Parquet file, the folder) at a time: its last batch is committed before it is recorded
+        # as read, so a rerun after a kill starts at the unit in flight.
+        for unit in units:
+            samples = 0
+            for entry, item in ingest.load_all(unit, ws.config.scan.loader_threads, load):
+                samples += 1
+                if unit.size is not None:
+                    progress.advance()
+                if ledger.take(item, entry):
+                    batch.append((entry, item))
+                if len(batch) >= batch_size:
+                    flush()
+            flush()
+            if unit.size is None:
+                progress.advance()
+            ledger.unit_done(unit, samples)
         ledger.finish()
     ledger.result.seconds = time.perf_counter() - started
     return ledger.result
+
+
+class FolderSource:
+    """A folder of image files and its contributors manifest: every entry is known before reading, so the ledger
+    settles manifest refusals and conflicts up front; its entries are read with the registered ones (one unit)."""
+
+    def __init__(self, entries: list[Entry]):
+        self.entries = entries
+
+    def units(self, done: set[str]) -> list[sources.Unit]:
+        return []
+
+
+def open_source(
+    target: str | os.PathLike | None,
+    manifest: str | os.PathLike | None = None,
+    *,
+    limits: ingest.Limits,
+    fields: sources.Fields,
+    storage: sources.Storage,
+    allow_outside: bool = False,
+) -> FolderSource | sources.ContainerSource:
+    """The training source `target` names: a folder, or shards / Parquet files (by their names' endings)."""
+    if target is None or (not sources.is_remote(str(target)) and Path(target).is_dir()):
+        return FolderSource(read_entries(target, manifest, allow_outside=allow_outside))
+    uris = sources.list_shards(os.fspath(target), storage)
+    kinds = {sources.kind_of(uri) for uri in uris}
+    if not uris:
+        raise AuditError(f"no shards or Parquet files match {target}")
+    if kinds == {None} and len(uris) == 1 and not os.path.exists(uris[0]):
+        raise AuditError(f"training folder {uris[0]} does not exist")
+    if None in kinds or len(kinds) != 1:
+        raise AuditError(
+            f"{target} is not a folder, nor WebDataset shards (.tar) or Parquet files (.parquet) only; "
+            "name a training folder or a pattern such as shards/{00000..00099}.tar"
+        )
+    if manifest is not None:
+        raise AuditError("--contributors is for training folders; shards and Parquet files carry their contributors")
+    if sources.is_remote(uris[0]):
+        storage.filesystem(uris[0])  # storage settings that cannot work fail here, in one line
+    return sources.ContainerSource(uris, fields, limits, storage, allow_outside=allow_outside)
 
 
 def read_entries(
@@ -348,17 +406,24 @@ class IndexLedger:
             upsert_contributors(store, {c: p for c, p in self.people.items() if c in self.listed})
         reconcile(store, table)
 
+        # Shards and Parquet files read to their end (a failed one is read again).
+        self.done = {r[0] for r in store.rows("SELECT shard FROM training_shards WHERE status = 'done'")}
+        self.written = 0  # of self.errors, how many are in index_errors already
         self.embedded = set(table.ids().tolist())
         self.registered, self.owner, self.registered_path = {}, {}, {}
         for sha, i, contributor, path in store.rows("SELECT sha256, id, contributor_id, path FROM training_images"):
             self.registered[sha], self.owner[sha], self.registered_path[sha] = i, contributor, path
         entries = list(entries)
         # Registered images this encoder has not embedded yet (e.g. after switching encoders).
-        for i, path, contributor, caption in store.rows(
-            "SELECT id, path, contributor_id, caption FROM training_images ORDER BY id"
+        for i, path, contributor, caption, shard, key, member in store.rows(
+            "SELECT id, path, contributor_id, caption, shard, shard_key, shard_member FROM training_images ORDER BY id"
         ):
             if i not in self.embedded:
-                entries.append(Entry(path=path, contributor_id=contributor, caption=caption, known_id=i))
+                entries.append(
+                    Entry(
+                        path, contributor, caption=caption, known_id=i, shard=shard, shard_key=key, shard_member=member
+                    )
+                )
         self.by_path = {e.path: e for e in entries}
         self.next_id = store.next_id("training_images")
         self.seen: set[str] = set()
@@ -368,18 +433,23 @@ class IndexLedger:
     def is_embedded(self, sha256: str) -> bool:
         return sha256 in self.registered and self.registered[sha256] in self.embedded
 
-    def caption_of(self, path: str, info: dict, max_chars: int) -> tuple[str | None, str]:
-        entry = self.by_path[path]
+    def caption_of(self, entry: Entry, max_chars: int) -> tuple[str | None, str]:
+        """The caption embedded with an entry's image: its source's, else (a file) its sidecar's."""
         if entry.caption:
-            return entry.caption[:max_chars], "manifest"
-        return prompts.read_sidecar(path, max_chars)
+            return entry.caption[:max_chars], entry.caption_source
+        if entry.shard:
+            return None, "none"
+        return prompts.read_sidecar(entry.path, max_chars)
 
     def take(self, item: ingest.Item, entry: Entry) -> bool:
         """Count one loaded file (of `entry`); True when its content should be embedded in the caller's next batch."""
+        if entry.warning:
+            self.errors.append((entry.path, *entry.warning))
         if item.error:
             self.errors.append((item.path, item.error.code, item.error.reason))
             return False
         if entry.known_id is None:
+            note_person(self.people, entry)
             claims = self.claims.setdefault(item.sha256, {})
             for contributor in entry.owners:
                 claims.setdefault(contributor, item.path)
@@ -458,6 +528,37 @@ class IndexLedger:
                     )
         return updates
 
+    def unit_done(self, unit: sources.Unit, samples: int) -> None:
+        """Record a unit read to its end (its samples are committed): its errors, and the shard as read, or as failed
+        (read again next run) when it stopped early. One transaction, so a kill leaves the unit to be read again."""
+        if unit.error:
+            self.errors.append((unit.shard or "", *unit.error))
+        with self.store.transaction():
+            errors = self._write_errors()
+            if unit.shard:
+                self.store.con.execute(
+                    "INSERT OR REPLACE INTO training_shards (shard, status, samples, errors, reason, indexed_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        unit.shard,
+                        "failed" if unit.error else "done",
+                        samples,
+                        errors,
+                        unit.error[1] if unit.error else None,
+                        utcnow(),
+                    ],
+                )
+
+    def _write_errors(self) -> int:
+        """Append the errors not written yet to index_errors (inside a transaction); returns how many."""
+        new = self.errors[self.written :]
+        self.store.insert_arrow(
+            "index_errors",
+            pa.table({"path": [e[0] for e in new], "code": [e[1] for e in new], "reason": [e[2] for e in new]}),
+        )
+        self.written = len(self.errors)
+        return len(new)
+
     def finish(self) -> IndexResult:
         """Settle ownership, record the errors, build or maintain the ANN index, and record the vector table."""
         result, table = self.result, self.table
@@ -469,12 +570,7 @@ class IndexLedger:
             if updates:
                 self._register({owner for owner, _ in updates})
                 self.store.con.executemany("UPDATE training_images SET contributor_id = ? WHERE sha256 = ?", updates)
-            self.store.insert_arrow(
-                "index_errors",
-                pa.table(
-                    {"path": [e[0] for e in errors], "code": [e[1] for e in errors], "reason": [e[2] for e in errors]}
-                ),
-            )
+            self._write_errors()
             result.ann_index = table.maintain()
             result.rows = table.count()
             record_vector_table(
@@ -496,6 +592,9 @@ def _training_rows(rows: list[tuple[int, Entry, ingest.Item]]) -> pa.Table:
             "width": pa.array([item.width for _, _, item in rows], pa.int32()),
             "height": pa.array([item.height for _, _, item in rows], pa.int32()),
             "indexed_at": pa.array([now] * len(rows), pa.timestamp("us")),
+            "shard": pa.array([entry.shard for _, entry, _ in rows], pa.string()),
+            "shard_key": pa.array([entry.shard_key for _, entry, _ in rows], pa.string()),
+            "shard_member": pa.array([entry.shard_member for _, entry, _ in rows], pa.string()),
         }
     )
 

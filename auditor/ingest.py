@@ -17,6 +17,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
@@ -34,6 +35,8 @@ TEXT_EXTENSIONS = {".txt", ".json", ".caption", ".csv", ".log", ".md", ".yaml", 
 LITTER_NAMES = {"thumbs.db", "desktop.ini"}
 EXIF_USER_COMMENT = 0x9286
 EXIF_IFD = 0x8769
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class IngestError(Exception):
@@ -305,6 +308,7 @@ def load_item(
     text_of: Callable[[str, dict, int], prompts.GenerationMetadata | tuple[str | None, str]] = prompts.read_generation,
     recorded: Callable[[str, str], bool] = lambda sha, path: True,
     reduce_to: int | None = None,
+    read: Callable[[str, Limits], bytes] = read_bytes,
 ) -> Item:
     """`text_of` gives the text the encoder embeds: a GenerationMetadata (kept as `item.metadata`; its prompt is the
     text, never its negative prompt) or a (text, source) pair (training captions).
@@ -314,12 +318,16 @@ def load_item(
 
     `reduce_to`: the shorter side a reduced decode must keep (`decode`); None asks the transform (an encoder's
     `Preprocess.min_decode_size`; 0 when it has none), 0 always decodes at full size. `item.width`/`height` are the
-    full size either way."""
+    full size either way. `read(path, limits)` gives the bytes (a training source may hold them already)."""
     item = Item(display_path(path))
     if reduce_to is None:
         reduce_to = getattr(transform, "min_decode_size", 0)
     try:
-        data = read_bytes(path, limits)
+        data = read(path, limits)
+        if len(data) > limits.max_file_bytes:  # read_bytes checks the file; bytes from elsewhere are checked here
+            raise IngestError(
+                "too_large", f"{len(data)} bytes, over the {limits.max_file_bytes}-byte limit (scan.max_file_bytes)"
+            )
         item.sha256 = hashlib.sha256(data).hexdigest()
         if skip(item.sha256):
             item.skipped = True
@@ -341,8 +349,9 @@ def load_item(
     return item
 
 
-def load_all(paths: Iterable[str], threads: int, load: Callable[[str], Item], ahead: int = 0) -> Iterator[Item]:
-    """Decode in a thread pool, in order, with bounded read-ahead (at least `ahead` files) so decoding overlaps embedding."""
+def load_all(paths: Iterable[T], threads: int, load: Callable[[T], R], ahead: int = 0) -> Iterator[R]:
+    """Decode in a thread pool, in order, with bounded read-ahead (at least `ahead` files) so decoding overlaps embedding.
+    `paths` is consumed as the window allows, so it may be a stream (a shard being read)."""
     window = max(2, threads * 4, ahead)
     with cf.ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="audit-load") as pool:
         pending: deque[cf.Future] = deque()

@@ -57,6 +57,7 @@ from .features import embed_images, fast_space, joint, training_embeddings
 from .metrics import markdown_table, mean_se
 from .progress import Progress, Silent
 from .store import Store
+from .teacher import registered
 from .workspace import Workspace
 
 RECALL_KS = (5, 10, 100)
@@ -166,7 +167,7 @@ def planted(
     # The augmented training set: the workspace's images, then every customisation's exemplars under new ids.
     encoder = embed.load(encoder_dir or ws.encoder_dir(), torch_device)
     with ws.reader() as store:
-        rows = store.rows("SELECT id, path, caption FROM training_images ORDER BY id")
+        rows = registered(store)
         ids, img, txt = training_embeddings(ws, store, encoder)
     if not rows:
         raise AuditError("the workspace has no training images; run `audit index TRAINING_DIR` first")
@@ -176,9 +177,8 @@ def planted(
         for c, files in enumerate(sets)
         for j, path in enumerate(files)
     ]
-    ex_img, ex_txt = embed_images(
-        encoder, [diffusion.read_image(r[1], limits) for r in ex_rows], [r[2] for r in ex_rows]
-    )
+    exemplar_images = [diffusion.read_image(r[1], limits) for r in ex_rows]
+    ex_img, ex_txt = embed_images(encoder, exemplar_images, [r[2] for r in ex_rows])
     aug_ids = np.concatenate([ids, [r[0] for r in ex_rows]]).astype(np.int64)
     aug_img, aug_txt = np.concatenate([img, ex_img]), np.concatenate([txt, ex_txt])
     spaces = {  # method → (training features, how a query's (image, text) embeddings map into that space)
@@ -189,11 +189,7 @@ def planted(
         "untuned image ⊕ text": (joint(aug_img, aug_txt), joint),
     }
     fast_name = next(iter(spaces))
-    training = diffusion.TrainingSet(
-        base,
-        rows + ex_rows,
-        limits,
-    )
+    training = diffusion.TrainingSet(base, rows + ex_rows, limits, ws.storage)
     tuned = diffusion.parameter_set(base.unet, s.tune, "planted.tune")
     rng = np.random.default_rng(s.seed)
     kernel_ids = np.concatenate(
@@ -201,8 +197,8 @@ def planted(
     )
     prior_ids = rng.choice(ids, min(s.prior_samples, len(ids)), replace=False)
     prior_latents, _, prior_emb = training.inputs(prior_ids)
-    ratio = _reconstruction_error(base, [r[1] for r in ex_rows], limits) / _reconstruction_error(
-        base, [training.meta[int(i)][0] for i in prior_ids[:32]], limits
+    ratio = _reconstruction_error(base, exemplar_images) / _reconstruction_error(
+        base, [training.image(i) for i in prior_ids[:32]]
     )
     if ratio > 3:
         # Measured on the digits world: its VAE snaps any new palette to the nearest training palette.
@@ -320,9 +316,9 @@ def _tuned(
     return delta
 
 
-def _reconstruction_error(model: diffusion.DiffusionModel, paths: list[str], limits: ingest.Limits) -> float:
+def _reconstruction_error(model: diffusion.DiffusionModel, images: list[Image.Image]) -> float:
     """Mean absolute error of the model's VAE round trip, in [-1, 1] pixel units."""
-    pixels = torch.stack([model.pixels(diffusion.read_image(p, limits)) for p in paths])
+    pixels = torch.stack([model.pixels(image) for image in images])
     latents = model.latents(pixels) / model.vae.config.scaling_factor
     batch = model.batch("vae")
     with torch.no_grad(), memory.guard(batch, "decoding with the VAE"):

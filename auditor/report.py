@@ -38,7 +38,7 @@ import jinja2
 import markupsafe
 import polars as pl
 
-from . import credit, ingest, payout
+from . import credit, ingest, payout, sources
 from .errors import AuditError
 from .store import utcnow
 from .workspace import Workspace
@@ -72,10 +72,14 @@ def statement_name(contributor_id: str) -> str:
     return f"{stem}.html"
 
 
-def thumbnail(path: str, limits: ingest.Limits) -> str | None:
-    """A small PNG data URI of an image on disk, read as safely as a scan reads it; None when it cannot be read."""
+def thumbnail(
+    path: str, limits: ingest.Limits, storage: sources.Storage, kept: tuple[str, str, str] | None = None
+) -> str | None:
+    """A small PNG data URI of an image on disk, or kept in a shard or Parquet file (`kept`: shard, member, key;
+    sources.read_image), read as safely as a scan reads it; None when it cannot be read."""
     try:
-        image, _ = ingest.decode(ingest.read_bytes(path, limits), limits)
+        data = sources.read_image(path, *kept, limits, storage) if kept else ingest.read_bytes(path, limits)
+        image, _ = ingest.decode(data, limits)
     except (ingest.IngestError, ValueError):  # ValueError: a stored path with NUL in it, which no file can have
         return None
     image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
@@ -333,6 +337,14 @@ def build_report(
 
     with ws.reader() as store:
         audit = credit.read(store, span, encoder_id, model)
+        # Attributed training images kept in shards or Parquet files: their thumbnails are read from there.
+        kept = {
+            path: (shard, member, key)
+            for path, shard, member, key in store.rows(
+                "SELECT path, shard, shard_member, shard_key FROM training_images WHERE shard_member IS NOT NULL"
+                " AND id IN (SELECT training_id FROM attributions)"
+            )
+        }
         left_out = store.value(
             "SELECT count(*) FROM generations g WHERE "
             f"{span.where('g.created_at')[0]} AND NOT ({credit.MODEL_FILTERS[model]})",
@@ -372,8 +384,14 @@ def build_report(
         "model_left_out": left_out,
         "generated_at": utcnow(),
     }
-    limits = ws.limits
-    pages = _Pages(context, audit, credited, payouts, functools.cache(lambda path: thumbnail(path, limits)))
+    limits, storage = ws.limits, ws.storage
+    pages = _Pages(
+        context,
+        audit,
+        credited,
+        payouts,
+        functools.cache(lambda path: thumbnail(path, limits, storage, kept.get(path))),
+    )
     out_dir = Path(out_dir).expanduser().resolve()
     _replace_folder(out_dir, pages.write)
     return ReportResult(

@@ -49,6 +49,9 @@ def training_set(
 ) -> diffusion.TrainingSet:
     """The workspace's diffusion model and its registered training images."""
     loaded = diffusion.load(model, device, ws.dir / "cache", flip, ws.config.memory)
-    return diffusion.TrainingSet(
-        loaded, store.rows("SELECT id, path, caption FROM training_images ORDER BY id"), ws.limits
-    )
+    return diffusion.TrainingSet(loaded, registered(store), ws.limits, ws.storage)
+
+
+def registered(store: Store) -> list[tuple]:
+    """The registered training images as diffusion.TrainingSet reads them: id, path, caption and where in a shard."""
+    return store.rows("SELECT id, path, caption, shard, shard_member, shard_key FROM training_images ORDER BY id")

@@ -53,8 +53,11 @@ class Workspace:
     @property
     def storage_options(self) -> dict[str, str]:
         """LanceDB / Lance storage options of [paths] lancedb: the [storage] settings and the keys (see its doc)."""
-        if not self.lancedb_uri.startswith("s3://"):
-            return {}
+        return self.object_store_options() if self.lancedb_uri.startswith("s3://") else {}
+
+    def object_store_options(self) -> dict[str, str]:
+        """The [storage] settings and the keys, named as Lance's storage options: what `s3://` URLs are read with
+        (LanceDB, and training shards through `storage`)."""
         storage = self.config.storage
         options = {"aws_endpoint": storage.endpoint, "aws_region": storage.region}
         options["allow_http"] = "true" if storage.allow_http else ""
@@ -64,6 +67,13 @@ class Workspace:
             found = _profile_keys(storage.profile, keys)
         options.update(found)
         return {key: value for key, value in options.items() if value}
+
+    @property
+    def storage(self):
+        """How training shards and Parquet files at `s3://` / `gs://` URLs are opened here (sources.Storage)."""
+        from .sources import Storage
+
+        return Storage(self.object_store_options)
 
     def vector_table(self, encoder):
         """The training vectors of an encoder (embed.Encoder) in this workspace's LanceDB."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +69,68 @@ def build_training(root: Path, per_contributor: int = 30, seed: int = 0) -> Path
         writer.writeheader()
         writer.writerows(rows)
     return root
+
+
+def training_rows(training: Path) -> list[dict]:
+    """The manifest rows of a training folder built by build_training, in order."""
+    with open(training / "contributors.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_shards(
+    training: Path, out: Path, per_shard: int = 30, contributor_field: str = "contributor_id"
+) -> list[Path]:
+    """The training folder's images as img2dataset writes WebDataset shards: out/00000.tar, ... in manifest order,
+    each sample KEY.png + KEY.txt (caption) + KEY.json (the rest; the contributor under `contributor_field`)."""
+    rows = training_rows(training)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for s in range(0, len(rows), per_shard):
+        shard = out / f"{s // per_shard:05d}.tar"
+        with tarfile.open(shard, "w") as tar:
+            for n, row in enumerate(rows[s : s + per_shard]):
+                key = f"{s // per_shard:05d}{n:04d}"
+                meta = {
+                    "key": key,
+                    contributor_field: row["contributor_id"],
+                    "license": row["license"],
+                    "status": "success",
+                }
+                add_member(tar, f"{key}.png", (training / row["path"]).read_bytes())
+                add_member(tar, f"{key}.txt", row["caption"].encode())
+                add_member(tar, f"{key}.json", json.dumps(meta).encode())
+        shards.append(shard)
+    return shards
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_parquet(training: Path, target: Path, images: str = "bytes") -> Path:
+    """The training folder's manifest as a Parquet table: image (its bytes, or its path relative to `target`),
+    caption, contributor_id, license, in manifest order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = training_rows(training)
+    if images == "bytes":
+        image = pa.array([(training / r["path"]).read_bytes() for r in rows], pa.binary())
+    else:
+        image = pa.array([os.path.relpath(training / r["path"], target.parent) for r in rows])
+    table = pa.table(
+        {
+            "image": image,
+            "caption": [r["caption"] for r in rows],
+            "contributor_id": [r["contributor_id"] for r in rows],
+            "license": [r["license"] for r in rows],
+        }
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, target, row_group_size=50)
+    return target
 
 
 def a1111(prompt: str, seed: int) -> PngImagePlugin.PngInfo:

@@ -14,7 +14,7 @@ from rich.text import Text
 
 from .. import sql as sql_api
 from .. import workspace as workspace_api
-from ..config import ConfirmSettings, ReportSettings, ScanSettings
+from ..config import ConfirmSettings, ReportSettings, ScanSettings, SourcesSettings
 from ..errors import AuditError
 from .app import (
     BatchSizeOption,
@@ -73,12 +73,34 @@ def init(
 
 @app.command()
 def index(
-    training_dir: Path = typer.Argument(..., help="Folder of training images."),
+    source: str = typer.Argument(
+        ...,
+        help="Folder of training images; or WebDataset tar shards or Parquet manifests: a path, s3:// or gs:// URL, "
+        "or pattern such as 'shards/{00000..00999}.tar' or 'meta/*.parquet'.",
+    ),
     contributors: Path | None = typer.Option(
         None,
         "--contributors",
         help="Manifest CSV: path,contributor_id[,contributor_name,caption,license] "
         "(default: TRAINING_DIR/contributors.csv).",
+    ),
+    image_field: str | None = typer.Option(
+        None, "--image-field", help=f"Parquet column with the image ({default(SourcesSettings, 'image')})."
+    ),
+    caption_field: str | None = typer.Option(
+        None,
+        "--caption-field",
+        help=f"Parquet column or shard JSON field with the caption ({default(SourcesSettings, 'caption')}).",
+    ),
+    contributor_field: str | None = typer.Option(
+        None,
+        "--contributor-field",
+        help=f"Parquet column or shard JSON field with the contributor id ({default(SourcesSettings, 'contributor')}).",
+    ),
+    license_field: str | None = typer.Option(
+        None,
+        "--license-field",
+        help=f"Parquet column or shard JSON field with the licence ({default(SourcesSettings, 'license')}).",
     ),
     allow_outside: bool = typer.Option(
         False,
@@ -90,20 +112,27 @@ def index(
     batch_size: BatchSizeOption = None,
     engine: EngineOption = Engine.local,
 ):
-    """Embed the training set into the vector table and register images and contributors."""
+    """Embed the training set into the vector table and register images and contributors.
+
+    Shards and Parquet files are read one at a time and recorded when read to their end: a rerun reads only the
+    ones not read before (a killed run resumes at the one in flight)."""
     from ..index import index_training
 
     ws = current_workspace()
+    fields = ws.config.sources.override(
+        image=image_field, caption=caption_field, contributor=contributor_field, license=license_field
+    ).fields()
     with progress_bar() as bar:
         result = index_training(
             ws,
-            training_dir,
+            source,
             contributors,
             device=device,
             batch_size=batch_size,
             progress=RichProgress(bar),
             engine=engine.value,
             allow_outside=allow_outside,
+            fields=fields,
         )
     search = f"ANN {result.ann_index}" if result.ann_index else "exact search"
     out.print(
