@@ -51,7 +51,7 @@ def hostile_report(tmp_path):
             [[c, name, licence] for c, (name, licence) in CONTRIBUTORS.items()],
         )
         store.con.executemany(
-            "INSERT INTO training_images VALUES (?, ?, ?, ?, ?, 'manifest', 32, 32, now())",
+            "INSERT INTO training_images (id, path, sha256, contributor_id, caption, caption_source, width, height, indexed_at) VALUES (?, ?, ?, ?, ?, 'manifest', 32, 32, now())",
             [
                 [i + 1, f"/nowhere/{c}/gnp.{RLO}exe\x1b.png", f"t{i}", c, f"caption\x00 of {c} {RLO}{FORMULA}"]
                 for i, c in enumerate(ids)

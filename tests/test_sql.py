@@ -32,7 +32,7 @@ def store_ws(tmp_path):
             [["ana", "Ana Studio"], ["ben", "Ben Studio"]],
         )
         store.con.executemany(
-            "INSERT INTO training_images VALUES (?, ?, ?, ?, 'a caption', 'manifest', 32, 32, now())",
+            "INSERT INTO training_images (id, path, sha256, contributor_id, caption, caption_source, width, height, indexed_at) VALUES (?, ?, ?, ?, 'a caption', 'manifest', 32, 32, now())",
             [[1, "ana/1.png", "t1", "ana"], [2, "ben/2.png", "t2", "ben"]],
         )
         insert_finished_scan(store.con, 2)
